@@ -1,0 +1,3 @@
+from otaplane.cli import app
+
+app()

@@ -1,0 +1,154 @@
+"""`otaplane` commands: serve, keys, db."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from otaplane.settings import Settings
+
+app = typer.Typer(help="otaplane: OTA firmware control plane.", no_args_is_help=True)
+keys_app = typer.Typer(help="Manage AccessKeys (per account).", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(db_app, name="db")
+
+console = Console()
+
+DataDir = Annotated[
+    Optional[Path], typer.Option("--data-dir", help="Data directory [env OTAPLANE_DATA_DIR].", show_default=False)
+]
+DatabaseUrl = Annotated[
+    Optional[str], typer.Option("--database-url", help="postgresql://... [env OTAPLANE_DATABASE_URL].", show_default=False)
+]
+
+
+def _settings(**overrides) -> Settings:
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _services(settings: Settings):
+    from otaplane.services.container import Services
+
+    services = Services.build(settings)
+    services.db.upgrade()
+    return services
+
+
+@app.command()
+def serve(
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+    host: Annotated[Optional[str], typer.Option(help="Listen address [127.0.0.1].")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Listen port [8080].")] = None,
+    public_url: Annotated[Optional[str], typer.Option(help="Base URL devices and clients dial.")] = None,
+    response_case: Annotated[Optional[str], typer.Option(help="pascal (default) or camel.")] = None,
+    rate_limit: Annotated[Optional[float], typer.Option(help="Requests/s per AccessKey; 0 = off.")] = None,
+    access_log: Annotated[bool, typer.Option(help="Log every HTTP request.")] = False,
+) -> None:
+    """Run the server (OpenAPI gateway) on embedded defaults or the configured backends."""
+    import uvicorn
+
+    from otaplane.server import create_app, prepare
+    from otaplane.services.container import Services
+
+    settings = _settings(
+        data_dir=data_dir, database_url=database_url, host=host, port=port, public_url=public_url,
+        response_case=response_case, rate_limit=rate_limit, access_log=access_log or None,
+    )
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    services = Services.build(settings)
+    prepare(services)
+    uvicorn.run(
+        create_app(services),
+        host=settings.host,
+        port=settings.port,
+        access_log=settings.access_log,
+        log_level=settings.log_level,
+        server_header=False,
+    )
+
+
+@keys_app.command("create")
+def keys_create(
+    account: Annotated[str, typer.Option(help="Account name; created if new.")] = "default",
+    description: Annotated[str, typer.Option(help="A note to recognise the key by.")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print {AccessKeyId, AccessKeySecret}.")] = False,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Create an AccessKey; the secret is shown this once."""
+    services = _services(_settings(data_dir=data_dir, database_url=database_url))
+    new_key = services.accounts.create_key(account, description)
+    services.close()
+    if as_json:
+        typer.echo(json.dumps({"AccessKeyId": new_key.access_key_id, "AccessKeySecret": new_key.access_key_secret}))
+        return
+    console.print(f"Account:         [bold]{new_key.account}[/]")
+    console.print(f"AccessKeyId:     [bold]{new_key.access_key_id}[/]")
+    console.print(f"AccessKeySecret: [bold]{new_key.access_key_secret}[/]")
+    console.print("[yellow]The secret is not shown again; store it now.[/]")
+
+
+@keys_app.command("list")
+def keys_list(
+    account: Annotated[Optional[str], typer.Option(help="Only this account.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """List AccessKeys (never their secrets)."""
+    from otaplane.timefmt import utc_iso_ms
+
+    services = _services(_settings(data_dir=data_dir, database_url=database_url))
+    records = services.accounts.list_keys(account)
+    services.close()
+    rows = [
+        {
+            "AccessKeyId": r.access_key_id,
+            "Account": r.account_name,
+            "Status": r.status,
+            "Description": r.description,
+            "Created": utc_iso_ms(r.created_ms),
+        }
+        for r in records
+    ]
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    table = Table("AccessKeyId", "Account", "Status", "Created", "Description")
+    for row in rows:
+        table.add_row(row["AccessKeyId"], row["Account"], row["Status"], row["Created"], row["Description"])
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    access_key_id: Annotated[str, typer.Argument(help="The AccessKeyId to revoke.")],
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Revoke an AccessKey: requests signed with it are refused from now on."""
+    services = _services(_settings(data_dir=data_dir, database_url=database_url))
+    revoked = services.accounts.revoke_key(access_key_id)
+    services.close()
+    if not revoked:
+        console.print(f"[red]No active key {access_key_id}.[/]")
+        raise typer.Exit(1)
+    console.print(f"Revoked {access_key_id}.")
+
+
+@db_app.command("upgrade")
+def db_upgrade(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
+    """Apply schema migrations (the server also does this on start)."""
+    services = _services(_settings(data_dir=data_dir, database_url=database_url))
+    services.close()
+    console.print("Schema is up to date.")

@@ -1,0 +1,135 @@
+"""The error catalogue: every error otaplane answers with, as a value.
+
+Two families, as on the real platform:
+- gateway (POP) errors: HTTP 4xx/5xx, body keys Code/Message/HostId/Recommend;
+- business (IoT) errors: HTTP 200, Success=false, body keys Code/ErrorMessage.
+
+Services raise `ApiError(catalogue_entry, detail...)`; only the gateway turns it into a response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ErrorSpec:
+    code: str
+    message: str
+    http_status: int = 200  # 200 = business error
+    gateway: bool = False
+
+    def __call__(self, message: str | None = None, **fmt: object) -> "ApiError":
+        text = message if message is not None else self.message.format(**fmt)
+        return ApiError(self, text)
+
+
+class ApiError(Exception):
+    def __init__(self, spec: ErrorSpec, message: str):
+        super().__init__(f"{spec.code}: {message}")
+        self.spec = spec
+        self.message = message
+
+    @property
+    def code(self) -> str:
+        return self.spec.code
+
+
+def _gateway(code: str, status: int, message: str) -> ErrorSpec:
+    return ErrorSpec(code, message, status, gateway=True)
+
+
+def _business(code: str, message: str) -> ErrorSpec:
+    return ErrorSpec(code, message)
+
+
+# --- gateway (POP) errors -------------------------------------------------------------------
+SignatureDoesNotMatch = _gateway(
+    "SignatureDoesNotMatch", 400,
+    "Specified signature is not matched with our calculation. server string to sign is:{sts}",
+)
+SignatureDoesNotMatchV3 = _gateway(
+    "SignatureDoesNotMatch", 400,
+    "Specified signature does not match our calculation. server StringToSign is [{sts}]",
+)
+InvalidAccessKeyIdNotFound = _gateway(
+    "InvalidAccessKeyId.NotFound", 404, "Specified access key is not found."
+)
+InvalidAccessKeyIdInactive = _gateway(
+    "InvalidAccessKeyId.Inactive", 400, "Specified access key is disabled."
+)
+SignatureNonceUsed = _gateway(
+    "SignatureNonceUsed", 400, "Specified signature nonce was used already."
+)
+InvalidTimeStampExpired = _gateway(
+    "InvalidTimeStamp.Expired", 400, "Specified time stamp or date value is expired."
+)
+InvalidTimeStampFormat = _gateway(
+    "InvalidTimeStamp.Format", 400, "Specified time stamp or date value is not well formatted."
+)
+IncompleteSignature = _gateway(
+    "IncompleteSignature", 400, "The request signature does not conform to Aliyun standards. {detail}"
+)
+InvalidSignatureMethod = _gateway(
+    "InvalidSignatureMethod", 400, "Specified signature method is not supported: {method}."
+)
+ContentSha256Mismatch = _gateway(
+    "InvalidParameter.ContentSha256", 400,
+    "The x-acs-content-sha256 header does not match the SHA-256 of the request body.",
+)
+MissingParameter = _gateway("Missing{name}", 400, "{name} is mandatory for this action.")
+InvalidParameter = _gateway(
+    "InvalidParameter", 400, "The specified parameter {name} is not valid: {reason}"
+)
+InvalidAction = _gateway(
+    "InvalidAction.NotFound", 404,
+    "Specified api is not found, please check your url and method.",
+)
+InvalidVersion = _gateway("InvalidVersion", 400, "Specified parameter Version is not valid.")
+UnsupportedHTTPMethod = _gateway(
+    "UnsupportedHTTPMethod", 400, "This http method is not supported."
+)
+ThrottlingUser = _gateway(
+    "Throttling.User", 400, "Request was denied due to user flow control."
+)
+InternalError = _gateway(
+    "InternalError", 500,
+    "The request processing has failed due to some unknown error, exception or failure.",
+)
+
+
+def missing(name: str) -> ApiError:
+    spec = ErrorSpec(f"Missing{name}", MissingParameter.message, 400, gateway=True)
+    return spec(name=name)
+
+
+def invalid(name: str, reason: str) -> ApiError:
+    return InvalidParameter(name=name, reason=reason)
+
+
+# --- business (IoT) errors ------------------------------------------------------------------
+SystemException = _business("iot.system.SystemException", "A system exception occurred.")
+InstanceNotFound = _business(
+    "iot.system.InstanceNotFound", "The specified instance does not exist."
+)
+InvalidPageParams = _business(
+    "iot.common.InvalidPageParams", "The page parameters are invalid: {reason}"
+)
+InvalidFormattedParameter = _business(
+    "iot.common.InvalidFormattedParameter", "The parameter {name} is in an invalid format: {reason}"
+)
+NotExistedProduct = _business("iot.prod.NotExistedProduct", "The specified product does not exist.")
+AlreadyExistedProductName = _business(
+    "iot.prod.AlreadyExistedProductName", "The product name already exists."
+)
+InvalidFormattedProductName = _business(
+    "iot.prod.InvalidFormattedProductName",
+    "The product name is invalid: 4-30 characters of letters, digits and underscores.",
+)
+# Not published by the platform; named in its style.
+ProductHasDevices = _business(
+    "iot.prod.ProductHasDevices", "The product still has devices; delete them first."
+)
+ProductHasFirmware = _business(
+    "iot.prod.ProductHasFirmware", "The product still has OTA firmware; delete it first."
+)

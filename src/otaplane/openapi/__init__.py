@@ -1,0 +1,1 @@
+"""The RPC gateway: signatures, parameter parsing, envelopes and the action table."""

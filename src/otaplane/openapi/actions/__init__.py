@@ -1,0 +1,5 @@
+"""RPC action handlers, one module per resource. Each module lists its actions in ACTIONS."""
+
+from otaplane.openapi.actions import products
+
+ALL_ACTIONS = (*products.ACTIONS,)

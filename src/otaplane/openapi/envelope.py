@@ -1,0 +1,69 @@
+"""Response bodies: the RPC envelope in JSON or XML, and the optional lower-camel dialect."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import xmltodict
+from starlette.responses import Response
+
+from otaplane.errors import ApiError
+
+JSON_TYPE = "application/json;charset=utf-8"
+XML_TYPE = "text/xml;charset=utf-8"
+
+
+def lower_camel(value: Any) -> Any:
+    """`FirmwareInfo` -> `firmwareInfo`, recursively (private-cloud clients expect it)."""
+    if isinstance(value, dict):
+        return {(k[:1].lower() + k[1:]): lower_camel(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [lower_camel(v) for v in value]
+    return value
+
+
+def _xml_scalar(value: Any) -> Any:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return {k: _xml_scalar(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_xml_scalar(v) for v in value]
+    return value
+
+
+def render(body: dict[str, Any], root: str, fmt: str, status: int, request_id: str) -> Response:
+    if fmt == "XML":
+        text = xmltodict.unparse({root: _xml_scalar(body)}, full_document=True)
+        return Response(text, status, media_type=XML_TYPE, headers={"x-acs-request-id": request_id})
+    payload = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    return Response(payload, status, media_type=JSON_TYPE, headers={"x-acs-request-id": request_id})
+
+
+def success(action: str, request_id: str, payload: dict[str, Any], fmt: str, camel: bool) -> Response:
+    body: dict[str, Any] = {"RequestId": request_id, "Success": True, "Code": ""}
+    body.update(payload)
+    if camel:
+        body = lower_camel(body)
+    return render(body, f"{action}Response", fmt, 200, request_id)
+
+
+def failure(
+    action: str | None, request_id: str, error: ApiError, fmt: str, camel: bool, host: str
+) -> Response:
+    spec = error.spec
+    if spec.gateway:
+        body = {
+            "RequestId": request_id,
+            "HostId": host,
+            "Code": spec.code,
+            "Message": error.message,
+            "Recommend": f"See docs/errors.md#{spec.code.lower().replace('.', '')} in the otaplane repository",
+        }
+        # Gateway errors keep the POP shape in both dialects: SDKs parse Code/Message from it.
+        return render(body, "Error", fmt, spec.http_status, request_id)
+    body = {"RequestId": request_id, "Success": False, "Code": spec.code, "ErrorMessage": error.message}
+    if camel:
+        body = lower_camel(body)
+    return render(body, f"{action or 'Unknown'}Response", fmt, 200, request_id)

@@ -1,0 +1,1 @@
+"""Services: the rules of otaplane, free of any wire format."""

@@ -1,0 +1,47 @@
+"""One Settings object for the whole process: environment (OTAPLANE_*) overridden by CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OTAPLANE_", extra="ignore")
+
+    data_dir: Path = Path("./otaplane-data")
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Empty means "SQLite file under data_dir"; postgresql://... scales out.
+    database_url: str = ""
+    # Fernet key (urlsafe base64, 32 bytes). Empty means "key file under data_dir".
+    master_key: str = Field(default="", repr=False)
+    # Requests per second allowed per AccessKey, with a burst of the same size; 0 disables.
+    rate_limit: float = 200.0
+    rate_limit_burst: int = 0
+    # Accepted distance between a request's timestamp and our clock (and nonce memory).
+    signature_window_seconds: int = 900
+    response_case: Literal["pascal", "camel"] = "pascal"
+    # Base URL that devices and clients dial to reach this server (presigned URLs).
+    public_url: str = ""
+    access_log: bool = False
+    log_level: str = "info"
+
+    def resolved_database_url(self) -> str:
+        """SQLAlchemy URL: SQLite in the data dir by default; psycopg 3 for PostgreSQL."""
+        url = self.database_url.strip()
+        if not url:
+            return f"sqlite:///{(self.data_dir / 'otaplane.db').resolve()}"
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix):]
+        return url
+
+    def resolved_public_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"

@@ -1,0 +1,106 @@
+"""Queries for accounts, their instances and AccessKeys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from otaplane.store.schema import access_keys, accounts, instances
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    access_key_id: str
+    account_id: int
+    account_name: str
+    secret_encrypted: str
+    status: str
+    description: str
+    created_ms: int
+    revoked_ms: int | None
+
+
+def find_account(conn: Connection, name: str) -> int | None:
+    return conn.execute(sa.select(accounts.c.id).where(accounts.c.name == name)).scalar()
+
+
+def insert_account(conn: Connection, name: str, now_ms: int) -> int:
+    return conn.execute(
+        sa.insert(accounts).values(name=name, created_ms=now_ms).returning(accounts.c.id)
+    ).scalar_one()
+
+
+def insert_instance(conn: Connection, account_id: int, instance_id: str, is_default: bool, now_ms: int) -> int:
+    return conn.execute(
+        sa.insert(instances)
+        .values(account_id=account_id, instance_id=instance_id, is_default=is_default, created_ms=now_ms)
+        .returning(instances.c.id)
+    ).scalar_one()
+
+
+def find_instance(conn: Connection, account_id: int, instance_id: str | None) -> tuple[int, str] | None:
+    """(row id, IotInstanceId) of the named instance, or of the default one when None."""
+    query = sa.select(instances.c.id, instances.c.instance_id).where(instances.c.account_id == account_id)
+    if instance_id:
+        query = query.where(instances.c.instance_id == instance_id)
+    else:
+        query = query.where(instances.c.is_default.is_(True))
+    row = conn.execute(query).first()
+    return (row.id, row.instance_id) if row else None
+
+
+def insert_key(
+    conn: Connection, account_id: int, key_id: str, secret_encrypted: str, description: str, now_ms: int
+) -> None:
+    conn.execute(
+        sa.insert(access_keys).values(
+            access_key_id=key_id,
+            account_id=account_id,
+            secret_encrypted=secret_encrypted,
+            status="active",
+            description=description,
+            created_ms=now_ms,
+        )
+    )
+
+
+_KEY_COLUMNS = (
+    access_keys.c.access_key_id,
+    access_keys.c.account_id,
+    accounts.c.name.label("account_name"),
+    access_keys.c.secret_encrypted,
+    access_keys.c.status,
+    access_keys.c.description,
+    access_keys.c.created_ms,
+    access_keys.c.revoked_ms,
+)
+_KEYS_JOIN = access_keys.join(accounts, accounts.c.id == access_keys.c.account_id)
+
+
+def get_key(conn: Connection, key_id: str) -> KeyRecord | None:
+    row = conn.execute(
+        sa.select(*_KEY_COLUMNS).select_from(_KEYS_JOIN).where(access_keys.c.access_key_id == key_id)
+    ).first()
+    return KeyRecord(**row._mapping) if row else None
+
+
+def list_keys(conn: Connection, account_name: str | None) -> list[KeyRecord]:
+    query = sa.select(*_KEY_COLUMNS).select_from(_KEYS_JOIN).order_by(access_keys.c.created_ms)
+    if account_name:
+        query = query.where(accounts.c.name == account_name)
+    return [KeyRecord(**row._mapping) for row in conn.execute(query)]
+
+
+def count_keys(conn: Connection) -> int:
+    return conn.execute(sa.select(sa.func.count()).select_from(access_keys)).scalar_one()
+
+
+def revoke_key(conn: Connection, key_id: str, now_ms: int) -> bool:
+    result = conn.execute(
+        sa.update(access_keys)
+        .where(access_keys.c.access_key_id == key_id, access_keys.c.status == "active")
+        .values(status="revoked", revoked_ms=now_ms)
+    )
+    return result.rowcount == 1

@@ -1,0 +1,98 @@
+"""Tables (SQLAlchemy Core). Every tenant-owned row hangs off an instance, which belongs to an
+account, so one account's key can never reach another account's rows.
+
+Changing a table here needs a migration in store/migrations/versions.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+accounts = sa.Table(
+    "accounts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+)
+
+# An IoT instance (IotInstanceId). Each account has one default instance.
+instances = sa.Table(
+    "instances",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("instance_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("account_id", sa.Integer, sa.ForeignKey("accounts.id"), nullable=False, index=True),
+    sa.Column("is_default", sa.Boolean, nullable=False, default=False),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+)
+
+access_keys = sa.Table(
+    "access_keys",
+    metadata,
+    sa.Column("access_key_id", sa.String(64), primary_key=True),
+    sa.Column("account_id", sa.Integer, sa.ForeignKey("accounts.id"), nullable=False, index=True),
+    sa.Column("secret_encrypted", sa.Text, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # active | revoked
+    sa.Column("description", sa.String(256), nullable=False, default=""),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+    sa.Column("revoked_ms", sa.BigInteger, nullable=True),
+)
+
+# Replay protection shared by every server process on one database.
+signature_nonces = sa.Table(
+    "signature_nonces",
+    metadata,
+    sa.Column("access_key_id", sa.String(64), primary_key=True),
+    sa.Column("nonce", sa.String(128), primary_key=True),
+    sa.Column("expires_ms", sa.BigInteger, nullable=False, index=True),
+)
+
+products = sa.Table(
+    "products",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("instance_pk", sa.Integer, sa.ForeignKey("instances.id"), nullable=False),
+    # Globally unique: devices authenticate with it, without any account context.
+    sa.Column("product_key", sa.String(32), nullable=False, unique=True),
+    sa.Column("product_name", sa.String(64), nullable=False),
+    sa.Column("product_secret_encrypted", sa.Text, nullable=False),
+    sa.Column("node_type", sa.Integer, nullable=False),
+    sa.Column("data_format", sa.Integer, nullable=True),
+    sa.Column("aliyun_commodity_code", sa.String(32), nullable=False),
+    sa.Column("description", sa.String(128), nullable=True),
+    sa.Column("auth_type", sa.String(16), nullable=False),
+    sa.Column("net_type", sa.String(16), nullable=True),
+    sa.Column("protocol_type", sa.String(32), nullable=True),
+    sa.Column("category_key", sa.String(64), nullable=True),
+    sa.Column("id2", sa.Boolean, nullable=False, default=False),
+    sa.Column("validate_type", sa.Integer, nullable=True),
+    sa.Column("publish_auto", sa.Boolean, nullable=True),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+    sa.Column("modified_ms", sa.BigInteger, nullable=False),
+    sa.UniqueConstraint("instance_pk", "product_name", name="uq_products_instance_name"),
+)
+
+devices = sa.Table(
+    "devices",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("iot_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("product_id", sa.Integer, sa.ForeignKey("products.id"), nullable=False),
+    sa.Column("device_name", sa.String(64), nullable=False),
+    sa.Column("device_secret_encrypted", sa.Text, nullable=False),
+    sa.Column("nickname", sa.String(64), nullable=True),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+    sa.Column("modified_ms", sa.BigInteger, nullable=False),
+    sa.UniqueConstraint("product_id", "device_name", name="uq_devices_product_name"),
+)

@@ -1,0 +1,36 @@
+"""Clock and the wire's time formats."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def utc_iso_ms(ms: int) -> str:
+    """`2019-11-04T06:21:54.607Z`, the format of every Utc* field."""
+    dt = datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+def gmt_rfc(ms: int) -> str:
+    """`Wed, 20-Feb-2019 02:16:09 GMT`, the format of module Gmt* fields."""
+    dt = datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+    return dt.strftime("%a, %d-%b-%Y %H:%M:%S GMT")
+
+
+def parse_utc_seconds(text: str) -> float | None:
+    """Seconds since the epoch for `YYYY-MM-DDThh:mm:ssZ` (fractions allowed), else None."""
+    value = text.strip()
+    if not value.endswith("Z"):
+        return None
+    try:
+        dt = datetime.fromisoformat(value[:-1] + "+00:00")
+    except ValueError:
+        return None
+    if dt.tzinfo is None:
+        return None
+    return dt.timestamp()
