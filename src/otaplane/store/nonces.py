@@ -20,16 +20,18 @@ def remember(conn: Connection, key_id: str, nonce: str, now_ms: int, ttl_ms: int
         dialect.insert(nonces)
         .values(access_key_id=key_id, nonce=nonce, expires_ms=now_ms + ttl_ms)
         .on_conflict_do_nothing()
-    )
-    if inserted.rowcount == 1:
+        .returning(nonces.c.nonce)  # rowcount is not reliable here with psycopg 3
+    ).first()
+    if inserted is not None:
         return True
     # Used before: accept again only once the old record has expired (taken over atomically).
-    result = conn.execute(
+    taken_over = conn.execute(
         sa.update(nonces)
         .where(nonces.c.access_key_id == key_id, nonces.c.nonce == nonce, nonces.c.expires_ms < now_ms)
         .values(expires_ms=now_ms + ttl_ms)
-    )
-    return result.rowcount == 1
+        .returning(nonces.c.nonce)
+    ).first()
+    return taken_over is not None
 
 
 def purge_expired(conn: Connection, now_ms: int) -> int:

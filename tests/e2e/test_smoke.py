@@ -1,0 +1,15 @@
+from tests.support.clients import RawSigner
+
+
+def test_server_answers_a_signed_v1_call(server, admin_key):
+    response = RawSigner(server.base_url, *admin_key).v1("QueryProductList", {"CurrentPage": "1", "PageSize": "10"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["Success"] is True
+    assert body["Data"]["Total"] == 0
+
+
+def test_server_answers_a_signed_v3_call(server, admin_key):
+    response = RawSigner(server.base_url, *admin_key).v3("QueryProductList", {"CurrentPage": "1", "PageSize": "10"})
+    assert response.status_code == 200, response.text
+    assert response.json()["Success"] is True
