@@ -11,6 +11,7 @@ import os
 import pytest
 
 from tests.support.server import PostgresDatabases, ServerProcess
+from tests.support.moto import moto_server, s3_blob_url  # noqa: F401  (S3 fixtures for every test)
 
 POSTGRES_URL = os.environ.get("OTAPLANE_TEST_POSTGRES_URL", "")
 BACKENDS = ["sqlite"] + (["postgresql"] if POSTGRES_URL else [])

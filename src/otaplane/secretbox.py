@@ -6,6 +6,9 @@ first use). Replicas sharing one database must share the same master key.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -18,6 +21,12 @@ MASTER_KEY_FILE = "master.key"
 class SecretBox:
     def __init__(self, key: bytes):
         self._fernet = Fernet(key)
+        self._key = key
+
+    def derive(self, label: str) -> str:
+        """A stable secret for one purpose (e.g. signing blob URLs), the same on every replica."""
+        digest = hmac.new(self._key, label.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
     @classmethod
     def from_settings(cls, master_key: str, data_dir: Path) -> "SecretBox":

@@ -28,16 +28,17 @@ def prepare(services: Services) -> None:
     ensure_admin_key(services)
 
 
-def _purge_nonces(services: Services) -> None:
+def _tidy(services: Services) -> None:
     with services.db.begin() as conn:
         nonces.purge_expired(conn, now_ms())
+    services.firmware.collect_abandoned_uploads()
 
 
 async def _housekeeping(services: Services) -> None:
     while True:
         await anyio.sleep(HOUSEKEEPING_INTERVAL_S)
         try:
-            await anyio.to_thread.run_sync(_purge_nonces, services)
+            await anyio.to_thread.run_sync(_tidy, services)
         except Exception:  # keep going: a failed purge only delays cleanup
             log.exception("housekeeping failed")
 
@@ -58,6 +59,8 @@ def create_app(services: Services) -> Starlette:
 
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
+        # The local blob store serves its own upload and download URLs; S3 needs none.
+        *getattr(services.blobs, "routes", lambda: [])(),
         Route("/", gateway.handle, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan)

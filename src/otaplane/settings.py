@@ -24,6 +24,10 @@ class Settings(BaseSettings):
     rate_limit_burst: int = 0
     # Accepted distance between a request's timestamp and our clock (and nonce memory).
     signature_window_seconds: int = 900
+    # Empty = files under data_dir/blobs; s3://bucket?endpoint_url=...&region=... for S3.
+    blob_url: str = ""
+    # Lifetime of presigned firmware download URLs (QueryOTAFirmware, device pushes).
+    download_url_ttl_seconds: int = 24 * 3600
     response_case: Literal["pascal", "camel"] = "pascal"
     # Base URL that devices and clients dial to reach this server (presigned URLs).
     public_url: str = ""

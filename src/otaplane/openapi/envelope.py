@@ -33,6 +33,11 @@ def _xml_scalar(value: Any) -> Any:
     return value
 
 
+def _anchor(code: str) -> str:
+    """The heading anchor of a code in docs/errors.md (all Missing<Name> share one row)."""
+    return "missing" if code.startswith("Missing") else code.lower().replace(".", "")
+
+
 def render(body: dict[str, Any], root: str, fmt: str, status: int, request_id: str) -> Response:
     if fmt == "XML":
         text = xmltodict.unparse({root: _xml_scalar(body)}, full_document=True)
@@ -59,7 +64,7 @@ def failure(
             "HostId": host,
             "Code": spec.code,
             "Message": error.message,
-            "Recommend": f"See docs/errors.md#{spec.code.lower().replace('.', '')} in the otaplane repository",
+            "Recommend": f"See docs/errors.md#{_anchor(spec.code)} in the otaplane repository",
         }
         # Gateway errors keep the POP shape in both dialects: SDKs parse Code/Message from it.
         return render(body, "Error", fmt, spec.http_status, request_id)

@@ -15,6 +15,9 @@ from otaplane import errors
 from otaplane.errors import ApiError, ErrorSpec
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
 class ParamType:
     """Parses one raw string; raises ValueError with a human reason."""
 
@@ -47,9 +50,12 @@ class Int(ParamType):
 
     def parse(self, raw: str) -> int:
         text = raw.strip()
-        if not re.fullmatch(r"[+-]?\d{1,19}", text):
+        # [0-9], not \d: \d also matches other scripts' digits ('١', '７'), which int() accepts.
+        if not re.fullmatch(r"[+-]?[0-9]{1,19}", text):
             raise ValueError("must be an integer")
         value = int(text)
+        if not _INT64_MIN <= value <= _INT64_MAX:  # every integer column is at most a BIGINT
+            raise ValueError("is out of range")
         if self.choices is not None and value not in self.choices:
             raise ValueError("must be one of " + ", ".join(map(str, self.choices)))
         if self.min is not None and value < self.min:
@@ -124,7 +130,7 @@ def _invalid(param: Param, reason: str) -> ApiError:
     return errors.invalid(param.name, reason)
 
 
-_INDEX = re.compile(r"\.(\d{1,6})(?:\.([A-Za-z0-9_]+))?$")
+_INDEX = re.compile(r"\.([0-9]{1,6})(?:\.([A-Za-z0-9_]+))?")
 
 
 def _collect_indexed(name: str, raw: Mapping[str, str]) -> dict[int, dict[str | None, str]]:

@@ -21,9 +21,12 @@ def percent_encode(value: str) -> str:
 
 
 def canonical_query(params: Iterable[tuple[str, str]]) -> str:
-    """Sorted `k=v&k=v` with both sides percent-encoded (byte order of the names)."""
-    pairs = sorted((percent_encode(k), percent_encode(v)) for k, v in params)
-    return "&".join(f"{k}={v}" for k, v in pairs)
+    """Sorted `k=v&k=v` with both sides percent-encoded.
+
+    Sorted by the raw names (code point order = UTF-8 byte order) *before* encoding, as the
+    SDKs do: once encoded, '%' (0x25) would sort non-ASCII names before '~' and friends.
+    """
+    return "&".join(f"{percent_encode(k)}={percent_encode(v)}" for k, v in sorted(params))
 
 
 # --- V1 ----------------------------------------------------------------------------------------

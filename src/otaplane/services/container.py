@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from otaplane.blobs import BlobStore
+from otaplane.blobs.factory import open_blob_store
 from otaplane.secretbox import SecretBox
 from otaplane.services.accounts import AccountService
+from otaplane.services.firmware import FirmwareService
+from otaplane.services.modules import ModuleService
 from otaplane.services.products import ProductService
 from otaplane.settings import Settings
 from otaplane.store import Database
@@ -16,20 +20,27 @@ class Services:
     settings: Settings
     db: Database
     box: SecretBox
+    blobs: BlobStore
     accounts: AccountService
     products: ProductService
+    modules: ModuleService
+    firmware: FirmwareService
 
     @classmethod
     def build(cls, settings: Settings) -> "Services":
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         db = Database(settings.resolved_database_url())
         box = SecretBox.from_settings(settings.master_key, settings.data_dir)
+        blobs = open_blob_store(settings, box)
         return cls(
             settings=settings,
             db=db,
             box=box,
+            blobs=blobs,
             accounts=AccountService(db, box),
             products=ProductService(db, box),
+            modules=ModuleService(db),
+            firmware=FirmwareService(db, blobs, settings.download_url_ttl_seconds),
         )
 
     def close(self) -> None:

@@ -11,6 +11,8 @@ from otaplane import errors, ids
 from otaplane.secretbox import SecretBox
 from otaplane.services.tenancy import Tenant
 from otaplane.store import Database
+from otaplane.store import firmware as firmware_store
+from otaplane.store import modules as module_store
 from otaplane.store import products as store
 from otaplane.timefmt import now_ms
 
@@ -105,7 +107,7 @@ class ProductService:
                 with self.db.begin() as conn:
                     if store.name_taken(conn, tenant.instance_pk, new.product_name):
                         raise errors.AlreadyExistedProductName()
-                    store.insert(
+                    product_id = store.insert(
                         conn,
                         {
                             "instance_pk": tenant.instance_pk,
@@ -117,6 +119,7 @@ class ProductService:
                             **new.__dict__,
                         },
                     )
+                    module_store.insert(conn, product_id, module_store.DEFAULT_MODULE, None, None, True, now)
                     return self._product(store.get(conn, tenant.instance_pk, product_key))
             except IntegrityError:
                 # Either a concurrent create took the name, or the key collided.
@@ -161,4 +164,7 @@ class ProductService:
                 raise errors.NotExistedProduct()
             if row["device_count"] > 0:
                 raise errors.ProductHasDevices()
+            if firmware_store.count_for_product(conn, row["id"]) > 0:
+                raise errors.ProductHasFirmware()
+            module_store.delete_for_product(conn, row["id"])
             store.delete(conn, row["id"])

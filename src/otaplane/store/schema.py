@@ -96,3 +96,70 @@ devices = sa.Table(
     sa.Column("modified_ms", sa.BigInteger, nullable=False),
     sa.UniqueConstraint("product_id", "device_name", name="uq_devices_product_name"),
 )
+
+# OTA modules of a product. Every product has `default` (is_default), created with it.
+ota_modules = sa.Table(
+    "ota_modules",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("product_id", sa.Integer, sa.ForeignKey("products.id"), nullable=False),
+    sa.Column("module_name", sa.String(64), nullable=False),
+    # Names are unique per product case-insensitively: the unique index is on this column.
+    sa.Column("name_folded", sa.String(64), nullable=False),
+    sa.Column("alias_name", sa.String(64), nullable=True),
+    sa.Column("description", sa.String(128), nullable=True),
+    sa.Column("is_default", sa.Boolean, nullable=False, default=False),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+    sa.Column("modified_ms", sa.BigInteger, nullable=False),
+    sa.UniqueConstraint("product_id", "name_folded", name="uq_ota_modules_product_name"),
+)
+
+# Objects handed out by GenerateOTAUploadURL: proves which instance may use a key, and lets
+# housekeeping remove uploads that no package adopted within the grace period.
+ota_uploads = sa.Table(
+    "ota_uploads",
+    metadata,
+    sa.Column("blob_key", sa.String(255), primary_key=True),
+    sa.Column("instance_pk", sa.Integer, sa.ForeignKey("instances.id"), nullable=False),
+    sa.Column("created_ms", sa.BigInteger, nullable=False, index=True),
+)
+
+firmware = sa.Table(
+    "firmware",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("firmware_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("instance_pk", sa.Integer, sa.ForeignKey("instances.id"), nullable=False),
+    sa.Column("product_id", sa.Integer, sa.ForeignKey("products.id"), nullable=False, index=True),
+    sa.Column("module_id", sa.Integer, sa.ForeignKey("ota_modules.id"), nullable=False, index=True),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("description", sa.String(128), nullable=True),
+    sa.Column("dest_version", sa.String(64), nullable=False),
+    sa.Column("src_version", sa.String(64), nullable=True),
+    sa.Column("type", sa.Integer, nullable=False),  # 0 full, 1 diff
+    sa.Column("sign_method", sa.String(16), nullable=False),  # Md5 | SHA256
+    sa.Column("sign", sa.String(64), nullable=True),  # lowercase hex of the single file
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("blob_key", sa.String(255), nullable=True, index=True),  # null for multi-file
+    sa.Column("udi", sa.Text, nullable=True),
+    sa.Column("need_to_verify", sa.Boolean, nullable=False),
+    sa.Column("status", sa.Integer, nullable=False),
+    sa.Column("verify_progress", sa.Integer, nullable=False, default=0),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+    sa.Column("modified_ms", sa.BigInteger, nullable=False),
+    sa.UniqueConstraint("instance_pk", "name", name="uq_firmware_instance_name"),
+    sa.Index("ix_firmware_instance_created", "instance_pk", "created_ms", "id"),
+)
+
+firmware_files = sa.Table(
+    "firmware_files",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("firmware_pk", sa.Integer, sa.ForeignKey("firmware.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("blob_key", sa.String(255), nullable=False, index=True),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("sign_value", sa.String(64), nullable=False),
+    sa.Column("file_md5", sa.String(32), nullable=False),
+)

@@ -1,0 +1,25 @@
+"""Pick the blob backend from Settings.blob_url: empty = local folder, s3://bucket?... = S3."""
+
+from __future__ import annotations
+
+from otaplane.blobs.base import BlobStore
+from otaplane.secretbox import SecretBox
+from otaplane.settings import Settings
+
+
+def open_blob_store(settings: Settings, box: SecretBox) -> BlobStore:
+    url = settings.blob_url.strip()
+    if not url or url.startswith("file:"):
+        from otaplane.blobs.local import LocalBlobStore
+
+        root = settings.data_dir / "blobs" if not url else url.removeprefix("file://").removeprefix("file:")
+        return LocalBlobStore(
+            root=root,
+            public_url=settings.resolved_public_url(),
+            secret=box.derive("otaplane local blob signing v1"),
+        )
+    if url.startswith("s3://"):
+        from otaplane.blobs.s3 import S3BlobStore
+
+        return S3BlobStore.from_url(url)
+    raise ValueError(f"unsupported OTAPLANE_BLOB_URL {url!r}: use an empty value, file://DIR or s3://BUCKET?...")

@@ -1,0 +1,161 @@
+"""Any S3-compatible object store through boto3: presigned POST in, presigned GET out.
+
+OTAPLANE_BLOB_URL=s3://BUCKET?endpoint_url=URL&region=REGION&prefix=PATH/&addressing_style=path|virtual
+Credentials come only from the standard AWS chain (env, shared config, instance role):
+secrets never belong in a URL that ends up in logs and process listings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+import boto3
+from botocore.client import BaseClient
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from otaplane.blobs.base import BlobDigest, UploadForm
+
+CHUNK = 1024 * 1024
+# SigV4 presigned URLs cannot live longer than 7 days; S3 rejects them outright beyond that.
+MAX_PRESIGN_S = 7 * 24 * 3600
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class BlobStoreUnavailable(RuntimeError):
+    """The object store could not be reached or refused us (down, wrong bucket, bad credentials)."""
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or _DEFAULT_PORTS.get(scheme)
+
+
+class S3BlobStore:
+    def __init__(self, client: BaseClient, bucket: str, prefix: str = ""):
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix
+        self.endpoint = client.meta.endpoint_url.rstrip("/")
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, connect_timeout_s: float = 5, read_timeout_s: float = 60, max_attempts: int = 2
+    ) -> "S3BlobStore":
+        parts = urlsplit(url)
+        if parts.scheme != "s3" or not parts.netloc:
+            raise ValueError(f"expected s3://BUCKET?endpoint_url=...&region=..., got {url!r}")
+        query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
+        unknown = set(query) - {"endpoint_url", "region", "prefix", "addressing_style"}
+        if unknown:
+            # Catch typos and refuse credentials smuggled into the URL alike.
+            raise ValueError(f"unsupported s3 blob URL parameter(s): {', '.join(sorted(unknown))}")
+        endpoint_url = query.get("endpoint_url") or None
+        # Self-hosted stores (MinIO, Ceph, moto) rarely have wildcard DNS, so default to path-style there.
+        style = query.get("addressing_style") or ("path" if endpoint_url else "auto")
+        config = Config(
+            signature_version="s3v4",
+            s3={"addressing_style": style},
+            # Small timeouts and retries: a dead store must fail a request quickly, not hang it.
+            connect_timeout=connect_timeout_s,
+            read_timeout=read_timeout_s,
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+        )
+        session = boto3.session.Session(region_name=query.get("region") or None)
+        client = session.client("s3", endpoint_url=endpoint_url, config=config)
+        return cls(client, parts.netloc, query.get("prefix", "").lstrip("/"))
+
+    def _full(self, key: str) -> str:
+        return self.prefix + key
+
+    def _fail(self, action: str, exc: Exception) -> BlobStoreUnavailable:
+        return BlobStoreUnavailable(f"S3 {action} on bucket {self.bucket!r} at {self.endpoint} failed: {exc}")
+
+    def upload_form(self, key: str, max_bytes: int, expires_in_s: int) -> UploadForm:
+        full = self._full(key)
+        post = self.client.generate_presigned_post(
+            Bucket=self.bucket,
+            Key=full,
+            Conditions=[["content-length-range", 0, max_bytes], ["eq", "$key", full]],
+            ExpiresIn=expires_in_s,
+        )
+        fields: dict[str, str] = dict(post["fields"])
+        # x-amz-credential is "AKID/date/region/s3/aws4_request"; SigV2 stores name it AWSAccessKeyId.
+        credential = fields.get("x-amz-credential", "").split("/")[0] or fields.get("AWSAccessKeyId", "")
+        return UploadForm(
+            key=key,  # the caller's key: key_from_url(object_url) gives it back, prefix or not
+            host=post["url"],
+            policy=fields["policy"],
+            access_key_id=credential,
+            signature=fields.get("x-amz-signature") or fields.get("signature", ""),
+            object_url=self.object_url(key),
+            object_storage="S3",
+            fields=fields,
+        )
+
+    def object_url(self, key: str) -> str:
+        # Path-style on purpose: one stable spelling whatever the addressing style in use.
+        return f"{self.endpoint}/{quote(self.bucket)}/{quote(self._full(key), safe='/~')}"
+
+    def key_from_url(self, url: str) -> str | None:
+        try:
+            parts = urlsplit(url)
+            origin = _origin(url)
+        except ValueError:  # e.g. a non-numeric port
+            return None
+        scheme, host, port = _origin(self.endpoint)
+        base_path = urlsplit(self.endpoint).path.rstrip("/")
+        if origin == (scheme, host, port):
+            # Path-style: ENDPOINT/bucket/key (query string, if any, is a presigned signature).
+            head = f"{base_path}/{quote(self.bucket)}/"
+        elif origin == (scheme, f"{self.bucket}.{host}".lower(), port):
+            head = f"{base_path}/"  # virtual-host style: bucket.ENDPOINT/key
+        else:
+            return None
+        if not parts.path.startswith(head):
+            return None
+        full = unquote(parts.path[len(head):])
+        if not full or not full.startswith(self.prefix) or full == self.prefix:
+            return None
+        return full[len(self.prefix):]
+
+    def digest(self, key: str) -> BlobDigest | None:
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._full(key))["Body"]
+            size, md5, sha256 = 0, hashlib.md5(), hashlib.sha256()
+            # Streamed: firmware can be hundreds of MB and must never sit in memory whole.
+            for chunk in body.iter_chunks(CHUNK):
+                size += len(chunk)
+                md5.update(chunk)
+                sha256.update(chunk)
+        except ClientError as exc:
+            # Only S3's own NoSuchKey means "absent": a bare 404 could be a proxy or a wrong endpoint.
+            if exc.response.get("Error", {}).get("Code") == "NoSuchKey":
+                return None
+            raise self._fail("GetObject", exc) from exc
+        except BotoCoreError as exc:
+            raise self._fail("GetObject", exc) from exc
+        return BlobDigest(size=size, md5=md5.hexdigest(), sha256=sha256.hexdigest())
+
+    def presigned_get(self, key: str, expires_in_s: int) -> str:
+        return self.client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": self._full(key)},
+            ExpiresIn=min(expires_in_s, MAX_PRESIGN_S),
+        )
+
+    def delete(self, key: str) -> None:
+        try:
+            # S3 DeleteObject already answers 204 for a missing key, so this is idempotent.
+            self.client.delete_object(Bucket=self.bucket, Key=self._full(key))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._fail("DeleteObject", exc) from exc
+
+    def check(self) -> None:
+        """Fail fast (e.g. at startup) if the bucket is unreachable or the credentials are refused."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._fail("HeadBucket", exc) from exc

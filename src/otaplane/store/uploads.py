@@ -1,0 +1,41 @@
+"""Objects handed out by GenerateOTAUploadURL, and the ones nobody adopted in time."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from otaplane.store.schema import firmware, firmware_files, ota_uploads as uploads
+
+
+def record(conn: Connection, blob_key: str, instance_pk: int, now_ms: int) -> None:
+    conn.execute(sa.insert(uploads).values(blob_key=blob_key, instance_pk=instance_pk, created_ms=now_ms))
+
+
+def owned_by(conn: Connection, blob_key: str, instance_pk: int) -> bool:
+    return conn.execute(
+        sa.select(uploads.c.blob_key).where(uploads.c.blob_key == blob_key, uploads.c.instance_pk == instance_pk)
+    ).first() is not None
+
+
+def is_referenced(conn: Connection, blob_key: str) -> bool:
+    """True while any package (single- or multi-file) still points at the object."""
+    single = sa.select(firmware.c.id).where(firmware.c.blob_key == blob_key).limit(1)
+    multi = sa.select(firmware_files.c.id).where(firmware_files.c.blob_key == blob_key).limit(1)
+    return conn.execute(single).first() is not None or conn.execute(multi).first() is not None
+
+
+def abandoned(conn: Connection, older_than_ms: int, limit: int = 500) -> list[str]:
+    """Keys uploaded before the cut-off that no package refers to."""
+    single = sa.select(firmware.c.id).where(firmware.c.blob_key == uploads.c.blob_key)
+    multi = sa.select(firmware_files.c.id).where(firmware_files.c.blob_key == uploads.c.blob_key)
+    rows = conn.execute(
+        sa.select(uploads.c.blob_key)
+        .where(uploads.c.created_ms < older_than_ms, ~sa.exists(single), ~sa.exists(multi))
+        .limit(limit)
+    )
+    return [row.blob_key for row in rows]
+
+
+def forget(conn: Connection, blob_key: str) -> None:
+    conn.execute(sa.delete(uploads).where(uploads.c.blob_key == blob_key))
