@@ -103,3 +103,42 @@ class RawSigner:
         headers = {**headers, "Authorization": authorization}
         return httpx.request(method, f"{self.base_url}/?{urlencode(query)}", headers=headers,
                              content=body, timeout=30)
+
+
+class SdkCaller:
+    """One call shape over the three official client variants, using each SDK's own request
+    classes (so parameter flattening and signing are the SDK's, not ours).
+
+    `call(action, params)` returns the response body as a dict with the wire's key names;
+    gateway errors surface as the SDK's own exceptions.
+    """
+
+    VARIANTS = ("legacy-v1", "tea-v3", "tea-v2")
+
+    def __init__(self, variant: str, endpoint: str, access_key_id: str, secret: str):
+        self.variant = variant
+        self.endpoint = endpoint
+        if variant == "legacy-v1":
+            self._legacy = legacy_client(access_key_id, secret)
+        else:
+            self._tea = tea_client(endpoint, access_key_id, secret, "v2" if variant == "tea-v2" else "v3")
+            self._methods = {name.replace("_", "").lower(): name for name in dir(self._tea)
+                             if not name.startswith("_") and not name.endswith(("_async", "_with_options"))}
+
+    def call(self, action: str, params: dict | None = None) -> dict:
+        params = {k: v for k, v in (params or {}).items() if v is not None}
+        if self.variant == "legacy-v1":
+            return self._call_legacy(action, params)
+        request = getattr(iot_models, f"{action}Request")().from_map(params)
+        response = getattr(self._tea, self._methods[action.lower()])(request)
+        return response.body.to_map()
+
+    def _call_legacy(self, action: str, params: dict) -> dict:
+        import importlib
+
+        module = importlib.import_module(f"aliyunsdkiot.request.v20180120.{action}Request")
+        request = getattr(module, f"{action}Request")()
+        for name, value in params.items():
+            setter = getattr(request, f"set_{name}s", None) if isinstance(value, list) else None
+            (setter or getattr(request, f"set_{name}"))(value)
+        return legacy_call(self._legacy, self.endpoint, request)

@@ -35,7 +35,8 @@ def delete_module(services, tenant, p):
     return {}
 
 
-@action("ListOTAModuleByProduct", PRODUCT_KEY, methods=("GET",))
+# The SDKs send this one as GET; POST is accepted too, as for every RPC action.
+@action("ListOTAModuleByProduct", PRODUCT_KEY)
 def list_modules(services, tenant, p):
     modules = services.modules.list(tenant, p["ProductKey"])
     # `Data` is a JSON array here: the Tea model iterates it.
