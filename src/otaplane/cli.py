@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from otaplane.cli_firmware import app as firmware_app
 from otaplane.settings import Settings
 
 app = typer.Typer(help="otaplane: OTA firmware control plane.", no_args_is_help=True)
@@ -18,6 +19,7 @@ keys_app = typer.Typer(help="Manage AccessKeys (per account).", no_args_is_help=
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
+app.add_typer(firmware_app, name="firmware")
 
 console = Console()
 

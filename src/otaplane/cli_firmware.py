@@ -1,0 +1,207 @@
+"""`otaplane firmware ...`: upload, show, list, delete through the signed API."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.table import Table
+
+from otaplane.client import ApiCallError, Credentials, OtaplaneClient
+
+app = typer.Typer(help="Firmware packages on an otaplane endpoint.", no_args_is_help=True)
+console = Console()
+
+SUFFIXES = ("tar.gz", "tar.xz", "bin", "dav", "apk", "tar", "gz", "zip", "gzip", "pack")
+
+Endpoint = Annotated[str, typer.Option(envvar="OTAPLANE_ENDPOINT", help="otaplane URL.")]
+KeyId = Annotated[Optional[str], typer.Option(envvar="OTAPLANE_ACCESS_KEY_ID", help="AccessKeyId.")]
+KeySecret = Annotated[
+    Optional[str], typer.Option(envvar="OTAPLANE_ACCESS_KEY_SECRET", help="AccessKeySecret.", show_default=False)
+]
+DataDir = Annotated[Path, typer.Option(envvar="OTAPLANE_DATA_DIR", help="Where to find admin-credentials.json "
+                                       "when no key is given.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the raw response body.")]
+
+
+def _client(endpoint: str, key_id: str | None, secret: str | None, data_dir: Path) -> OtaplaneClient:
+    if key_id and secret:
+        return OtaplaneClient(endpoint, Credentials(key_id, secret))
+    fallback = data_dir / "admin-credentials.json"
+    if fallback.exists():
+        return OtaplaneClient(endpoint, Credentials.from_file(fallback))
+    console.print("[red]No AccessKey: pass --access-key-id/--access-key-secret or set "
+                  "OTAPLANE_ACCESS_KEY_ID/OTAPLANE_ACCESS_KEY_SECRET.[/]")
+    raise typer.Exit(2)
+
+
+def _fail(error: ApiCallError) -> None:
+    console.print(f"[red]{error.code}[/]: {error.message}")
+    raise typer.Exit(1)
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return next((s for s in SUFFIXES if name.endswith("." + s)), "bin")
+
+
+class _ProgressFile:
+    """A file object that reports every read to a progress bar (httpx streams it in chunks)."""
+
+    def __init__(self, handle, advance):
+        self._handle = handle
+        self._advance = advance
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._handle.read(size)
+        self._advance(len(chunk))
+        return chunk
+
+    def __getattr__(self, name):  # fileno, seek, tell: httpx uses them to learn the length
+        return getattr(self._handle, name)
+
+
+def _digest(path: Path, method: str) -> str:
+    digest = hashlib.sha256() if method == "SHA256" else hashlib.md5()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _post_file(data: dict, path: Path) -> None:
+    fields = data.get("FormFields") or {
+        "key": data["Key"], "policy": data["Policy"], "OSSAccessKeyId": data["OSSAccessKeyId"],
+        "Signature": data["Signature"], "success_action_status": "200",
+    }
+    size = path.stat().st_size
+    columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, console=console, transient=False) as progress, path.open("rb") as handle:
+        task = progress.add_task(f"upload {path.name}", total=size)
+        body = _ProgressFile(handle, lambda n: progress.advance(task, n))
+        response = httpx.post(data["Host"], data=fields, files={"file": (path.name, body)}, timeout=None)
+    if response.status_code not in (200, 201, 204):
+        console.print(f"[red]Upload refused ({response.status_code}):[/] {response.text[:500]}")
+        raise typer.Exit(1)
+
+
+def _print_firmware(info: dict) -> None:
+    table = Table(show_header=False)
+    for key in ("FirmwareId", "FirmwareName", "ProductKey", "ProductName", "ModuleName", "DestVersion",
+                "SrcVersion", "Type", "FirmwareSize", "SignMethod", "FirmwareSign", "Status", "VerifyProgress",
+                "FirmwareDesc", "UtcCreate", "UtcModified", "FirmwareUrl"):
+        if key in info:
+            table.add_row(key, str(info[key]))
+    console.print(table)
+
+
+@app.command()
+def upload(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    product: Annotated[str, typer.Option("--product", help="ProductKey.")],
+    version: Annotated[str, typer.Option("--version", help="DestVersion.")],
+    module: Annotated[str, typer.Option(help="OTA module.")] = "default",
+    src_version: Annotated[Optional[str], typer.Option(help="SrcVersion: makes a diff package.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="FirmwareName [file name + version].")] = None,
+    desc: Annotated[Optional[str], typer.Option(help="FirmwareDesc.")] = None,
+    udi: Annotated[Optional[str], typer.Option(help="Udi passed to devices.")] = None,
+    sign_method: Annotated[str, typer.Option(help="MD5 or SHA256.")] = "MD5",
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="NeedToVerify=false.")] = False,
+    endpoint: Endpoint = "http://127.0.0.1:8080",
+    access_key_id: KeyId = None,
+    access_key_secret: KeySecret = None,
+    data_dir: DataDir = Path("./otaplane-data"),
+    as_json: AsJson = False,
+) -> None:
+    """Upload FILE and create a firmware package from it."""
+    client = _client(endpoint, access_key_id, access_key_secret, data_dir)
+    method = sign_method.upper()
+    try:
+        data = client.call("GenerateOTAUploadURL", {"FileSuffix": _suffix(file)})["Data"]
+        _post_file(data, file)
+        default_name = "".join(c if c.isalnum() or c in "_-()" else "-" for c in f"{file.stem}-{version}")
+        created = client.call("CreateOTAFirmware", {
+            "ProductKey": product, "FirmwareName": (name or default_name)[:40], "DestVersion": version,
+            "FirmwareUrl": data["FirmwareUrl"], "ModuleName": module, "SrcVersion": src_version,
+            "Type": 1 if src_version else 0, "FirmwareDesc": desc, "Udi": udi, "NeedToVerify": not no_verify,
+            # The server recomputes both from the stored object: this catches a corrupted upload.
+            "SignMethod": method, "FirmwareSign": _digest(file, method), "FirmwareSize": os.path.getsize(file),
+        })
+        info = client.call("QueryOTAFirmware", {"FirmwareId": created["Data"]["FirmwareId"]})["FirmwareInfo"]
+    except ApiCallError as error:
+        _fail(error)
+    if as_json:
+        typer.echo(json.dumps(info))
+    else:
+        _print_firmware(info)
+
+
+@app.command()
+def show(
+    firmware_id: Annotated[str, typer.Argument(help="FirmwareId.")],
+    endpoint: Endpoint = "http://127.0.0.1:8080",
+    access_key_id: KeyId = None,
+    access_key_secret: KeySecret = None,
+    data_dir: DataDir = Path("./otaplane-data"),
+    as_json: AsJson = False,
+) -> None:
+    """Show one package (QueryOTAFirmware)."""
+    client = _client(endpoint, access_key_id, access_key_secret, data_dir)
+    try:
+        info = client.call("QueryOTAFirmware", {"FirmwareId": firmware_id})["FirmwareInfo"]
+    except ApiCallError as error:
+        _fail(error)
+    typer.echo(json.dumps(info)) if as_json else _print_firmware(info)
+
+
+@app.command("list")
+def list_(
+    product: Annotated[Optional[str], typer.Option("--product", help="Only this ProductKey.")] = None,
+    page: Annotated[int, typer.Option(min=1)] = 1,
+    page_size: Annotated[int, typer.Option(min=1, max=100)] = 20,
+    endpoint: Endpoint = "http://127.0.0.1:8080",
+    access_key_id: KeyId = None,
+    access_key_secret: KeySecret = None,
+    data_dir: DataDir = Path("./otaplane-data"),
+    as_json: AsJson = False,
+) -> None:
+    """List packages, newest first (ListOTAFirmware)."""
+    client = _client(endpoint, access_key_id, access_key_secret, data_dir)
+    try:
+        body = client.call("ListOTAFirmware", {"CurrentPage": page, "PageSize": page_size, "ProductKey": product})
+    except ApiCallError as error:
+        _fail(error)
+    items = body["FirmwareInfo"]["SimpleFirmwareInfo"]
+    if as_json:
+        typer.echo(json.dumps(body))
+        return
+    table = Table("FirmwareId", "Name", "ProductKey", "Module", "Version", "Size", "Status", "Created")
+    for item in items:
+        table.add_row(item["FirmwareId"], item["FirmwareName"], item["ProductKey"], item["ModuleName"],
+                      item["DestVersion"], str(item["FirmwareSize"]), str(item["Status"]), item["UtcCreate"])
+    console.print(table)
+    console.print(f"page {body['CurrentPage']} of {body['PageCount']}, {body['Total']} packages")
+
+
+@app.command()
+def delete(
+    firmware_id: Annotated[str, typer.Argument(help="FirmwareId.")],
+    endpoint: Endpoint = "http://127.0.0.1:8080",
+    access_key_id: KeyId = None,
+    access_key_secret: KeySecret = None,
+    data_dir: DataDir = Path("./otaplane-data"),
+) -> None:
+    """Delete a package (DeleteOTAFirmware)."""
+    client = _client(endpoint, access_key_id, access_key_secret, data_dir)
+    try:
+        client.call("DeleteOTAFirmware", {"FirmwareId": firmware_id})
+    except ApiCallError as error:
+        _fail(error)
+    console.print(f"Deleted {firmware_id}.")

@@ -1,0 +1,99 @@
+"""A small signed RPC client for otaplane (or any endpoint of the same API), used by the CLI.
+
+It signs with V1 exactly as the official core SDK does, so the CLI exercises the same gateway
+path as every other client.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+
+from otaplane.openapi import signing
+from otaplane.openapi.registry import API_VERSION
+
+
+class ApiCallError(Exception):
+    """The server refused a call: `code` is the gateway or business error code."""
+
+    def __init__(self, code: str, message: str, status: int):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+@dataclass
+class Credentials:
+    access_key_id: str
+    access_key_secret: str
+
+    @classmethod
+    def from_file(cls, path: Path) -> "Credentials":
+        data = json.loads(path.read_text())
+        return cls(data["AccessKeyId"], data["AccessKeySecret"])
+
+
+def _flatten(params: dict[str, Any]) -> dict[str, str]:
+    """`{"MultiFiles": [{"Name": "a"}]}` -> `{"MultiFiles.1.Name": "a"}`, booleans as true/false."""
+    flat: dict[str, str] = {}
+    for name, value in params.items():
+        if value is None:
+            continue
+        if isinstance(value, list):
+            for index, item in enumerate(value, start=1):
+                if isinstance(item, dict):
+                    for key, sub in item.items():
+                        if sub is not None:
+                            flat[f"{name}.{index}.{key}"] = str(sub)
+                else:
+                    flat[f"{name}.{index}"] = str(item)
+        elif isinstance(value, bool):
+            flat[name] = "true" if value else "false"
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+class OtaplaneClient:
+    def __init__(self, endpoint: str, credentials: Credentials, timeout_s: float = 600):
+        self.endpoint = endpoint.rstrip("/")
+        if "://" not in self.endpoint:
+            self.endpoint = "http://" + self.endpoint
+        self.credentials = credentials
+        self.http = httpx.Client(timeout=timeout_s)
+
+    def call(self, action: str, params: dict[str, Any] | None = None, method: str = "POST") -> dict[str, Any]:
+        query = {
+            "Action": action,
+            "Version": API_VERSION,
+            "Format": "JSON",
+            "AccessKeyId": self.credentials.access_key_id,
+            "SignatureMethod": "HMAC-SHA1",
+            "SignatureVersion": "1.0",
+            "SignatureNonce": uuid.uuid4().hex,
+            "Timestamp": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            **_flatten(params or {}),
+        }
+        string_to_sign = signing.v1_string_to_sign(method, query)
+        query["Signature"] = signing.v1_signature(self.credentials.access_key_secret, string_to_sign)
+        response = self.http.request(method, f"{self.endpoint}/?{urlencode(query)}")
+        try:
+            body = response.json()
+        except ValueError:
+            raise ApiCallError("InvalidResponse", response.text[:200], response.status_code) from None
+        if response.status_code >= 400:
+            raise ApiCallError(body.get("Code", ""), body.get("Message", ""), response.status_code)
+        if body.get("Success") is False:
+            raise ApiCallError(body.get("Code", ""), body.get("ErrorMessage", ""), response.status_code)
+        return body
+
+    def close(self) -> None:
+        self.http.close()
