@@ -1,8 +1,9 @@
 from tests.support.clients import RawSigner
 
 
-def test_server_answers_a_signed_v1_call(server, admin_key):
-    response = RawSigner(server.base_url, *admin_key).v1("QueryProductList", {"CurrentPage": "1", "PageSize": "10"})
+def test_server_answers_a_signed_v1_call(server):
+    # A fresh account: other tests add products to the shared one.
+    response = RawSigner(server.base_url, *server.create_key("smoke-fresh")).v1("QueryProductList", {"CurrentPage": "1", "PageSize": "10"})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["Success"] is True
