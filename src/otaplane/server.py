@@ -23,8 +23,11 @@ HOUSEKEEPING_INTERVAL_S = 60
 
 
 def prepare(services: Services) -> None:
-    """Everything that must be true before the first request: schema, first key."""
+    """Everything that must be true before the first request: schema, storage, first key."""
     services.db.upgrade()
+    check_storage = getattr(services.blobs, "check", None)
+    if check_storage is not None:  # fail at start, not at the first upload, when S3 is unreachable
+        check_storage()
     ensure_admin_key(services)
 
 
