@@ -1,15 +1,406 @@
-"""Local-folder blob store (being written: see helper task)."""
+"""Local-folder blob store that otaplane serves itself, speaking OSS V1 on the wire.
+
+Uploads arrive as OSS PostObject forms at `{public_url}/oss/otaplane`; downloads are OSS V1
+presigned URLs under the same prefix. So SDKs, consoles and devices written for Aliyun OSS work
+against it unchanged. Files live under `root/<key>`; uploads stream into `root/.incoming/` and are
+renamed into place, so a reader never sees half an object.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import re
+import stat
+import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
+from urllib.parse import unquote, urlsplit
+from xml.sax.saxutils import escape
+
+import anyio
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Route
+
+from otaplane.blobs.base import BlobDigest, UploadForm
+from otaplane.blobs.oss_signing import (
+    OssError,
+    SizeRange,
+    build_policy,
+    presigned_url,
+    quote_key,
+    sign_policy,
+    verify_post,
+    verify_presigned,
+)
+
+try:  # python-multipart >= 0.0.13 renamed its import package
+    from python_multipart import MultipartParser
+    from python_multipart.exceptions import FormParserError
+    from python_multipart.multipart import parse_options_header
+except ModuleNotFoundError:  # pragma: no cover
+    from multipart import MultipartParser  # type: ignore[no-redef]
+    from multipart.exceptions import FormParserError  # type: ignore[no-redef]
+    from multipart.multipart import parse_options_header  # type: ignore[no-redef]
+
+log = logging.getLogger("otaplane.blobs")
+
+BUCKET = "otaplane"
+ACCESS_KEY_ID = "otaplane-local"  # not a secret: only the signing secret is
+ROUTE_PREFIX = f"/oss/{BUCKET}"
+INCOMING_DIR = ".incoming"  # segments starting with "." are never valid keys, so never served
+FIELDS_CAP = 64 * 1024  # form fields before `file` are held in memory: keep them small
+CHUNK = 1024 * 1024
+MAX_KEY_LENGTH = 1023  # OSS's own limit
+_SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}")
+_SUCCESS_STATUSES = {"200": 200, "201": 201, "204": 204}
+
+
+def is_valid_key(key: str) -> bool:
+    """Conservative: `/`-separated segments of [A-Za-z0-9._-], none empty or starting with a dot.
+
+    That excludes `..`, absolute paths, backslashes, NUL and our own `.incoming` folder.
+    """
+    return 0 < len(key) <= MAX_KEY_LENGTH and all(_SEGMENT.fullmatch(s) for s in key.split("/"))
 
 
 class LocalBlobStore:
-    def __init__(self, root: Path, public_url: str, secret: str):
-        self.root = Path(root)
-        self.public_url = public_url
+    def __init__(self, root: Path | str, public_url: str, secret: str):
+        self.root = Path(root).resolve()
+        self.public_url = public_url.rstrip("/")
+        self.host = self.public_url + ROUTE_PREFIX
         self._secret = secret
+        self._host_id = urlsplit(self.public_url).netloc or BUCKET
 
-    def routes(self) -> list:
-        return []
+    # --- BlobStore ---------------------------------------------------------------------------
+
+    def upload_form(self, key: str, max_bytes: int, expires_in_s: int) -> UploadForm:
+        self._check_key(key)
+        policy = build_policy(key, max_bytes, int((time.time() + expires_in_s) * 1000))
+        signature = sign_policy(self._secret, policy)
+        return UploadForm(
+            key=key,
+            host=self.host,
+            policy=policy,
+            access_key_id=ACCESS_KEY_ID,
+            signature=signature,
+            object_url=self.object_url(key),
+            object_storage="OSS",
+            fields={"key": key, "policy": policy, "OSSAccessKeyId": ACCESS_KEY_ID, "Signature": signature},
+        )
+
+    def object_url(self, key: str) -> str:
+        self._check_key(key)
+        return f"{self.host}/{quote_key(key)}"
+
+    def key_from_url(self, url: str) -> str | None:
+        base = url.split("#", 1)[0].split("?", 1)[0]
+        if not base.startswith(self.host + "/"):
+            return None
+        key = unquote(base[len(self.host) + 1 :])
+        return key if is_valid_key(key) else None
+
+    def digest(self, key: str) -> BlobDigest | None:
+        path = self._path(key)
+        if path is None:
+            return None
+        md5, sha256, size = hashlib.md5(), hashlib.sha256(), 0
+        try:
+            with open(path, "rb") as handle:
+                while chunk := handle.read(CHUNK):
+                    md5.update(chunk)
+                    sha256.update(chunk)
+                    size += len(chunk)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        return BlobDigest(size=size, md5=md5.hexdigest(), sha256=sha256.hexdigest())
+
+    def presigned_get(self, key: str, expires_in_s: int) -> str:
+        self._check_key(key)
+        expires = int(time.time()) + expires_in_s
+        return presigned_url(self.host, BUCKET, key, ACCESS_KEY_ID, self._secret, expires)
+
+    def delete(self, key: str) -> None:
+        if path := self._path(key):
+            path.unlink(missing_ok=True)
+
+    def routes(self) -> list[Route]:
+        return [
+            Route(ROUTE_PREFIX, self._post_object, methods=["POST"]),
+            Route(ROUTE_PREFIX + "/", self._post_object, methods=["POST"]),
+            Route(ROUTE_PREFIX + "/{key:path}", self._get_object, methods=["GET", "HEAD"]),
+        ]
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_key(key: str) -> None:
+        if not is_valid_key(key):
+            raise ValueError(f"invalid blob key {key!r}")
+
+    def _path(self, key: str) -> Path | None:
+        """The file of a key; None for an invalid key or one that would lead outside root."""
+        if not is_valid_key(key):
+            return None
+        path = self.root / key
+        # Belt and braces on top of is_valid_key: a symlink must not lead outside root either.
+        return path if path.resolve().is_relative_to(self.root) else None
+
+    def _error(self, exc: OssError) -> Response:
+        request_id = uuid.uuid4().hex.upper()[:24]
+        body = (
+            '<?xml version="1.0" encoding="UTF-8"?>\n<Error>\n'
+            f"  <Code>{escape(exc.code)}</Code>\n  <Message>{escape(exc.message)}</Message>\n"
+            f"  <RequestId>{request_id}</RequestId>\n  <HostId>{escape(self._host_id)}</HostId>\n</Error>\n"
+        )
+        return Response(body, exc.status, media_type="application/xml", headers={"x-oss-request-id": request_id})
+
+    # --- GET / HEAD --------------------------------------------------------------------------
+
+    async def _get_object(self, request: Request) -> Response:
+        key = request.path_params["key"]
+        # HEAD may come with a URL presigned for GET (that is all a device ever gets).
+        methods = ("HEAD", "GET") if request.method == "HEAD" else ("GET",)
+        try:
+            verify_presigned(request.query_params, BUCKET, key, ACCESS_KEY_ID, self._secret, time.time(), methods)
+            path = self._path(key)
+            if path is None:
+                raise _invalid_name()
+            try:
+                st = await anyio.to_thread.run_sync(os.stat, path)
+            except (FileNotFoundError, NotADirectoryError):
+                st = None
+            if st is None or not stat.S_ISREG(st.st_mode):
+                raise OssError(404, "NoSuchKey", "The specified key does not exist.")
+        except OssError as exc:
+            return self._error(exc)
+        # FileResponse streams from disk and answers Range (206, multipart/byteranges) itself.
+        return FileResponse(path, stat_result=st, headers={"x-oss-request-id": uuid.uuid4().hex.upper()[:24]})
+
+    # --- POST (PostObject) -------------------------------------------------------------------
+
+    async def _post_object(self, request: Request) -> Response:
+        upload: _Upload | None = None
+        try:
+            upload = await self._receive(request)
+            await anyio.to_thread.run_sync(upload.commit)
+        except OssError as exc:
+            return self._error(exc)
+        except ClientDisconnect:
+            return self._error(OssError(400, "IncompleteBody", "The client closed the connection."))
+        finally:
+            if upload is not None:
+                upload.discard()  # a no-op once committed
+        status = _SUCCESS_STATUSES.get(upload.fields.get("success_action_status", ""), 204)
+        headers = {"x-oss-request-id": uuid.uuid4().hex.upper()[:24]}
+        if status != 201:
+            return Response(status_code=status, headers=headers)
+        body = (
+            '<?xml version="1.0" encoding="UTF-8"?>\n<PostResponse>'
+            f"<Bucket>{BUCKET}</Bucket><Location>{escape(self.object_url(upload.key))}</Location>"
+            f"<Key>{escape(upload.key)}</Key></PostResponse>\n"
+        )
+        return Response(body, 201, media_type="application/xml", headers=headers)
+
+    async def _receive(self, request: Request) -> _Upload:
+        """Streams the form: fields first (checked before any file byte is written), then the file."""
+        media_type, params = parse_options_header(request.headers.get("content-type", ""))
+        if media_type != b"multipart/form-data" or not params.get(b"boundary"):
+            raise _malformed()
+        form = _FormReader()
+        try:
+            parser = MultipartParser(params[b"boundary"], form.callbacks())
+        except (FormParserError, ValueError):
+            raise _malformed() from None
+        upload: _Upload | None = None
+        try:
+            async for chunk in request.stream():
+                _feed(parser.write, chunk)
+                if form.file_started and upload is None:
+                    target, sizes = self._authorize(form.fields)
+                    upload = await anyio.to_thread.run_sync(
+                        _Upload.open, self.root / INCOMING_DIR, target, form.fields, sizes
+                    )
+                if upload is not None and form.file_data:
+                    await upload.write(form.take_file_data())
+            _feed(parser.finalize)
+            if upload is None:
+                self._authorize(form.fields)  # reports missing or bad fields first
+                raise OssError(400, "InvalidArgument", "The form field file is missing.")
+            if not form.file_done:
+                raise _malformed()
+            if upload.size < upload.sizes.min_bytes:
+                raise OssError(400, "EntityTooSmall", "Your proposed upload is smaller than the minimum allowed size.")
+            return upload
+        except BaseException:
+            # Synchronous on purpose: this must also run when the request is being cancelled.
+            if upload is not None:
+                upload.discard()
+            raise
+
+    def _authorize(self, fields: dict[str, str]) -> tuple[Path, SizeRange]:
+        """Where the file may go and how big it may be, or OssError: all before any file byte."""
+        sizes = verify_post(self._secret, fields, time.time(), BUCKET, ACCESS_KEY_ID)
+        target = self._path(fields["key"])
+        if target is None:
+            raise _invalid_name()
+        return target, sizes
+
+
+def _invalid_name() -> OssError:
+    return OssError(400, "InvalidObjectName", "The specified object name is not valid.")
+
+
+def _malformed() -> OssError:
+    message = "The body of your POST request is not well-formed multipart/form-data."
+    return OssError(400, "MalformedPOSTRequest", message)
+
+
+def _feed(call: Callable[..., object], *args: bytes) -> None:
+    try:
+        call(*args)
+    except FormParserError:
+        raise _malformed() from None
+
+
+class _FormReader:
+    """python-multipart callbacks: collects small fields, hands file bytes over to the caller.
+
+    Field names are case-insensitive (stored lower-case); fields after `file` are ignored, as OSS does.
+    """
+
+    def __init__(self) -> None:
+        self.fields: dict[str, str] = {}
+        self.file_started = False
+        self.file_done = False
+        self.file_data: list[bytes] = []
+        self._held = 0  # bytes of field names, headers and values kept in memory
+        self._header_name = b""
+        self._header_value = b""
+        self._disposition = b""
+        self._value = bytearray()
+        self._in_file = False
+        self._name = ""
+
+    def callbacks(self) -> dict:
+        return {
+            "on_part_begin": self._part_begin,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_val,
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+        }
+
+    def take_file_data(self) -> bytes:
+        data = b"".join(self.file_data)
+        self.file_data.clear()
+        return data
+
+    def _hold(self, size: int) -> None:
+        self._held += size
+        if self._held > FIELDS_CAP:
+            message = "Your POST request fields preceding the upload file were too large."
+            raise OssError(400, "MaxPOSTPreDataLengthExceeded", message)
+
+    def _part_begin(self) -> None:
+        self._disposition = b""
+        self._value = bytearray()
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        if not self.file_started:
+            self._hold(end - start)
+            self._header_name += data[start:end]
+
+    def _header_val(self, data: bytes, start: int, end: int) -> None:
+        if not self.file_started:
+            self._hold(end - start)
+            self._header_value += data[start:end]
+
+    def _header_end(self) -> None:
+        if self._header_name.lower() == b"content-disposition":
+            self._disposition = self._header_value
+        self._header_name = self._header_value = b""
+
+    def _headers_finished(self) -> None:
+        if self.file_started:
+            return
+        _, options = parse_options_header(self._disposition)
+        name = options.get(b"name")
+        if name is None:
+            raise _malformed()
+        self._name = name.decode("utf-8", "replace").lower()
+        if self._name == "file":
+            self.file_started = self._in_file = True
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._in_file:
+            self.file_data.append(data[start:end])
+        elif not self.file_started:
+            self._hold(end - start)
+            self._value += data[start:end]
+
+    def _part_end(self) -> None:
+        if self._in_file:
+            self._in_file = False
+            self.file_done = True
+        elif not self.file_started:
+            try:
+                self.fields.setdefault(self._name, self._value.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise _malformed() from None
+
+
+class _Upload:
+    """A temp file in root/.incoming that becomes the object only on commit (fsync + rename)."""
+
+    def __init__(self, handle: IO[bytes], temp: Path, target: Path, fields: dict[str, str], sizes: SizeRange):
+        self.handle, self.temp, self.target = handle, temp, target
+        self.key, self.fields, self.sizes = fields["key"], fields, sizes
+        self.size = 0
+        self.committed = False
+
+    @classmethod
+    def open(cls, incoming: Path, target: Path, fields: dict[str, str], sizes: SizeRange) -> "_Upload":
+        incoming.mkdir(parents=True, exist_ok=True)
+        temp = incoming / f"{uuid.uuid4().hex}.part"
+        return cls(open(temp, "xb"), temp, target, fields, sizes)
+
+    async def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.sizes.max_bytes:  # stop as soon as the limit is passed
+            raise OssError(400, "EntityTooLarge", "Your proposed upload exceeds the maximum allowed size.")
+        await anyio.to_thread.run_sync(self.handle.write, data)
+
+    def commit(self) -> None:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.temp, self.target)
+        self.committed = True
+        _fsync_dir(self.target.parent)
+
+    def discard(self) -> None:
+        self.handle.close()
+        if not self.committed:
+            self.temp.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; not every platform can open a directory.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

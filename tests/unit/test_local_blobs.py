@@ -1,0 +1,183 @@
+"""LocalBlobStore without HTTP: forms, URLs, keys, digest and delete."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import time
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from otaplane.blobs import BlobStore
+from otaplane.blobs.local import ACCESS_KEY_ID, BUCKET, LocalBlobStore, is_valid_key
+from otaplane.blobs.oss_signing import sign_policy, verify_post, verify_presigned
+from otaplane.timefmt import parse_utc_seconds
+
+SECRET = "unit-secret"
+PUBLIC = "https://ota.example.com:8443"
+KEY = "ota/iot-1a2b3c4d/Ab3dE6gH9.bin"
+
+
+@pytest.fixture
+def store(tmp_path) -> LocalBlobStore:
+    return LocalBlobStore(root=tmp_path / "blobs", public_url=PUBLIC + "/", secret=SECRET)
+
+
+def test_is_a_blob_store(store):
+    blob_store: BlobStore = store  # the protocol, checked by type checkers
+    assert blob_store.object_url(KEY) == f"{PUBLIC}/oss/otaplane/{KEY}"
+
+
+def test_upload_form(store):
+    before = time.time()
+    form = store.upload_form(KEY, max_bytes=1048576000, expires_in_s=60)
+    assert form.key == KEY
+    assert form.host == f"{PUBLIC}/oss/otaplane"
+    assert form.object_url == form.host + "/" + KEY
+    assert form.object_storage == "OSS"
+    assert form.access_key_id == ACCESS_KEY_ID
+    assert form.signature == sign_policy(SECRET, form.policy)
+    assert form.fields == {
+        "key": KEY,
+        "policy": form.policy,
+        "OSSAccessKeyId": ACCESS_KEY_ID,
+        "Signature": form.signature,
+    }
+    document = json.loads(base64.b64decode(form.policy))
+    assert document["conditions"] == [["content-length-range", 0, 1048576000], ["eq", "$key", KEY]]
+    expires_at = parse_utc_seconds(document["expiration"])
+    assert before + 59 <= expires_at <= time.time() + 61
+    lowered = {name.lower(): value for name, value in form.fields.items()}
+    sizes = verify_post(SECRET, lowered, time.time(), BUCKET, ACCESS_KEY_ID)
+    assert sizes.max_bytes == 1048576000
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        KEY,
+        "ota/iot-1/x.zip",
+        "a",
+        "ota/a_b/c-d.e.f",
+        "x/" * 20 + "y",
+    ],
+)
+def test_valid_keys(key):
+    assert is_valid_key(key)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "",
+        "/ota/x.bin",
+        "ota/../master.key",
+        "../master.key",
+        "ota/..",
+        "ota/./x.bin",
+        "ota//x.bin",
+        "ota/x.bin/",
+        "ota\\x.bin",
+        "ota/x\x00.bin",
+        "ota/.incoming/abc.part",
+        ".incoming/abc.part",
+        "ota/.hidden",
+        "ota/fw 1.bin",
+        "ota/fw+1.bin",
+        "ota/fw%2e.bin",
+        "ota/fw\n.bin",
+        "ota/\u00e9.bin",
+        "C:/x.bin",
+        "a" * 1024,
+        "ota/" + "a" * 256,
+    ],
+)
+def test_invalid_keys_are_refused_everywhere(store, key):
+    assert not is_valid_key(key)
+    with pytest.raises(ValueError):
+        store.upload_form(key, 10, 60)
+    with pytest.raises(ValueError):
+        store.object_url(key)
+    with pytest.raises(ValueError):
+        store.presigned_get(key, 60)
+    assert store.digest(key) is None
+    store.delete(key)  # no error, and nothing outside root is touched
+
+
+def test_key_from_url(store):
+    assert store.key_from_url(store.object_url(KEY)) == KEY
+    assert store.key_from_url(store.presigned_get(KEY, 60)) == KEY
+    assert store.key_from_url(store.object_url(KEY) + "#frag") == KEY
+    assert store.key_from_url(f"{PUBLIC}/oss/otaplane/ota%2Fiot-1%2Fx.bin?Expires=1") == "ota/iot-1/x.bin"
+    for url in (
+        f"https://other.example.com/oss/otaplane/{KEY}",
+        f"http://ota.example.com:8443/oss/otaplane/{KEY}",
+        f"{PUBLIC}/oss/otherbucket/{KEY}",
+        f"{PUBLIC}/oss/otaplane",
+        f"{PUBLIC}/oss/otaplane/",
+        f"{PUBLIC}/oss/otaplane/../master.key",
+        f"{PUBLIC}/oss/otaplane/ota/%2e%2e/%2e%2e/master.key",
+        f"{PUBLIC}/oss/otaplaneX/{KEY}",
+        f"https://iotx-ota.oss-cn-shanghai.aliyuncs.com/{KEY}",
+        "",
+        "not a url",
+    ):
+        assert store.key_from_url(url) is None, url
+
+
+def test_presigned_get(store):
+    url = store.presigned_get(KEY, 300)
+    parts = urlsplit(url)
+    assert f"{parts.scheme}://{parts.netloc}" == PUBLIC
+    assert parts.path == f"/oss/otaplane/{KEY}"
+    query = {name: values[0] for name, values in parse_qs(parts.query).items()}
+    assert query["OSSAccessKeyId"] == ACCESS_KEY_ID
+    assert time.time() + 290 < int(query["Expires"]) <= time.time() + 301
+    verify_presigned(query, BUCKET, KEY, ACCESS_KEY_ID, SECRET, time.time())
+
+
+def put(store: LocalBlobStore, key: str, data: bytes) -> None:
+    path = store.root / key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def test_digest_streams_size_md5_sha256(store):
+    data = os.urandom(3 * 1024 * 1024 + 17)  # several 1 MiB chunks plus a tail
+    put(store, KEY, data)
+    digest = store.digest(KEY)
+    assert digest is not None
+    assert digest.size == len(data)
+    assert digest.md5 == hashlib.md5(data).hexdigest()
+    assert digest.sha256 == hashlib.sha256(data).hexdigest()
+    put(store, "ota/empty.bin", b"")
+    assert store.digest("ota/empty.bin").md5 == hashlib.md5(b"").hexdigest()
+
+
+def test_digest_of_missing_objects(store):
+    assert store.digest(KEY) is None
+    put(store, "ota/dir/file.bin", b"x")
+    assert store.digest("ota/dir") is None  # a directory is no object
+    assert store.digest("ota/dir/file.bin/more") is None
+
+
+def test_delete_is_idempotent(store):
+    put(store, KEY, b"firmware")
+    store.delete(KEY)
+    assert not (store.root / KEY).exists()
+    assert store.digest(KEY) is None
+    store.delete(KEY)
+    store.delete("ota/never/was.bin")
+
+
+def test_symlinks_out_of_root_are_not_followed(store, tmp_path):
+    outside = tmp_path / "secret.txt"
+    outside.write_text("secret")
+    (store.root / "ota").mkdir(parents=True)
+    (store.root / "ota" / "link.bin").symlink_to(outside)
+    assert store.digest("ota/link.bin") is None
+    store.delete("ota/link.bin")
+    assert outside.read_text() == "secret"
