@@ -181,3 +181,21 @@ DefaultModuleUndeletable = _business(
 ModuleHasFirmware = _business(
     "iot.ota.ModuleHasFirmware", "The module still has firmware packages; delete them first."
 )
+
+# Devices.
+NotExistedDevice = _business("iot.device.NotExistedDevice", "The specified device does not exist.")
+AlreadyExistedDeviceName = _business(
+    "iot.device.AlreadyExistedDeviceName", "A device with this name already exists in the product."
+)
+InvalidFormattedDeviceName = _business(
+    "iot.device.InvalidFormattedDeviceName",
+    "The device name is invalid: 4-32 characters of letters, digits and - _ @ . :",
+)
+InvalidIoTId = _business("iot.device.InvalidIoTId", "The IotId is invalid.")
+NullDeviceReference = _business(
+    "iot.device.NullDeviceName", "Give either IotId, or ProductKey and DeviceName."
+)
+DeviceCountExceeded = _business(
+    "iot.device.DeviceCountExceeded", "A product may have at most {limit} devices."
+)
+ApplyNotFound = _business("iot.device.ApplyIdNotFound", "The specified ApplyId does not exist.")

@@ -8,6 +8,7 @@ from otaplane.blobs import BlobStore
 from otaplane.blobs.factory import open_blob_store
 from otaplane.secretbox import SecretBox
 from otaplane.services.accounts import AccountService
+from otaplane.services.devices import DeviceService
 from otaplane.services.firmware import FirmwareService
 from otaplane.services.modules import ModuleService
 from otaplane.services.products import ProductService
@@ -25,6 +26,7 @@ class Services:
     products: ProductService
     modules: ModuleService
     firmware: FirmwareService
+    devices: DeviceService
 
     @classmethod
     def build(cls, settings: Settings) -> "Services":
@@ -41,6 +43,7 @@ class Services:
             products=ProductService(db, box),
             modules=ModuleService(db),
             firmware=FirmwareService(db, blobs, settings.download_url_ttl_seconds),
+            devices=DeviceService(db, box),
         )
 
     def close(self) -> None:

@@ -40,14 +40,22 @@ def insert_instance(conn: Connection, account_id: int, instance_id: str, is_defa
     ).scalar_one()
 
 
+# Statements on every signed request's path are built once: building one costs several times
+# more than running it (the compiled form is cached by SQLAlchemy either way).
+_INSTANCE_OF_ACCOUNT = sa.select(instances.c.id, instances.c.instance_id).where(
+    instances.c.account_id == sa.bindparam("p_account_id")
+)
+_NAMED_INSTANCE = _INSTANCE_OF_ACCOUNT.where(instances.c.instance_id == sa.bindparam("p_instance_id"))
+_DEFAULT_INSTANCE = _INSTANCE_OF_ACCOUNT.where(instances.c.is_default.is_(True))
+
+
 def find_instance(conn: Connection, account_id: int, instance_id: str | None) -> tuple[int, str] | None:
     """(row id, IotInstanceId) of the named instance, or of the default one when None."""
-    query = sa.select(instances.c.id, instances.c.instance_id).where(instances.c.account_id == account_id)
     if instance_id:
-        query = query.where(instances.c.instance_id == instance_id)
+        params = {"p_account_id": account_id, "p_instance_id": instance_id}
+        row = conn.execute(_NAMED_INSTANCE, params).first()
     else:
-        query = query.where(instances.c.is_default.is_(True))
-    row = conn.execute(query).first()
+        row = conn.execute(_DEFAULT_INSTANCE, {"p_account_id": account_id}).first()
     return (row.id, row.instance_id) if row else None
 
 
@@ -77,12 +85,15 @@ _KEY_COLUMNS = (
     access_keys.c.revoked_ms,
 )
 _KEYS_JOIN = access_keys.join(accounts, accounts.c.id == access_keys.c.account_id)
+_KEY_BY_ID = (
+    sa.select(*_KEY_COLUMNS)
+    .select_from(_KEYS_JOIN)
+    .where(access_keys.c.access_key_id == sa.bindparam("p_key_id"))
+)
 
 
 def get_key(conn: Connection, key_id: str) -> KeyRecord | None:
-    row = conn.execute(
-        sa.select(*_KEY_COLUMNS).select_from(_KEYS_JOIN).where(access_keys.c.access_key_id == key_id)
-    ).first()
+    row = conn.execute(_KEY_BY_ID, {"p_key_id": key_id}).first()
     return KeyRecord(**row._mapping) if row else None
 
 

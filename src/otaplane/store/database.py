@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -30,6 +32,10 @@ class Database:
     def __init__(self, url: str):
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
+        # SQLite has one writer at a time; a thread that finds the write lock taken sleeps in
+        # SQLite's busy handler (1, 2, 5 ... 100 ms steps), which under load is most of a
+        # request's latency. This process's threads queue here instead (see write_turn).
+        self._write_turn = threading.Lock() if self.is_sqlite else contextlib.nullcontext()
         if self.is_sqlite:
             db_path = url.removeprefix("sqlite:///")
             if db_path and db_path != ":memory:":
@@ -37,8 +43,10 @@ class Database:
             self.engine: Engine = sa.create_engine(
                 url,
                 connect_args={"check_same_thread": False, "timeout": 30},
-                pool_size=8,
-                max_overflow=32,
+                # As many kept-open connections as worker threads (anyio's default limit, 40):
+                # an overflow connection is reopened per use, with its PRAGMAs, under load.
+                pool_size=40,
+                max_overflow=0,
             )
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
@@ -50,6 +58,11 @@ class Database:
 
     def connect(self):
         return self.engine.connect()
+
+    def write_turn(self):
+        """`with db.write_turn():` around a short write transaction (statements and commit) that
+        runs often: on SQLite the threads of this process take turns; no-op on PostgreSQL."""
+        return self._write_turn
 
     def upgrade(self) -> None:
         """Bring the schema to the newest revision (safe with several replicas starting)."""

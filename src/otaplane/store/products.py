@@ -36,12 +36,15 @@ _DEVICE_COUNT = (
 )
 
 
+# Built once: QueryProduct runs it per request, and building it costs more than running it.
+_GET = sa.select(products, _DEVICE_COUNT).where(
+    products.c.instance_pk == sa.bindparam("p_instance_pk"),
+    products.c.product_key == sa.bindparam("p_product_key"),
+)
+
+
 def get(conn: Connection, instance_pk: int, product_key: str) -> RowMapping | None:
-    row = conn.execute(
-        sa.select(products, _DEVICE_COUNT).where(
-            products.c.instance_pk == instance_pk, products.c.product_key == product_key
-        )
-    ).first()
+    row = conn.execute(_GET, {"p_instance_pk": instance_pk, "p_product_key": product_key}).first()
     return row._mapping if row else None
 
 

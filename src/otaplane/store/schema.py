@@ -94,7 +94,36 @@ devices = sa.Table(
     sa.Column("nickname", sa.String(64), nullable=True),
     sa.Column("created_ms", sa.BigInteger, nullable=False),
     sa.Column("modified_ms", sa.BigInteger, nullable=False),
+    # Connection state, written by the device channel.
+    sa.Column("disabled", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("online", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("active_ms", sa.BigInteger, nullable=True),  # first successful connect
+    sa.Column("online_ms", sa.BigInteger, nullable=True),  # last connect
+    sa.Column("last_seen_ms", sa.BigInteger, nullable=True),
+    sa.Column("ip_address", sa.String(64), nullable=True),
+    sa.Column("apply_id", sa.BigInteger, nullable=True, index=True),  # BatchRegisterDevice
     sa.UniqueConstraint("product_id", "device_name", name="uq_devices_product_name"),
+)
+
+# The version a device last reported per OTA module (`/ota/device/inform`).
+device_modules = sa.Table(
+    "device_modules",
+    metadata,
+    sa.Column("device_id", sa.Integer, sa.ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("module_name", sa.String(64), primary_key=True),
+    sa.Column("version", sa.String(64), nullable=False),
+    sa.Column("modified_ms", sa.BigInteger, nullable=False),
+)
+
+# BatchRegisterDevice applications.
+device_applies = sa.Table(
+    "device_applies",
+    metadata,
+    sa.Column("apply_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("product_id", sa.Integer, sa.ForeignKey("products.id"), nullable=False, index=True),
+    sa.Column("count", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
 )
 
 # OTA modules of a product. Every product has `default` (is_default), created with it.

@@ -1,0 +1,223 @@
+"""The device registry: registration (single and batch), lookup, state, reported versions."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from math import ceil
+
+from sqlalchemy.exc import IntegrityError
+
+from otaplane import errors, ids
+from otaplane.secretbox import SecretBox
+from otaplane.services.modules import product_row
+from otaplane.services.tenancy import Tenant
+from otaplane.store import Database
+from otaplane.store import devices as store
+from otaplane.timefmt import now_ms
+
+DEVICE_NAME = re.compile(r"[A-Za-z0-9_\-@.:]{4,32}")
+MAX_DEVICES_PER_PRODUCT = 1_000_000
+DEFAULT_MODULE = "default"
+
+
+@dataclass(frozen=True)
+class DeviceRef:
+    """How a request names a device: IotId wins over ProductKey + DeviceName."""
+
+    iot_id: str | None = None
+    product_key: str | None = None
+    device_name: str | None = None
+
+
+@dataclass(frozen=True)
+class Device:
+    iot_id: str
+    product_key: str
+    product_name: str
+    device_name: str
+    device_secret: str
+    nickname: str | None
+    node_type: int
+    status: str  # ONLINE | OFFLINE | UNACTIVE | DISABLE
+    firmware_version: str | None
+    ip_address: str | None
+    created_ms: int
+    modified_ms: int
+    active_ms: int | None
+    online_ms: int | None
+    last_seen_ms: int | None
+
+
+@dataclass(frozen=True)
+class DevicePage:
+    current_page: int
+    page_size: int
+    total: int
+    items: list[Device]
+
+    @property
+    def page_count(self) -> int:
+        return ceil(self.total / self.page_size)
+
+
+@dataclass(frozen=True)
+class ModuleVersion:
+    module_name: str
+    version: str
+
+
+def status_of(row) -> str:
+    if row["disabled"]:
+        return "DISABLE"
+    if row["active_ms"] is None:
+        return "UNACTIVE"
+    return "ONLINE" if row["online"] else "OFFLINE"
+
+
+class DeviceService:
+    def __init__(self, db: Database, box: SecretBox):
+        self.db = db
+        self.box = box
+
+    def _device(self, conn, row) -> Device:
+        versions = {m["module_name"]: m["version"] for m in store.module_versions(conn, row["id"])}
+        return Device(
+            iot_id=row["iot_id"], product_key=row["product_key"], product_name=row["product_name"],
+            device_name=row["device_name"], device_secret=self.box.decrypt(row["device_secret_encrypted"]),
+            nickname=row["nickname"], node_type=row["node_type"], status=status_of(row),
+            firmware_version=versions.get(DEFAULT_MODULE), ip_address=row["ip_address"],
+            created_ms=row["created_ms"], modified_ms=row["modified_ms"], active_ms=row["active_ms"],
+            online_ms=row["online_ms"], last_seen_ms=row["last_seen_ms"],
+        )
+
+    def _row(self, conn, tenant: Tenant, ref: DeviceRef):
+        if ref.iot_id:
+            row = store.by_iot_id(conn, tenant.instance_pk, ref.iot_id)
+        elif ref.product_key and ref.device_name:
+            row = store.by_name(conn, ref.product_key, ref.device_name)
+            if row is not None and row["instance_pk"] != tenant.instance_pk:
+                row = None  # another tenant's device looks exactly like a missing one
+        else:
+            raise errors.NullDeviceReference()
+        if row is None:
+            raise errors.NotExistedDevice()
+        return row
+
+    def _new_row(self, product_id: int, name: str, nickname: str | None, now: int, apply_id: int | None = None):
+        return {
+            "iot_id": ids.random_alnum(26),
+            "product_id": product_id,
+            "device_name": name,
+            "device_secret_encrypted": self.box.encrypt(ids.random_alnum(32)),
+            "nickname": nickname,
+            "created_ms": now,
+            "modified_ms": now,
+            "apply_id": apply_id,
+        }
+
+    # --- registration ---------------------------------------------------------------------------
+    def register(self, tenant: Tenant, product_key: str, device_name: str | None, nickname: str | None) -> Device:
+        if device_name is not None and not DEVICE_NAME.fullmatch(device_name):
+            raise errors.InvalidFormattedDeviceName()
+        name = device_name or ids.random_alnum(20)
+        try:
+            with self.db.begin() as conn:
+                product = product_row(conn, tenant, product_key)
+                if store.names_taken(conn, product["id"], [name]):
+                    raise errors.AlreadyExistedDeviceName()
+                if store.count_for_product(conn, product["id"]) >= MAX_DEVICES_PER_PRODUCT:
+                    raise errors.DeviceCountExceeded(limit=MAX_DEVICES_PER_PRODUCT)
+                row = self._new_row(product["id"], name, nickname, now_ms())
+                store.insert_many(conn, [row])
+                return self._device(conn, store.by_iot_id(conn, tenant.instance_pk, row["iot_id"]))
+        except IntegrityError:
+            raise errors.AlreadyExistedDeviceName() from None
+
+    def batch_register(self, tenant: Tenant, product_key: str, count: int) -> int:
+        """Registers `count` devices with generated names at once; the apply is complete on return."""
+        apply_id = secrets.randbelow(2**52) + 1
+        now = now_ms()
+        with self.db.begin() as conn:
+            product = product_row(conn, tenant, product_key)
+            if store.count_for_product(conn, product["id"]) + count > MAX_DEVICES_PER_PRODUCT:
+                raise errors.DeviceCountExceeded(limit=MAX_DEVICES_PER_PRODUCT)
+            store.insert_apply(conn, apply_id, product["id"], count, "CREATE_SUCCESS", now)
+            rows = [self._new_row(product["id"], ids.random_alnum(20), None, now, apply_id) for _ in range(count)]
+            for start in range(0, count, 1000):
+                store.insert_many(conn, rows[start:start + 1000])
+        return apply_id
+
+    def apply_status(self, tenant: Tenant, product_key: str, apply_id: int) -> tuple[str, list[str]]:
+        with self.db.connect() as conn:
+            apply = store.get_apply(conn, apply_id, tenant.instance_pk)
+            if apply is None or apply["product_key"] != product_key:
+                raise errors.ApplyNotFound()
+            return apply["status"], store.names_of_apply(conn, apply_id)
+
+    def apply_page(self, tenant: Tenant, apply_id: int, current_page: int, page_size: int) -> DevicePage:
+        with self.db.connect() as conn:
+            if store.get_apply(conn, apply_id, tenant.instance_pk) is None:
+                raise errors.ApplyNotFound()
+            total, rows = store.page(conn, store.of_apply(apply_id, tenant.instance_pk),
+                                     (current_page - 1) * page_size, page_size)
+            return DevicePage(current_page, page_size, total, [self._device(conn, r) for r in rows])
+
+    # --- reads and deletes ----------------------------------------------------------------------
+    def get(self, tenant: Tenant, ref: DeviceRef) -> Device:
+        with self.db.connect() as conn:
+            return self._device(conn, self._row(conn, tenant, ref))
+
+    def page(self, tenant: Tenant, product_key: str, current_page: int, page_size: int) -> DevicePage:
+        with self.db.connect() as conn:
+            product = product_row(conn, tenant, product_key)
+            total, rows = store.page(conn, store.of_product(product["id"]), (current_page - 1) * page_size, page_size)
+            return DevicePage(current_page, page_size, total, [self._device(conn, r) for r in rows])
+
+    def delete(self, tenant: Tenant, ref: DeviceRef) -> None:
+        with self.db.begin() as conn:
+            store.delete(conn, self._row(conn, tenant, ref)["id"])
+
+    def module_versions(self, tenant: Tenant, ref: DeviceRef) -> tuple[Device, list[ModuleVersion]]:
+        with self.db.connect() as conn:
+            row = self._row(conn, tenant, ref)
+            versions = [ModuleVersion(m["module_name"], m["version"]) for m in store.module_versions(conn, row["id"])]
+            return self._device(conn, row), versions
+
+    # --- the device side (called by the device channel, not tenant-scoped) ----------------------
+    def credentials(self, product_key: str, device_name: str) -> "DeviceCredentials | None":
+        """What CONNECT needs to check a device's password; None for an unknown device."""
+        with self.db.connect() as conn:
+            row = store.by_name(conn, product_key, device_name)
+        if row is None:
+            return None
+        return DeviceCredentials(
+            device_id=row["id"], iot_id=row["iot_id"], product_key=product_key, device_name=device_name,
+            secret=self.box.decrypt(row["device_secret_encrypted"]), disabled=bool(row["disabled"]),
+        )
+
+    def mark_connected(self, device_id: int, ip_address: str | None) -> None:
+        now = now_ms()
+        with self.db.begin() as conn:
+            store.mark_connected(conn, device_id, ip_address, now)
+
+    def mark_disconnected(self, device_id: int) -> None:
+        with self.db.begin() as conn:
+            store.update(conn, device_id, {"online": False, "last_seen_ms": now_ms()})
+
+    def report_version(self, device_id: int, module: str | None, version: str) -> None:
+        now = now_ms()
+        with self.db.begin() as conn:
+            store.set_module_version(conn, device_id, module or DEFAULT_MODULE, version, now)
+            store.update(conn, device_id, {"last_seen_ms": now})
+
+
+@dataclass(frozen=True)
+class DeviceCredentials:
+    device_id: int
+    iot_id: str
+    product_key: str
+    device_name: str
+    secret: str
+    disabled: bool

@@ -1,0 +1,127 @@
+"""Queries for devices, their reported module versions and batch registrations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, RowMapping
+
+from otaplane.store.schema import device_applies, device_modules, devices, products
+
+_DETAIL = sa.select(
+    devices,
+    products.c.product_key,
+    products.c.product_name,
+    products.c.node_type,
+    products.c.instance_pk,
+).join(products, products.c.id == devices.c.product_id)
+
+
+def insert_many(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        conn.execute(sa.insert(devices), rows)
+
+
+def by_iot_id(conn: Connection, instance_pk: int, iot_id: str) -> RowMapping | None:
+    row = conn.execute(_DETAIL.where(devices.c.iot_id == iot_id, products.c.instance_pk == instance_pk)).first()
+    return row._mapping if row else None
+
+
+def by_name(conn: Connection, product_key: str, device_name: str) -> RowMapping | None:
+    """Not tenant-scoped: the device channel authenticates with ProductKey + DeviceName alone."""
+    row = conn.execute(
+        _DETAIL.where(products.c.product_key == product_key, devices.c.device_name == device_name)
+    ).first()
+    return row._mapping if row else None
+
+
+def names_taken(conn: Connection, product_id: int, names: list[str]) -> set[str]:
+    taken: set[str] = set()
+    for start in range(0, len(names), 500):
+        chunk = names[start:start + 500]
+        taken.update(conn.execute(
+            sa.select(devices.c.device_name).where(devices.c.product_id == product_id,
+                                                   devices.c.device_name.in_(chunk))).scalars())
+    return taken
+
+
+def count_for_product(conn: Connection, product_id: int) -> int:
+    return conn.execute(
+        sa.select(sa.func.count()).select_from(devices).where(devices.c.product_id == product_id)
+    ).scalar_one()
+
+
+def page(conn: Connection, condition, offset: int, limit: int) -> tuple[int, list[RowMapping]]:
+    total = conn.execute(
+        sa.select(sa.func.count()).select_from(devices.join(products, products.c.id == devices.c.product_id))
+        .where(condition)
+    ).scalar_one()
+    rows = conn.execute(
+        _DETAIL.where(condition).order_by(devices.c.created_ms.desc(), devices.c.id.desc()).offset(offset).limit(limit)
+    ).all()
+    return total, [row._mapping for row in rows]
+
+
+def of_product(product_id: int):
+    return devices.c.product_id == product_id
+
+
+def of_apply(apply_id: int, instance_pk: int):
+    return sa.and_(devices.c.apply_id == apply_id, products.c.instance_pk == instance_pk)
+
+
+def delete(conn: Connection, device_id: int) -> None:
+    conn.execute(sa.delete(device_modules).where(device_modules.c.device_id == device_id))
+    conn.execute(sa.delete(devices).where(devices.c.id == device_id))
+
+
+def update(conn: Connection, device_id: int, values: dict[str, Any]) -> None:
+    conn.execute(sa.update(devices).where(devices.c.id == device_id).values(**values))
+
+
+def set_module_version(conn: Connection, device_id: int, module: str, version: str, now_ms: int) -> None:
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(device_modules).values(
+        device_id=device_id, module_name=module, version=version, modified_ms=now_ms
+    )
+    conn.execute(statement.on_conflict_do_update(
+        index_elements=[device_modules.c.device_id, device_modules.c.module_name],
+        set_={"version": version, "modified_ms": now_ms},
+    ))
+
+
+def module_versions(conn: Connection, device_id: int) -> list[RowMapping]:
+    rows = conn.execute(
+        sa.select(device_modules).where(device_modules.c.device_id == device_id).order_by(device_modules.c.module_name)
+    ).all()
+    return [row._mapping for row in rows]
+
+
+def insert_apply(conn: Connection, apply_id: int, product_id: int, count: int, status: str, now_ms: int) -> None:
+    conn.execute(sa.insert(device_applies).values(apply_id=apply_id, product_id=product_id, count=count,
+                                                  status=status, created_ms=now_ms))
+
+
+def get_apply(conn: Connection, apply_id: int, instance_pk: int) -> RowMapping | None:
+    row = conn.execute(
+        sa.select(device_applies, products.c.product_key)
+        .join(products, products.c.id == device_applies.c.product_id)
+        .where(device_applies.c.apply_id == apply_id, products.c.instance_pk == instance_pk)
+    ).first()
+    return row._mapping if row else None
+
+
+def names_of_apply(conn: Connection, apply_id: int) -> list[str]:
+    return list(conn.execute(
+        sa.select(devices.c.device_name).where(devices.c.apply_id == apply_id).order_by(devices.c.id)).scalars())
+
+
+def mark_connected(conn: Connection, device_id: int, ip_address: str | None, now_ms: int) -> None:
+    conn.execute(
+        sa.update(devices)
+        .where(devices.c.id == device_id)
+        .values(online=True, online_ms=now_ms, last_seen_ms=now_ms, ip_address=ip_address,
+                active_ms=sa.func.coalesce(devices.c.active_ms, now_ms))
+    )
