@@ -1,0 +1,198 @@
+"""`otaplane keys` against a running server, and where AccessKey secrets may (never) end up."""
+
+from __future__ import annotations
+
+import json
+import stat
+import uuid
+
+import pytest
+import sqlalchemy as sa
+from aliyunsdkcore.acs_exception.exceptions import ServerException as LegacyServerException
+from aliyunsdkiot.request.v20180120.QueryProductListRequest import QueryProductListRequest
+from cryptography.fernet import Fernet
+from Tea.exceptions import TeaException
+
+from tests.support.clients import RawSigner, iot_models, legacy_call, legacy_client, tea_client
+from tests.support.server import otaplane_cli
+
+
+def _account(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def _list_request() -> QueryProductListRequest:
+    request = QueryProductListRequest()
+    request.set_CurrentPage(1)
+    request.set_PageSize(10)
+    return request
+
+
+def _use_with_every_client(server, key_id: str, secret: str) -> None:
+    """One successful call per client variant, plus a product (so the key's secret is used)."""
+    body = legacy_call(legacy_client(key_id, secret), server.endpoint, _list_request())
+    assert body["Success"] is True, body
+    for signature in ("v3", "v2"):
+        response = tea_client(server.endpoint, key_id, secret, signature).query_product_list(
+            iot_models.QueryProductListRequest(current_page=1, page_size=10)
+        )
+        assert response.body.success is True
+    created = RawSigner(server.base_url, key_id, secret).v1(
+        "CreateProduct", {"ProductName": "k_" + uuid.uuid4().hex[:12], "NodeType": "0"}
+    )
+    assert created.json()["Success"] is True, created.text
+
+
+def _assert_gateway_error(server, key_id: str, secret: str, status: int, code: str) -> None:
+    """Raw V1 and V3 requests, and all three SDK variants, get HTTP `status` with `code`."""
+    signer = RawSigner(server.base_url, key_id, secret)
+    for response in (signer.v1("QueryProductList", {"CurrentPage": "1", "PageSize": "10"}),
+                     signer.v3("QueryProductList", {"CurrentPage": "1", "PageSize": "10"})):
+        assert response.status_code == status, response.text
+        body = response.json()
+        assert body["Code"] == code, body
+        assert set(body) == {"RequestId", "HostId", "Code", "Message", "Recommend"}, body
+
+    with pytest.raises(LegacyServerException) as legacy:
+        legacy_call(legacy_client(key_id, secret), server.endpoint, _list_request())
+    assert (legacy.value.get_http_status(), legacy.value.get_error_code()) == (status, code)
+
+    for signature in ("v3", "v2"):
+        with pytest.raises(TeaException) as tea:
+            tea_client(server.endpoint, key_id, secret, signature).query_product_list(
+                iot_models.QueryProductListRequest(current_page=1, page_size=10)
+            )
+        assert tea.value.code == code, (signature, tea.value)
+        assert tea.value.data["statusCode"] == status, (signature, tea.value.data)
+
+
+# --- keys create / list / revoke ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def used_key(server) -> tuple[str, str, str]:
+    """(account, AccessKeyId, AccessKeySecret) of a key created while the server runs, then used."""
+    account = _account("cli-used")
+    key_id, secret = server.create_key(account)
+    _use_with_every_client(server, key_id, secret)  # works at once, with every client variant
+    return account, key_id, secret
+
+
+def test_key_created_while_the_server_runs_works_at_once(used_key):
+    _, key_id, secret = used_key
+    assert key_id.startswith("LTAI") and len(key_id) == 24
+    assert len(secret) == 30
+
+
+def test_keys_list_shows_ids_and_never_secrets(server, used_key):
+    account, key_id, secret = used_key
+
+    # The table, as a script or a pipe sees it (80 columns): the whole id, no secret.
+    table = otaplane_cli("keys", "list", env={**server.env, "COLUMNS": "80"}).stdout
+    assert key_id in table, table
+    assert secret not in table
+
+    rows = json.loads(server.cli("keys", "list", "--json").stdout)
+    by_id = {row["AccessKeyId"]: row for row in rows}
+    assert by_id[key_id]["Account"] == account
+    assert by_id[key_id]["Status"] == "active"
+    assert by_id[key_id]["Created"].endswith("Z")
+    for row in rows:
+        assert not [name for name in row if "secret" in name.lower()], row
+    assert secret not in json.dumps(rows)
+
+
+def test_revoked_key_is_refused_at_once(server):
+    key_id, secret = server.create_key(_account("cli-revoke"))
+    response = RawSigner(server.base_url, key_id, secret).v1("QueryProductList", {"CurrentPage": "1", "PageSize": "1"})
+    assert response.status_code == 200, response.text
+
+    revoked = server.cli("keys", "revoke", key_id)
+    assert key_id in revoked.stdout
+    _assert_gateway_error(server, key_id, secret, 400, "InvalidAccessKeyId.Inactive")
+
+    again = server.cli("keys", "revoke", key_id, check=False)
+    assert again.returncode != 0, again
+    assert key_id in again.stdout + again.stderr
+
+
+def test_unknown_access_key_id_is_not_found(server):
+    _assert_gateway_error(server, "LTAI" + uuid.uuid4().hex[:20], "no-such-secret", 404, "InvalidAccessKeyId.NotFound")
+
+
+# --- secrets at rest and in logs ------------------------------------------------------------------------
+def test_secret_files_are_private(server):
+    for name in ("master.key", "admin-credentials.json"):
+        path = server.data_dir / name
+        assert path.exists(), name
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, (name, oct(path.stat().st_mode))
+
+
+def test_admin_credentials_file_holds_a_working_key(server):
+    admin = json.loads((server.data_dir / "admin-credentials.json").read_text())
+    assert admin["Account"] == "default"
+    response = RawSigner(server.base_url, admin["AccessKeyId"], admin["AccessKeySecret"]).v1(
+        "QueryProductList", {"CurrentPage": "1", "PageSize": "1"}
+    )
+    assert response.status_code == 200, response.text
+    assert admin["AccessKeySecret"] not in server.logs()
+
+
+def _database_texts(server) -> list[bytes]:
+    """Everything the database holds, as bytes to search: the SQLite files (with the WAL), or
+    every row of every table for PostgreSQL."""
+    if not server.database_url:
+        files = sorted(server.data_dir.glob("otaplane.db*"))
+        assert files, list(server.data_dir.iterdir())
+        return [path.read_bytes() for path in files]
+    url = "postgresql+psycopg://" + server.database_url.split("://", 1)[1]
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            tables = conn.execute(sa.text(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+            )).scalars().all()
+            assert "access_keys" in tables
+            return [
+                "\n".join(conn.execute(sa.text(f'SELECT t::text FROM "{table}" t')).scalars()).encode()
+                for table in tables
+            ]
+    finally:
+        engine.dispose()
+
+
+def test_secrets_never_reach_the_log_or_the_database_in_plaintext(server, used_key):
+    _, key_id, secret = used_key
+    # Failing requests too: a wrong signature answers with the string to sign, never a secret.
+    wrong = RawSigner(server.base_url, key_id, secret[::-1]).v1("QueryProductList", {"CurrentPage": "1", "PageSize": "1"})
+    assert wrong.json()["Code"] == "SignatureDoesNotMatch"
+    product_secret = RawSigner(server.base_url, key_id, secret).v1(
+        "CreateProduct", {"ProductName": "s_" + uuid.uuid4().hex[:12], "NodeType": "0"}
+    ).json()["Data"]["ProductSecret"]
+
+    log = server.logs()
+    assert log, "the server log is empty: is it written where tests/support/server.py says?"
+    assert secret not in log
+    assert product_secret not in log
+
+    texts = _database_texts(server)
+    assert any(key_id.encode() in blob for blob in texts), "the key id should be stored (sanity check)"
+    for blob in texts:
+        assert secret.encode() not in blob
+        assert product_secret.encode() not in blob
+    master_key = (server.data_dir / "master.key").read_bytes().strip()
+    assert all(master_key not in blob for blob in texts)
+    assert master_key.decode() not in log
+
+
+def test_master_key_from_the_environment(server, make_server):
+    backend = "postgresql" if server.database_url else "sqlite"
+    master_key = Fernet.generate_key().decode()
+    own = make_server(backend, "--rate-limit", "0", env={"OTAPLANE_MASTER_KEY": master_key})
+    key_id, secret = own.create_key(_account("env-master"))  # the CLI gets the same env
+    response = RawSigner(own.base_url, key_id, secret).v1("QueryProductList", {"CurrentPage": "1", "PageSize": "1"})
+    assert response.status_code == 200, response.text
+
+    assert not (own.data_dir / "master.key").exists(), sorted(p.name for p in own.data_dir.iterdir())
+    admin = own.data_dir / "admin-credentials.json"
+    assert stat.S_IMODE(admin.stat().st_mode) == 0o600
+    log = own.logs()
+    assert master_key not in log and secret not in log
