@@ -107,7 +107,8 @@ def hello_server(workdir: Path) -> ServerProcess:
 def otaplane_server(workdir: Path, database_url: str = "", *args: str) -> ServerProcess:
     """`otaplane serve` (one worker) on a free port with its data dir in workdir."""
     port = free_port()
-    env = {"OTAPLANE_DATA_DIR": str(workdir / "data")}
+    # The embedded MQTT broker gets a free port too (1883 may be taken, e.g. by another server).
+    env = {"OTAPLANE_DATA_DIR": str(workdir / "data"), "OTAPLANE_MQTT_PORT": str(free_port())}
     if database_url:
         env["OTAPLANE_DATABASE_URL"] = database_url
     return ServerProcess(
@@ -304,17 +305,17 @@ end
 """
 
 
-def _run_wrk(label: str, url: str, spec: LoadSpec, duration_s: float, workdir: Path,
+def _run_wrk(label: str, url: str, spec: LoadSpec, seconds: float, workdir: Path,
              paths_file: Path | None, path: str) -> LoadResult:
     script = workdir / "bench.lua"
     script.write_text(_WRK_LUA)
     threads = max(1, min(spec.threads, spec.connections))
     argv = [
-        wrk_binary(), "-t", str(threads), "-c", str(spec.connections), "-d", f"{max(1, round(duration_s))}s",
+        wrk_binary(), "-t", str(threads), "-c", str(spec.connections), "-d", f"{max(1, round(seconds))}s",
         "--timeout", "10s", "-s", str(script), url,
     ]
     env = {**os.environ, "BENCH_THREADS": str(threads), "BENCH_PATHS": str(paths_file or ""), "BENCH_PATH": path}
-    out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=duration_s + 60)
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=seconds + 60)
     match = re.search(r"^BENCH-RESULT (\{.*\})$", out.stdout, re.M)
     if out.returncode != 0 or not match:
         raise RuntimeError(f"wrk failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
@@ -345,9 +346,10 @@ class _PathSource:
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:\s*(\d+)", re.I)
 
 
-async def _python_load(host: str, port: int, source: _PathSource, spec: LoadSpec) -> tuple[list[float], int, float]:
+async def _python_load(host: str, port: int, source: _PathSource, connections: int,
+                       seconds: float) -> tuple[list[float], int, float]:
     """Closed loop: `connections` keep-alive HTTP/1.1 connections, each with one request in
-    flight. Returns (latencies of requests completed in the timed window, errors, window)."""
+    flight. Returns (latencies of requests completed in the window, errors, window)."""
     loop = asyncio.get_running_loop()
     host_header = f"Host: {host}:{port}\r\n".encode()
     state = {"measuring": False, "stopping": False}
@@ -393,13 +395,12 @@ async def _python_load(host: str, port: int, source: _PathSource, spec: LoadSpec
                 self.closed.set_result(None)
 
     clients = []
-    for _ in range(spec.connections):
-        _transport, protocol = await loop.create_connection(Client, host, port)
-        clients.append(protocol)
-    await asyncio.sleep(spec.warmup_s)
     state["measuring"] = True
     start = clock()
-    await asyncio.sleep(spec.duration_s)
+    for _ in range(connections):
+        _transport, protocol = await loop.create_connection(Client, host, port)
+        clients.append(protocol)
+    await asyncio.sleep(seconds)
     state["measuring"] = False
     window = clock() - start
     state["stopping"] = True
@@ -416,7 +417,8 @@ def _percentile(sorted_values: list[float], pct: float) -> float:
     return sorted_values[rank]
 
 
-def _run_python(label: str, base_url: str, spec: LoadSpec, paths: list[str] | None, path: str) -> LoadResult:
+def _run_python(label: str, base_url: str, spec: LoadSpec, seconds: float, paths: list[str] | None,
+                path: str) -> LoadResult:
     parts = urlsplit(base_url)
     source = _PathSource(paths, path)
     try:
@@ -425,31 +427,29 @@ def _run_python(label: str, base_url: str, spec: LoadSpec, paths: list[str] | No
         runner = uvloop.run
     except ImportError:
         runner = asyncio.run
-    latencies, errors, window = runner(_python_load(parts.hostname, parts.port, source, spec))
+    latencies, errors, window = runner(_python_load(parts.hostname, parts.port, source, spec.connections, seconds))
     latencies.sort()
     return LoadResult(label, len(latencies), window, _percentile(latencies, 50) * 1000,
                       _percentile(latencies, 99) * 1000, errors, exhausted=source.wrapped)
 
 
-def run_load(tool: str, label: str, base_url: str, spec: LoadSpec, workdir: Path,
-             warmup_paths: list[str] | None = None, paths: list[str] | None = None,
-             path: str = "/") -> LoadResult:
-    """Warm up, then measure, at fixed concurrency. With `paths` each one is sent once (the
-    warm-up takes its own from `warmup_paths`); otherwise `path` is sent every time."""
+def run_phase(tool: str, label: str, base_url: str, spec: LoadSpec, seconds: float, workdir: Path,
+              paths: list[str] | None = None, path: str = "/") -> LoadResult:
+    """Load base_url for `seconds` at spec.connections (closed loop). With `paths` each one is
+    sent once, in order (a pool that runs out starts over: see LoadResult.exhausted);
+    otherwise `path` is sent every time."""
     require_loopback(base_url)
     if tool == "python":
-        return _run_python(label, base_url, spec, (warmup_paths or []) + (paths or []) or None, path)
-
-    def write(name: str, lines: list[str] | None) -> Path | None:
-        if not lines:
-            return None
-        file = workdir / name
-        file.write_text("\n".join(lines) + "\n")
-        return file
-
-    if spec.warmup_s > 0:
-        _run_wrk(label, base_url, spec, spec.warmup_s, workdir, write("warmup.paths", warmup_paths), path)
-    return _run_wrk(label, base_url, spec, spec.duration_s, workdir, write("timed.paths", paths), path)
+        return _run_python(label, base_url, spec, seconds, paths, path)
+    paths_file = None
+    if paths:
+        paths_file = workdir / "requests.paths"
+        paths_file.write_text("\n".join(paths) + "\n")
+    try:
+        return _run_wrk(label, base_url, spec, seconds, workdir, paths_file, path)
+    finally:
+        if paths_file:
+            paths_file.unlink()
 
 
 # --- reporting ---------------------------------------------------------------------------------
@@ -470,7 +470,8 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(tool: str, spec: LoadSpec, extra: list[tuple[str, str]] = ()) -> list[tuple[str, str]]:
+def environment(tool: str, spec: LoadSpec, extra: list[tuple[str, str]] = (), rounds: int = 1
+                ) -> list[tuple[str, str]]:
     if tool == "wrk":
         threads = max(1, min(spec.threads, spec.connections))
         load = f"wrk {wrk_version()} ({threads} thread{'s' * (threads > 1)}, {spec.connections} connections)"
@@ -485,8 +486,10 @@ def environment(tool: str, spec: LoadSpec, extra: list[tuple[str, str]] = ()) ->
                     "1 worker"),
         ("starlette", _version("starlette")),
         ("load tool", load),
-        ("window", f"{spec.warmup_s:g} s warm-up + {spec.duration_s:g} s timed per target, loopback"),
+        ("window", f"{max(1.0, spec.warmup_s):g} s warm-up, then {rounds} x {spec.duration_s:g} s timed per target"
+                   f"{' (alternating)' if rounds > 1 else ''}, fixed concurrency, loopback"),
         *extra,
+        ("load average", " ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1, 5, 15 min; at the end of the run)"),
     ]
 
 

@@ -9,10 +9,6 @@ from otaplane.errors import ApiError
 from otaplane.openapi.params import Bool, Enum, Int, ListOf, Param, Str, StructList, parse_params
 
 
-def parse(*specs: Param, **raw: str) -> dict:
-    return parse_params(tuple(specs), raw)
-
-
 def parse_raw(specs: tuple[Param, ...] | Param, raw: dict[str, str]) -> dict:
     return parse_params(specs if isinstance(specs, tuple) else (specs,), raw)
 

@@ -49,6 +49,16 @@ def _check_clock(timestamp: str | None, window_s: int, now_s: float) -> None:
         raise errors.InvalidTimeStampExpired()
 
 
+# The nonce column is VARCHAR(128): PostgreSQL refuses longer values (SDKs send 32 hex / a UUID).
+MAX_NONCE_LENGTH = 128
+
+
+def _check_nonce(nonce: str) -> str:
+    if len(nonce) > MAX_NONCE_LENGTH:
+        raise errors.invalid("SignatureNonce", f"must be at most {MAX_NONCE_LENGTH} characters")
+    return nonce
+
+
 def _require(params: Mapping[str, str], name: str) -> str:
     value = params.get(name)
     if not value:
@@ -65,7 +75,11 @@ def authenticate(
         key_id, key, nonce = _verify_v3(req, conn, accounts, authorization, window_s, now_s)
     else:
         key_id, key, nonce = _verify_v1(req, conn, accounts, window_s, now_s)
-    if not nonces.remember(conn, key_id, nonce, int(now_s * 1000), window_s * 1000):
+    # Committed at once: the nonce stays used whatever happens next.
+    with accounts.db.write_turn():
+        fresh = nonces.remember(conn, key_id, nonce, int(now_s * 1000), window_s * 1000)
+        conn.commit()
+    if not fresh:
         raise errors.SignatureNonceUsed()
     return Caller(key_id, key.account_id)
 
@@ -77,7 +91,7 @@ def _verify_v1(req, conn, accounts, window_s, now_s) -> tuple[str, ActiveKey, st
     method = params.get("SignatureMethod", "HMAC-SHA1")
     if method != "HMAC-SHA1":
         raise errors.InvalidSignatureMethod(method=method)
-    nonce = _require(params, "SignatureNonce")
+    nonce = _check_nonce(_require(params, "SignatureNonce"))
     key = accounts.active_key(conn, key_id)
     _check_clock(params.get("Timestamp"), window_s, now_s)
     string_to_sign = signing.v1_string_to_sign(req.method, params)
@@ -98,6 +112,7 @@ def _verify_v3(req, conn, accounts, authorization, window_s, now_s) -> tuple[str
     nonce = req.headers.get("x-acs-signature-nonce", "")
     if not nonce:
         raise errors.missing("SignatureNonce")
+    _check_nonce(nonce)
     key = accounts.active_key(conn, key_id)
     _check_clock(req.headers.get("x-acs-date"), window_s, now_s)
     body_hash = hashlib.sha256(req.body).hexdigest()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import xmltodict
@@ -23,9 +24,16 @@ def lower_camel(value: Any) -> Any:
     return value
 
 
+# Characters XML 1.0 cannot carry at all (not even escaped): most C0 controls and U+FFFE/FFFF.
+_XML_ILLEGAL = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
 def _xml_scalar(value: Any) -> Any:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, str):
+        # Stored values may hold control characters (JSON is fine with them); keep XML well-formed.
+        return _XML_ILLEGAL.sub("\ufffd", value)
     if isinstance(value, dict):
         return {k: _xml_scalar(v) for k, v in value.items() if v is not None}
     if isinstance(value, list):

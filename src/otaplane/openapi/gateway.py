@@ -51,6 +51,7 @@ class Gateway:
             if body and request.headers.get("content-type", "").startswith(FORM_TYPE):
                 form = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
                 params = {**params, **dict(form)}
+            _refuse_nul(params)
             action = self._resolve_action(action_name, params, request)
             signed = SignedRequest(
                 method=request.method,
@@ -87,13 +88,19 @@ class Gateway:
         """Authenticate, throttle, parse and run the action (in a worker thread)."""
         services = self.services
         with services.db.connect() as conn:
-            caller = authenticate(signed, conn, services.accounts, self.window_s)
-            conn.commit()  # the nonce stays used whatever happens next
+            caller = authenticate(signed, conn, services.accounts, self.window_s)  # commits the nonce
             if not self.limiter.allow(caller.access_key_id):
                 raise errors.ThrottlingUser()
             values = parse_params(action.all_params, signed.params)
             tenant = services.accounts.tenant(conn, caller.account_id, values["IotInstanceId"])
         return action.handler(services, tenant, values)
+
+
+def _refuse_nul(params: dict[str, str]) -> None:
+    """No API value contains NUL, and PostgreSQL cannot store or even compare one (500)."""
+    for key, value in params.items():
+        if "\x00" in key or "\x00" in value:
+            raise errors.invalid(key.replace("\x00", "\\0"), "must not contain NUL characters")
 
 
 async def _read_body(request: Request) -> bytes:

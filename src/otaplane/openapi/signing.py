@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 from collections.abc import Iterable, Mapping
 from urllib.parse import quote
 
@@ -15,9 +16,20 @@ V3_ALGORITHM = "ACS3-HMAC-SHA256"
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")
+
+
 def percent_encode(value: str) -> str:
     """RFC 3986 encoding as the SDKs do it: only A-Za-z0-9-_.~ stay literal."""
+    if _UNRESERVED.fullmatch(value):  # most names and values: nothing to encode (and 3x faster)
+        return value
     return quote(value, safe="-_.~")
+
+
+def _encode_canonical_query(query: str) -> str:
+    """percent_encode() of a canonical_query() result, which holds only unreserved characters,
+    `%XX` escapes, `=` and `&`: the same string, in a fraction of the time."""
+    return query.replace("%", "%25").replace("=", "%3D").replace("&", "%26")
 
 
 def canonical_query(params: Iterable[tuple[str, str]]) -> str:
@@ -33,7 +45,7 @@ def canonical_query(params: Iterable[tuple[str, str]]) -> str:
 def v1_string_to_sign(method: str, params: Mapping[str, str]) -> str:
     """METHOD&%2F&percentEncode(canonical query of every parameter but Signature)."""
     query = canonical_query((k, v) for k, v in params.items() if k != "Signature")
-    return f"{method.upper()}&%2F&{percent_encode(query)}"
+    return f"{method.upper()}&%2F&{_encode_canonical_query(query)}"
 
 
 def v1_signature(secret: str, string_to_sign: str) -> str:

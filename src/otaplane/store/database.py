@@ -14,6 +14,8 @@ from sqlalchemy.engine import Engine
 _MIGRATIONS = Path(__file__).parent / "migrations"
 # Any constant works: replicas starting together take turns running migrations.
 _MIGRATION_LOCK_ID = 0x07A91A4E
+# Longest wait for a SQLite write turn (Database.write_turn) before going ahead without one.
+WRITE_TURN_WAIT_S = 10
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -35,7 +37,7 @@ class Database:
         # SQLite has one writer at a time; a thread that finds the write lock taken sleeps in
         # SQLite's busy handler (1, 2, 5 ... 100 ms steps), which under load is most of a
         # request's latency. This process's threads queue here instead (see write_turn).
-        self._write_turn = threading.Lock() if self.is_sqlite else contextlib.nullcontext()
+        self._write_lock = threading.RLock()  # re-entrant: a turn may nest in another
         if self.is_sqlite:
             db_path = url.removeprefix("sqlite:///")
             if db_path and db_path != ":memory:":
@@ -59,10 +61,24 @@ class Database:
     def connect(self):
         return self.engine.connect()
 
+    @contextlib.contextmanager
     def write_turn(self):
         """`with db.write_turn():` around a short write transaction (statements and commit) that
-        runs often: on SQLite the threads of this process take turns; no-op on PostgreSQL."""
-        return self._write_turn
+        runs often: on SQLite the threads of this process take turns; no-op on PostgreSQL.
+
+        The wait is bounded (WRITE_TURN_WAIT_S, below the pool's 30 s checkout timeout): past it
+        the thread goes ahead and SQLite's own locking decides, as without turns, so a thread
+        holding a turn while it waits for a pooled connection can never wedge the others.
+        """
+        if not self.is_sqlite:
+            yield
+            return
+        taken = self._write_lock.acquire(timeout=WRITE_TURN_WAIT_S)
+        try:
+            yield
+        finally:
+            if taken:
+                self._write_lock.release()
 
     def upgrade(self) -> None:
         """Bring the schema to the newest revision (safe with several replicas starting)."""
