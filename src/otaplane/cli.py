@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from otaplane.cli_devices import app as devices_app
 from otaplane.cli_firmware import app as firmware_app
 from otaplane.settings import Settings
 
@@ -20,6 +21,7 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
 app.add_typer(firmware_app, name="firmware")
+app.add_typer(devices_app, name="devices")
 
 console = Console()
 
@@ -53,8 +55,12 @@ def serve(
     response_case: Annotated[Optional[str], typer.Option(help="pascal (default) or camel.")] = None,
     rate_limit: Annotated[Optional[float], typer.Option(help="Requests/s per AccessKey; 0 = off.")] = None,
     access_log: Annotated[bool, typer.Option(help="Log every HTTP request.")] = False,
+    mqtt_host: Annotated[Optional[str], typer.Option(help="Device channel (MQTT) listen address [same as --host].")] = None,
+    mqtt_port: Annotated[Optional[int], typer.Option(help="Device channel (MQTT) port [1883].")] = None,
+    mqtt_certfile: Annotated[Optional[str], typer.Option(help="PEM certificate: MQTT over TLS.")] = None,
+    mqtt_keyfile: Annotated[Optional[str], typer.Option(help="PEM private key of --mqtt-certfile.")] = None,
 ) -> None:
-    """Run the server (OpenAPI gateway) on embedded defaults or the configured backends."""
+    """Run the server (OpenAPI gateway and MQTT device channel) on embedded defaults or the configured backends."""
     import uvicorn
 
     from otaplane.server import create_app, prepare
@@ -63,6 +69,7 @@ def serve(
     settings = _settings(
         data_dir=data_dir, database_url=database_url, host=host, port=port, public_url=public_url,
         response_case=response_case, rate_limit=rate_limit, access_log=access_log or None,
+        mqtt_host=mqtt_host, mqtt_port=mqtt_port, mqtt_certfile=mqtt_certfile, mqtt_keyfile=mqtt_keyfile,
     )
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -126,7 +133,11 @@ def keys_list(
     if as_json:
         typer.echo(json.dumps(rows))
         return
-    table = Table("AccessKeyId", "Account", "Status", "Created", "Description")
+    table = Table()
+    # Never shortened (rich ellipsizes to fit, e.g. 80 columns in a pipe): `keys revoke` needs it whole.
+    table.add_column("AccessKeyId", no_wrap=True)
+    for header in ("Account", "Status", "Created", "Description"):
+        table.add_column(header)
     for row in rows:
         table.add_row(row["AccessKeyId"], row["Account"], row["Status"], row["Created"], row["Description"])
     console.print(table)

@@ -181,6 +181,9 @@ DefaultModuleUndeletable = _business(
 ModuleHasFirmware = _business(
     "iot.ota.ModuleHasFirmware", "The module still has firmware packages; delete them first."
 )
+FirmwareProductMismatch = _business(
+    "iot.ota.FirmwareProductMismatch", "The firmware package belongs to another product than the device."
+)
 
 # Devices.
 NotExistedDevice = _business("iot.device.NotExistedDevice", "The specified device does not exist.")

@@ -1,4 +1,5 @@
-"""Builds the ASGI app: RPC gateway on `/`, health check, background housekeeping."""
+"""Builds the ASGI app: RPC gateway on `/`, health check, background housekeeping, and the
+device channel (the embedded MQTT broker), which runs in the app's lifespan, on the same loop."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from otaplane.bootstrap import ensure_admin_key
+from otaplane.devices.http_auth import make_endpoints as make_mqtt_endpoints
 from otaplane.openapi.gateway import Gateway
 from otaplane.services.container import Services
 from otaplane.store import nonces
@@ -46,24 +49,52 @@ async def _housekeeping(services: Services) -> None:
             log.exception("housekeeping failed")
 
 
-def create_app(services: Services) -> Starlette:
+async def _start_device_channel(services: Services):
+    settings = services.settings
+    if settings.mqtt_url:  # devices connect to an external broker; otaplane is its client
+        from otaplane.devices.external import ExternalChannel
+
+        external = ExternalChannel(services, settings.mqtt_url, settings.mqtt_share_group,
+                                   settings.mqtt_connect_timeout_seconds)
+        await external.start()
+        return external
+    from otaplane.devices.broker import DeviceChannel
+
+    channel = DeviceChannel(services, settings.resolved_mqtt_host(), settings.mqtt_port,
+                            settings.mqtt_certfile, settings.mqtt_keyfile, settings.mqtt_connect_timeout_seconds)
+    await channel.start()
+    return channel
+
+
+def create_app(services: Services) -> ASGIApp:
     gateway = Gateway(services)
 
     async def healthz(_request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
     @contextlib.asynccontextmanager
-    async def lifespan(_app: Starlette):
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(_housekeeping, services)
-            yield
-            tasks.cancel_scope.cancel()
-        services.close()
+    async def lifespan(app: Starlette):
+        channel = await _start_device_channel(services)
+        app.state.device_channel = channel
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(_housekeeping, services)
+                yield
+                tasks.cancel_scope.cancel()
+        finally:
+            if channel is not None:
+                await channel.stop()
+            services.close()
 
+    mqtt_auth, mqtt_acl = make_mqtt_endpoints(services)
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
+        # For an external MQTT broker (EMQX HTTP authn/authz, mosquitto-go-auth): devices/http_auth.py
+        Route("/mqtt/auth", mqtt_auth, methods=["POST"]),
+        Route("/mqtt/acl", mqtt_acl, methods=["POST"]),
         # The local blob store serves its own upload and download URLs; S3 needs none.
         *getattr(services.blobs, "routes", lambda: [])(),
-        Route("/", gateway.handle, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]),
+        Route("/", gateway, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    # `/` skips Starlette's routing on the way in (the Route above still answers 405 for the rest).
+    return gateway.in_front_of(Starlette(routes=routes, lifespan=lifespan))

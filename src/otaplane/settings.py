@@ -33,6 +33,20 @@ class Settings(BaseSettings):
     public_url: str = ""
     access_log: bool = False
     log_level: str = "info"
+    # The device channel. Empty mqtt_url = the embedded MQTT 3.1.1 broker, in this process, on
+    # mqtt_host (empty = same as host) and mqtt_port; TLS when both cert and key files are given.
+    # mqtt_url = mqtt[s]://[user:password@]host[:port]: devices connect to that broker (Mosquitto,
+    # EMQX) and otaplane is its client (devices/external.py).
+    mqtt_url: str = Field(default="", repr=False)  # mqtt://user:password@host:port: no password in repr
+    # External broker: otaplane processes sharing this group split the upstream messages
+    # ($share/<group>/...); empty = every process gets every message.
+    mqtt_share_group: str = "otaplane"
+    mqtt_host: str = ""
+    mqtt_port: int = 1883
+    mqtt_certfile: str = ""
+    mqtt_keyfile: str = ""
+    # A device connection that sends no CONNECT within this time is closed.
+    mqtt_connect_timeout_seconds: float = 10.0
 
     def resolved_database_url(self) -> str:
         """SQLAlchemy URL: SQLite in the data dir by default; psycopg 3 for PostgreSQL."""
@@ -49,3 +63,6 @@ class Settings(BaseSettings):
             return self.public_url.rstrip("/")
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         return f"http://{host}:{self.port}"
+
+    def resolved_mqtt_host(self) -> str:
+        return self.mqtt_host or self.host

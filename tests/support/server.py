@@ -39,6 +39,7 @@ class ServerProcess:
     extra_args: tuple[str, ...] = ()
     extra_env: dict[str, str] = field(default_factory=dict)
     port: int = 0
+    mqtt_port: int = 0  # the embedded device channel (MQTT)
     process: subprocess.Popen | None = None
 
     @property
@@ -63,9 +64,13 @@ class ServerProcess:
     def start(self, timeout_s: float = 60) -> "ServerProcess":
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        self.mqtt_port = free_port()
+        while self.mqtt_port == self.port:
+            self.mqtt_port = free_port()
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "otaplane", "serve", "--port", str(self.port), *self.extra_args],
+            [sys.executable, "-m", "otaplane", "serve", "--port", str(self.port), "--mqtt-port", str(self.mqtt_port),
+             *self.extra_args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **self.env},

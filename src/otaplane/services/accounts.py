@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from otaplane import errors, ids
@@ -13,6 +14,12 @@ from otaplane.store.accounts import KeyRecord
 from otaplane.timefmt import now_ms
 
 DEFAULT_ACCOUNT = "default"
+# How long a key record read from the database is reused (key cache): a revoked key is refused
+# by every replica within this time, not at once (README.md, docs/configuration.md).
+KEY_CACHE_TTL_S = 1.0
+# Bounds on the caches below (a full cache is emptied and fills again).
+_MAX_CACHED_KEYS = 10_000
+_MAX_CACHED_TENANTS = 10_000
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,11 @@ class AccountService:
     def __init__(self, db: Database, box: SecretBox):
         self.db = db
         self.box = box
+        # key id -> (monotonic expiry, the active key or None for a key that is not active)
+        self._keys: dict[str, tuple[float, ActiveKey | None]] = {}
+        # (account id, IotInstanceId or None for the default) -> Tenant. Instances never
+        # disappear and an account's default never changes: found ones are kept for good.
+        self._tenants: dict[tuple[int, str | None], Tenant] = {}
 
     def _ensure_account(self, conn, name: str) -> int:
         account_id = store.find_account(conn, name)
@@ -62,19 +74,64 @@ class AccountService:
 
     def revoke_key(self, key_id: str) -> bool:
         with self.db.begin() as conn:
-            return store.revoke_key(conn, key_id, now_ms())
+            revoked = store.revoke_key(conn, key_id, now_ms())
+        self._keys.pop(key_id, None)  # at once in this process; other processes within the TTL
+        return revoked
 
-    def active_key(self, conn, key_id: str) -> ActiveKey:
-        """The account and plain secret of an active key, or the gateway's refusal."""
-        record = store.get_key(conn, key_id)
+    def cached_key(self, key_id: str) -> ActiveKey | None:
+        """`active_key` from the key cache, without the database; None when not cached."""
+        entry = self._keys.get(key_id)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        if entry[1] is None:
+            raise errors.InvalidAccessKeyIdInactive()
+        return entry[1]
+
+    def active_key(self, key_id: str, conn=None) -> ActiveKey:
+        """The account and plain secret of an active key, or the gateway's refusal.
+
+        Reads the database (on `conn`, or a connection of its own) and refreshes the key cache
+        (`cached_key`) for KEY_CACHE_TTL_S. Unknown keys are not cached: a key created while
+        the server runs works at once.
+        """
+        if conn is None:
+            with self.db.connect() as own:
+                record = store.get_key(own, key_id)
+        else:
+            record = store.get_key(conn, key_id)
         if record is None:
             raise errors.InvalidAccessKeyIdNotFound()
-        if record.status != "active":
+        key = None
+        if record.status == "active":
+            key = ActiveKey(record.account_id, self.box.decrypt(record.secret_encrypted))
+        if len(self._keys) >= _MAX_CACHED_KEYS:
+            self._keys.clear()
+        self._keys[key_id] = (time.monotonic() + KEY_CACHE_TTL_S, key)
+        if key is None:
             raise errors.InvalidAccessKeyIdInactive()
-        return ActiveKey(record.account_id, self.box.decrypt(record.secret_encrypted))
+        return key
+
+    def tenant_by_name(self, account: str, iot_instance_id: str | None = None) -> Tenant:
+        """The tenant an operator names on the command line."""
+        with self.db.connect() as conn:
+            account_id = store.find_account(conn, account)
+            if account_id is None:
+                raise errors.InstanceNotFound("The specified account does not exist.")
+            return self.tenant(conn, account_id, iot_instance_id)
+
+    def cached_tenant(self, account_id: int, iot_instance_id: str | None) -> Tenant | None:
+        """`tenant` from the cache, without the database; None when not cached."""
+        return self._tenants.get((account_id, iot_instance_id or None))
 
     def tenant(self, conn, account_id: int, iot_instance_id: str | None) -> Tenant:
+        cache_key = (account_id, iot_instance_id or None)
+        tenant = self._tenants.get(cache_key)
+        if tenant is not None:
+            return tenant
         found = store.find_instance(conn, account_id, iot_instance_id)
         if found is None:
-            raise errors.InstanceNotFound()
-        return Tenant(account_id, found[0], found[1])
+            raise errors.InstanceNotFound()  # not cached: the instance may be created later
+        if len(self._tenants) >= _MAX_CACHED_TENANTS:
+            self._tenants.clear()
+        tenant = self._tenants[cache_key] = Tenant(account_id, found[0], found[1])
+        return tenant

@@ -8,12 +8,14 @@ from otaplane.blobs import BlobStore
 from otaplane.blobs.factory import open_blob_store
 from otaplane.secretbox import SecretBox
 from otaplane.services.accounts import AccountService
+from otaplane.services.device_ota import DeviceOtaService
 from otaplane.services.devices import DeviceService
 from otaplane.services.firmware import FirmwareService
 from otaplane.services.modules import ModuleService
 from otaplane.services.products import ProductService
 from otaplane.settings import Settings
 from otaplane.store import Database
+from otaplane.store.nonces import NonceWriter
 
 
 @dataclass
@@ -27,6 +29,8 @@ class Services:
     modules: ModuleService
     firmware: FirmwareService
     devices: DeviceService
+    device_ota: DeviceOtaService
+    nonces: NonceWriter  # group commit of signature nonces (its thread starts on first use)
 
     @classmethod
     def build(cls, settings: Settings) -> "Services":
@@ -34,6 +38,8 @@ class Services:
         db = Database(settings.resolved_database_url())
         box = SecretBox.from_settings(settings.master_key, settings.data_dir)
         blobs = open_blob_store(settings, box)
+        firmware = FirmwareService(db, blobs, settings.download_url_ttl_seconds)
+        devices = DeviceService(db, box)
         return cls(
             settings=settings,
             db=db,
@@ -42,9 +48,12 @@ class Services:
             accounts=AccountService(db, box),
             products=ProductService(db, box),
             modules=ModuleService(db),
-            firmware=FirmwareService(db, blobs, settings.download_url_ttl_seconds),
-            devices=DeviceService(db, box),
+            firmware=firmware,
+            devices=devices,
+            device_ota=DeviceOtaService(db, devices, firmware),
+            nonces=NonceWriter(db),
         )
 
     def close(self) -> None:
+        self.nonces.close()
         self.db.dispose()

@@ -7,6 +7,7 @@ import secrets
 from dataclasses import dataclass
 from math import ceil
 
+import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from otaplane import errors, ids
@@ -197,20 +198,57 @@ class DeviceService:
             secret=self.box.decrypt(row["device_secret_encrypted"]), disabled=bool(row["disabled"]),
         )
 
-    def mark_connected(self, device_id: int, ip_address: str | None) -> None:
-        now = now_ms()
-        with self.db.begin() as conn:
-            store.mark_connected(conn, device_id, ip_address, now)
+    def credentials_many(self, names: list[tuple[str, str]]) -> dict[tuple[str, str], "DeviceCredentials"]:
+        """`credentials` for many (product_key, device_name) at once (a burst of CONNECTs)."""
+        with self.db.connect() as conn:
+            rows = store.by_names(conn, names)
+        return {
+            (row["product_key"], row["device_name"]): DeviceCredentials(
+                device_id=row["id"], iot_id=row["iot_id"], product_key=row["product_key"],
+                device_name=row["device_name"], secret=self.box.decrypt(row["device_secret_encrypted"]),
+                disabled=bool(row["disabled"]),
+            )
+            for row in rows
+        }
 
-    def mark_disconnected(self, device_id: int) -> None:
-        with self.db.begin() as conn:
-            store.update(conn, device_id, {"online": False, "last_seen_ms": now_ms()})
+    def mark_connected_many(self, connections: list[tuple[int, str | None]]) -> int:
+        """`mark_connected` for many (device_id, ip_address) in one transaction; their online_ms."""
+        now = now_ms()
+        with self.db.write_turn(), self.db.begin() as conn:
+            store.mark_connected_many(conn, connections, now)
+        return now
+
+    def mark_connected(self, device_id: int, ip_address: str | None) -> int:
+        """Returns the connection's online_ms, which its mark_disconnected passes back."""
+        now = now_ms()
+        with self.db.write_turn(), self.db.begin() as conn:
+            store.mark_connected(conn, device_id, ip_address, now)
+        return now
+
+    def mark_disconnected(self, device_id: int, online_ms: int | None = None) -> None:
+        """With `online_ms`, only while that connection is still the device's latest (a newer one,
+        maybe through another server process, keeps the device ONLINE)."""
+        with self.db.write_turn(), self.db.begin() as conn:
+            store.mark_disconnected(conn, device_id, now_ms(), online_ms)
+
+    def mark_disconnected_many(self, connections: list[tuple[int, int]]) -> None:
+        """(device_id, online_ms) pairs: a device channel closing all its connections at once."""
+        with self.db.write_turn(), self.db.begin() as conn:
+            store.mark_disconnected_many(conn, connections, now_ms())
 
     def report_version(self, device_id: int, module: str | None, version: str) -> None:
         now = now_ms()
         with self.db.begin() as conn:
             store.set_module_version(conn, device_id, module or DEFAULT_MODULE, version, now)
             store.update(conn, device_id, {"last_seen_ms": now})
+
+    def mark_seen(self, device_id: int) -> None:
+        """A message from the device through an external broker (which reports no connects):
+        last_seen_ms now, and the device counts as activated."""
+        now = now_ms()
+        with self.db.write_turn(), self.db.begin() as conn:
+            store.update(conn, device_id, {"last_seen_ms": now,
+                                           "active_ms": sa.func.coalesce(store.devices.c.active_ms, now)})
 
 
 @dataclass(frozen=True)

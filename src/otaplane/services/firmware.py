@@ -92,6 +92,7 @@ class Firmware:
     created_ms: int
     modified_ms: int
     files: list[StoredFile]
+    md5: str | None = None  # of the single file, whatever the sign method
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ def _firmware(row, files) -> Firmware:
         verify_progress=row["verify_progress"], created_ms=row["created_ms"],
         modified_ms=row["modified_ms"],
         files=[StoredFile(f["name"], f["blob_key"], f["size"], f["sign_value"], f["file_md5"]) for f in files],
+        md5=row["md5"],
     )
 
 
@@ -186,7 +188,7 @@ class FirmwareService:
                 raise errors.FirmwareSizeMismatch(what="FirmwareSize", given=new.firmware_size, actual=digest.size)
             if new.firmware_sign and new.firmware_sign.lower() != actual_sign:
                 raise errors.FirmwareSignMismatch(what="FirmwareSign", method=method, actual=actual_sign)
-            values.update(size=digest.size, sign=actual_sign)
+            values.update(size=digest.size, sign=actual_sign, md5=digest.md5)
         stored_files = []
         for spec, key in zip(new.files, file_keys):
             digest = self._digest(key, spec.url)

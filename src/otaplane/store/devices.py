@@ -125,3 +125,42 @@ def mark_connected(conn: Connection, device_id: int, ip_address: str | None, now
         .values(online=True, online_ms=now_ms, last_seen_ms=now_ms, ip_address=ip_address,
                 active_ms=sa.func.coalesce(devices.c.active_ms, now_ms))
     )
+
+
+def mark_disconnected(conn: Connection, device_id: int, now_ms: int, online_ms: int | None = None) -> None:
+    condition = devices.c.id == device_id
+    if online_ms is not None:
+        condition = sa.and_(condition, devices.c.online_ms == online_ms)
+    conn.execute(sa.update(devices).where(condition).values(online=False, last_seen_ms=now_ms))
+
+
+def mark_disconnected_many(conn: Connection, connections: list[tuple[int, int]], now_ms: int) -> None:
+    if connections:
+        conn.execute(
+            sa.update(devices)
+            .where(devices.c.id == sa.bindparam("p_id"), devices.c.online_ms == sa.bindparam("p_online"))
+            .values(online=False, last_seen_ms=sa.bindparam("p_now")),
+            [{"p_id": d, "p_online": o, "p_now": now_ms} for d, o in connections],
+        )
+
+
+def by_names(conn: Connection, names: list[tuple[str, str]]) -> list[RowMapping]:
+    """Rows of many (product_key, device_name); not tenant-scoped (the device channel)."""
+    found: list[RowMapping] = []
+    for start in range(0, len(names), 200):
+        chunk = names[start:start + 200]
+        rows = conn.execute(_DETAIL.where(sa.tuple_(products.c.product_key, devices.c.device_name).in_(chunk)))
+        found.extend(row._mapping for row in rows)
+    return found
+
+
+def mark_connected_many(conn: Connection, connections: list[tuple[int, str | None]], now_ms: int) -> None:
+    if connections:
+        conn.execute(
+            sa.update(devices)
+            .where(devices.c.id == sa.bindparam("p_id"))
+            .values(online=True, online_ms=sa.bindparam("p_now"), last_seen_ms=sa.bindparam("p_now"),
+                    ip_address=sa.bindparam("p_ip"),
+                    active_ms=sa.func.coalesce(devices.c.active_ms, sa.bindparam("p_now"))),
+            [{"p_id": d, "p_ip": ip, "p_now": now_ms} for d, ip in connections],
+        )

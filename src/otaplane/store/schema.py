@@ -168,6 +168,8 @@ firmware = sa.Table(
     sa.Column("type", sa.Integer, nullable=False),  # 0 full, 1 diff
     sa.Column("sign_method", sa.String(16), nullable=False),  # Md5 | SHA256
     sa.Column("sign", sa.String(64), nullable=True),  # lowercase hex of the single file
+    # MD5 of the single file whatever the sign method: iotkit 3 devices need `md5` in every push.
+    sa.Column("md5", sa.String(32), nullable=True),
     sa.Column("size", sa.BigInteger, nullable=False),
     sa.Column("blob_key", sa.String(255), nullable=True, index=True),  # null for multi-file
     sa.Column("udi", sa.Text, nullable=True),
@@ -191,4 +193,22 @@ firmware_files = sa.Table(
     sa.Column("size", sa.BigInteger, nullable=False),
     sa.Column("sign_value", sa.String(64), nullable=False),
     sa.Column("file_md5", sa.String(32), nullable=False),
+)
+
+# The package each device should install now, per OTA module (written by DeviceOtaService.push,
+# read by the device channel). Several server processes share it: whichever holds the device's
+# MQTT connection delivers the rows it has not delivered yet (delivered_ms null).
+device_ota_pending = sa.Table(
+    "device_ota_pending",
+    metadata,
+    sa.Column("device_id", sa.Integer, sa.ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("module_name", sa.String(64), primary_key=True),
+    sa.Column("firmware_pk", sa.Integer, sa.ForeignKey("firmware.id", ondelete="CASCADE"), nullable=False,
+              index=True),
+    sa.Column("message_id", sa.BigInteger, nullable=False),  # the push's numeric `id`
+    sa.Column("progress", sa.Integer, nullable=True),  # last step reported: -4..100
+    sa.Column("progress_desc", sa.String(256), nullable=True),
+    sa.Column("delivered_ms", sa.BigInteger, nullable=True, index=True),  # acknowledged by the device
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+    sa.Column("modified_ms", sa.BigInteger, nullable=False),
 )

@@ -1,0 +1,58 @@
+"""`otaplane devices ...`: operator commands on devices that the OpenAPI has no action for."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from otaplane.errors import ApiError
+from otaplane.settings import Settings
+
+app = typer.Typer(help="Devices and their OTA channel.", no_args_is_help=True)
+console = Console()
+
+DataDir = Annotated[
+    Optional[Path], typer.Option("--data-dir", help="Data directory [env OTAPLANE_DATA_DIR].", show_default=False)
+]
+DatabaseUrl = Annotated[
+    Optional[str], typer.Option("--database-url", help="postgresql://... [env OTAPLANE_DATABASE_URL].",
+                                show_default=False)
+]
+
+
+@app.command("push")
+def push(
+    product: Annotated[str, typer.Option("--product", help="ProductKey of the device.")],
+    device: Annotated[str, typer.Option("--device", help="DeviceName.")],
+    firmware: Annotated[str, typer.Option("--firmware", help="FirmwareId of the package to install.")],
+    account: Annotated[str, typer.Option(help="Account that owns the device and the package.")] = "default",
+    iot_instance_id: Annotated[Optional[str], typer.Option(help="IotInstanceId [the account's default].")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print {Module, MessageId}.")] = False,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Make a package the device's pending upgrade: a running server pushes it to the device
+    at once if it is online (within a second, from any replica), else when it connects."""
+    from otaplane.services.container import Services
+    from otaplane.services.devices import DeviceRef
+
+    settings = Settings(**{k: v for k, v in {"data_dir": data_dir, "database_url": database_url}.items()
+                           if v is not None})
+    services = Services.build(settings)
+    try:
+        services.db.upgrade()
+        tenant = services.accounts.tenant_by_name(account, iot_instance_id)
+        pushed = services.device_ota.push(tenant, DeviceRef(product_key=product, device_name=device), firmware)
+    except ApiError as error:
+        console.print(f"[red]{error.code}[/]: {error.message}")
+        raise typer.Exit(1) from None
+    finally:
+        services.close()
+    if as_json:
+        typer.echo(json.dumps({"Module": pushed.module_name, "MessageId": pushed.message_id}))
+        return
+    console.print(f"Pending for {product}/{device}, module {pushed.module_name}: push id {pushed.message_id}.")

@@ -1,0 +1,574 @@
+"""The embedded device channel: an MQTT 3.1.1 broker (amqtt) in the server's event loop whose
+clients are devices, speaking the OTA topics of device-protocol.md.
+
+What it does:
+- CONNECT: the Aliyun device signature (devices/auth.py) against the DeviceSecret; unknown,
+  wrongly signed and disabled devices are refused. Online state goes to the device row.
+- ACL: a device publishes and subscribes only its own topics (devices/topics.py).
+- Server-side subscription: every device receives its `/ota/device/upgrade/...` and
+  `.../firmware/get_reply` topics from CONNACK on, without sending SUBSCRIBE (`_ss=1`).
+- Upstream: version reports, progress and firmware/get go to DeviceOtaService.
+- Downstream: the pending packages of DeviceOtaService, on connect, at once when this process
+  pushes, and within a poll interval when another process (CLI, another replica) pushes.
+
+Delivery is exact-topic: a device's connection is found by its device id
+(`DeviceChannel._by_device`) and the PUBLISH goes straight to its protocol handler. amqtt's
+global subscription table stays empty, so nothing scans every subscription: not a push (amqtt's
+broadcast matches each message against every filter), not a CONNECT (amqtt walks all filters
+for retained messages at each connect), not a disconnect (it walks them to remove the
+session's). Devices are never routed to each other, and retained messages are not kept.
+
+CONNECT bursts (every device reconnecting after a restart): the credential lookups, the
+ONLINE/OFFLINE writes and the pending-package reads of connections arriving together go to the
+database in batches (`_Batched`, a group commit), and the listen backlog is large.
+
+Built on amqtt 0.12's Broker internals (the overridden methods below); pyproject pins it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import anyio
+from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
+from amqtt.broker import Broker
+from amqtt.contexts import Action, ListenerType
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.constants import QOS_1
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.session import Session
+from amqtt.utils import gen_client_id
+
+from otaplane.devices import auth, messages, topics
+from otaplane.devices.upstream import handle as handle_upstream
+from otaplane.services.device_ota import PendingKey, PendingPackage
+
+log = logging.getLogger("otaplane.devices")
+
+PENDING_POLL_INTERVAL_S = 1.0
+# Any single read of a packet body larger than this closes the connection (a PUBLISH payload
+# over the limit never reaches memory whole).
+MAX_PACKET_BODY = messages.MAX_PAYLOAD_BYTES
+# Database work of the channel runs in worker threads; at most this many at once, leaving
+# threads and pooled connections for HTTP requests.
+DB_THREADS = 8
+# Pending TCP connections the listener queues (the kernel caps it at net.core.somaxconn).
+LISTEN_BACKLOG = 4096
+# MQTT 3.1.1: the server closes a connection silent for 1.5 keep-alive periods.
+KEEPALIVE_GRACE = 1.5
+
+_IDENTITY = "otaplane.device"  # Session.attributes: the authenticated DeviceIdentity
+_CONNECTION = "otaplane.connection"  # Session.attributes: its Connection once connected
+_HANDLER = "otaplane.handler"  # Session.attributes: the protocol handler serving it
+
+
+@dataclass(frozen=True)
+class DeviceIdentity:
+    device_id: int
+    product_key: str
+    device_name: str
+
+
+@dataclass(eq=False)
+class Connection:
+    """One live device connection."""
+
+    identity: DeviceIdentity
+    session: Session
+    handler: BrokerProtocolHandler
+    ip_address: str | None
+    online_ms: int | None = None  # set once the device row says ONLINE for this connection
+    sent: set[int] = field(default_factory=set)  # push ids sent on this connection
+    closed: bool = False
+
+    @property
+    def downstream(self) -> tuple[str, ...]:
+        """The exact topics otaplane publishes to this device (its server-side subscriptions)."""
+        return topics.server_subscriptions(self.identity.product_key, self.identity.device_name)
+
+
+class DeviceChannel:
+    """Owns the broker and the device connections of this process."""
+
+    def __init__(self, services: Any, host: str, port: int, certfile: str = "", keyfile: str = "",
+                 connect_timeout_s: float = 10.0):
+        self.services = services
+        self.connect_timeout_s = connect_timeout_s
+        self.host = host
+        self.requested_port = port
+        self.certfile = certfile
+        self.keyfile = keyfile
+        self.broker: DeviceBroker | None = None
+        self._by_device: dict[int, Connection] = {}
+        self._turns: dict[int, list] = {}  # device_id -> [Lock, users]: one state change at a time
+        self._tasks: set[asyncio.Task] = set()
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._limiter = anyio.CapacityLimiter(DB_THREADS)
+        self._stopping = False
+        # Connect bursts: the lookups and state writes of all CONNECTs that arrive while one batch
+        # runs go to the database together, as one query or one transaction.
+        self._credentials = _Batched(self, self._credentials_batch)
+        self._mark_connected = _Batched(self, self._mark_connected_batch)
+        self._mark_disconnected = _Batched(self, self._mark_disconnected_batch)
+        self._offers = _Batched(self, self._offers_batch)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if not log.isEnabledFor(logging.DEBUG):
+            # amqtt logs every connection, transitions every session state change, at INFO.
+            for name in ("amqtt", "transitions"):
+                if logging.getLogger(name).level == logging.NOTSET:
+                    logging.getLogger(name).setLevel(logging.WARNING)
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        listener: dict[str, Any] = {"type": "tcp", "bind": _bind(self.host, self.requested_port), "max_connections": 0}
+        if self.certfile or self.keyfile:
+            listener.update(ssl=True, certfile=self.certfile, keyfile=self.keyfile)
+        config = {
+            "listeners": {"default": listener},
+            "plugins": {f"{__name__}.DeviceChannelPlugin": {"channel": self}},
+            "timeout_disconnect_delay": 0,
+        }
+        self.broker = DeviceBroker(config, channel=self)
+        await self.broker.start()
+        self.services.device_ota.add_listener(self._pushed)
+        self._spawn(self._poll_loop())
+        scheme = "mqtts" if listener.get("ssl") else "mqtt"
+        log.info("device channel (embedded MQTT broker) on %s://%s:%d", scheme, self.host, self.port)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self.services.device_ota.remove_listener(self._pushed)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # The broker's shutdown fires no disconnect events: say OFFLINE for every device here.
+        gone = [(c.identity.device_id, c.online_ms) for c in self._by_device.values() if c.online_ms is not None]
+        self._by_device.clear()
+        if gone:
+            try:
+                await self._db(self.services.devices.mark_disconnected_many, gone)
+            except Exception:
+                log.exception("could not mark %d devices offline", len(gone))
+        if self.broker is not None:
+            await self.broker.shutdown()
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with port 0)."""
+        server = self.broker._servers.get("default") if self.broker else None  # noqa: SLF001
+        if server is None or server.instance is None or not server.instance.sockets:
+            return self.requested_port
+        return server.instance.sockets[0].getsockname()[1]
+
+    @property
+    def online(self) -> int:
+        return len(self._by_device)
+
+    def is_online(self, device_id: int) -> bool:
+        """Connected here, and the device row says so."""
+        conn = self._by_device.get(device_id)
+        return conn is not None and conn.online_ms is not None
+
+    # --- CONNECT --------------------------------------------------------------------------------
+    async def authenticate(self, session: Session) -> bool:
+        session.attributes.pop(_IDENTITY, None)
+        peer = session.remote_address
+        try:
+            login = auth.parse_login(session.client_id, session.username)
+        except auth.LoginRefused as refusal:
+            log.info("refused CONNECT from %s: %s", peer, refusal)
+            return False
+        try:
+            credentials = await self._credentials((login.product_key, login.device_name))
+        except Exception:
+            log.exception("refused CONNECT of %s/%s: credentials lookup failed", login.product_key, login.device_name)
+            return False
+        who = f"{login.product_key}/{login.device_name} from {peer}"
+        if credentials is None:
+            log.info("refused CONNECT of %s: no such device", who)
+            return False
+        if not auth.verify(login, credentials.secret, session.password):
+            log.info("refused CONNECT of %s: wrong password (%s)", who, login.sign_method)
+            return False
+        if credentials.disabled:
+            log.info("refused CONNECT of %s: device is disabled", who)
+            return False
+        session.attributes[_IDENTITY] = DeviceIdentity(credentials.device_id, login.product_key, login.device_name)
+        return True
+
+    def may_access(self, session: Session | None, topic: str | None, action: Action | None) -> bool:
+        identity: DeviceIdentity | None = session.attributes.get(_IDENTITY) if session else None
+        if identity is None or topic is None:
+            return False
+        if action == Action.PUBLISH:
+            allowed = topics.may_publish(topic, identity.product_key, identity.device_name)
+        elif action == Action.SUBSCRIBE:
+            allowed = topics.may_subscribe(topic, identity.product_key, identity.device_name)
+        else:  # RECEIVE: otaplane only ever sends a device its own topics
+            allowed = True
+        if not allowed:
+            log.info("device %s/%s may not %s %r", identity.product_key, identity.device_name, action, topic)
+        return allowed
+
+    async def connected(self, session: Session) -> None:
+        identity: DeviceIdentity | None = session.attributes.get(_IDENTITY)
+        handler = session.attributes.get(_HANDLER)
+        if identity is None or handler is None or self._stopping:
+            return
+        conn = Connection(identity, session, handler, session.remote_address)
+        session.attributes[_CONNECTION] = conn
+        previous = self._by_device.get(identity.device_id)
+        self._by_device[identity.device_id] = conn
+        if previous is not None:  # one connection per device: the newer one wins, as on the platform
+            previous.closed = True
+            log.info("device %s/%s connected again; closing its older connection",
+                     identity.product_key, identity.device_name)
+            self._spawn(previous.handler.handle_connection_closed())
+        try:
+            async with self._device_turn(identity.device_id):
+                if conn.closed:
+                    return
+                conn.online_ms = await self._mark_connected((identity.device_id, conn.ip_address))
+            # Only now: a push committed after this read is found by the poller, which sees
+            # the device here; one committed before is in `offers`.
+            packages = await self._offers(identity.device_id)
+            await self._deliver([(conn, p) for p in packages])
+        except Exception:
+            log.exception("connect of %s/%s: bookkeeping failed", identity.product_key, identity.device_name)
+
+    async def disconnected(self, session: Session) -> None:
+        conn: Connection | None = session.attributes.get(_CONNECTION)
+        if conn is None:
+            return
+        conn.closed = True
+        device_id = conn.identity.device_id
+        if self._by_device.get(device_id) is conn:
+            del self._by_device[device_id]
+        if self._stopping:
+            return
+        try:
+            async with self._device_turn(device_id):
+                if conn.online_ms is not None:
+                    await self._mark_disconnected((device_id, conn.online_ms))
+        except Exception:
+            log.exception("disconnect of device %d: bookkeeping failed", device_id)
+
+    # --- upstream -------------------------------------------------------------------------------
+    def received(self, session: Session | None, topic: str | None, data: bytes | bytearray | None) -> None:
+        """A PUBLISH the ACL let through (or a will message): handled in its own task."""
+        conn: Connection | None = session.attributes.get(_CONNECTION) if session else None
+        if conn is None or topic is None or data is None:
+            return
+        identity = conn.identity
+        if not topics.may_publish(topic, identity.product_key, identity.device_name):
+            return  # e.g. a will message on someone else's topic: the ACL never checked it
+        upstream = topics.parse_upstream(topic)
+        if upstream is None:
+            log.debug("ignored %s from %s/%s", topic, identity.product_key, identity.device_name)
+            return
+        self._spawn(self._handle(conn, upstream, bytes(data)))
+
+    async def _handle(self, conn: Connection, upstream: topics.UpstreamTopic, data: bytes) -> None:
+        identity = conn.identity
+        await handle_upstream(self.services, self._db, self._device_turn, identity.device_id, identity.product_key,
+                              identity.device_name, upstream, data, partial(self._send, conn))
+
+    # --- downstream -----------------------------------------------------------------------------
+    def _pushed(self, device_id: int) -> None:
+        """DeviceOtaService listener (any thread): a push committed; deliver without waiting."""
+        if self._loop is not None and self._wake is not None and device_id in self._by_device:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def _poll_loop(self) -> None:
+        assert self._wake is not None
+        while True:
+            with anyio.move_on_after(PENDING_POLL_INTERVAL_S):
+                await self._wake.wait()
+            self._wake.clear()
+            if not self._by_device:
+                continue
+            try:
+                await self._deliver_undelivered()
+            except Exception:
+                log.exception("pending package poll failed")
+
+    async def _deliver_undelivered(self) -> None:
+        keys: list[PendingKey] = await self._db(self.services.device_ota.undelivered)
+        wanted = [k for k in keys if self._deliverable(k)]
+        if not wanted:
+            return
+        packages = await self._db(self.services.device_ota.packages, wanted)
+        pairs = [(self._by_device[p.device_id], p) for p in packages if self._deliverable(p)]
+        if pairs:
+            self._spawn(self._deliver(pairs))
+
+    def _deliverable(self, item: PendingKey | PendingPackage) -> bool:
+        conn = self._by_device.get(item.device_id)
+        return conn is not None and not conn.closed and conn.online_ms is not None and item.message_id not in conn.sent
+
+    async def _deliver(self, pairs: list[tuple[Connection, PendingPackage]]) -> None:
+        """Push each package on its device's upgrade topic; note the acknowledged ones."""
+        todo = []
+        for conn, package in pairs:
+            if package.message_id in conn.sent:
+                continue
+            conn.sent.add(package.message_id)  # at most once per connection, whoever finds it first
+            todo.append((conn, package))
+        if not todo:
+            return
+        results = await asyncio.gather(*(
+            self._send(conn, topics.upgrade_topic(package.product_key, package.device_name),
+                       messages.upgrade_push(package))
+            for conn, package in todo
+        ))
+        acked = [(p.device_id, p.module_name, p.message_id) for (_, p), ok in zip(todo, results) if ok]
+        if acked and not self._stopping:
+            await self._db(self.services.device_ota.mark_delivered, acked)
+
+    async def _send(self, conn: Connection, topic: str, payload: bytes) -> bool:
+        """PUBLISH at QoS 1 straight to the device's handler; True once it is acknowledged."""
+        if conn.closed or conn.handler.session is None or topic not in conn.downstream:
+            return False
+        try:
+            await conn.handler.mqtt_publish(topic, payload, QOS_1, retain=False)
+            return True
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            return False  # the connection closed while waiting for PUBACK
+        except Exception as problem:
+            log.info("sending %s to %s/%s failed: %r", topic, conn.identity.product_key, conn.identity.device_name,
+                     problem)
+            return False
+
+    # --- batched database work (run in a worker thread) ----------------------------------------
+    def _credentials_batch(self, names: list[tuple[str, str]]) -> list:
+        found = self.services.devices.credentials_many(names)
+        return [found.get(name) for name in names]
+
+    def _mark_connected_batch(self, connections: list[tuple[int, str | None]]) -> list[int]:
+        online_ms = self.services.devices.mark_connected_many(connections)
+        return [online_ms] * len(connections)
+
+    def _mark_disconnected_batch(self, connections: list[tuple[int, int]]) -> list[None]:
+        self.services.devices.mark_disconnected_many(connections)
+        return [None] * len(connections)
+
+    def _offers_batch(self, device_ids: list[int]) -> list[list[PendingPackage]]:
+        found = self.services.device_ota.offers_many(device_ids)
+        return [found.get(device_id, []) for device_id in device_ids]
+
+    # --- helpers --------------------------------------------------------------------------------
+    async def _db(self, function, *args):
+        return await anyio.to_thread.run_sync(partial(function, *args), limiter=self._limiter)
+
+    @contextlib.asynccontextmanager
+    async def _device_turn(self, device_id: int):
+        """Serialise one device's state changes and reports (connect, disconnect, messages)."""
+        turn = self._turns.get(device_id)
+        if turn is None:
+            turn = self._turns[device_id] = [asyncio.Lock(), 0]
+        turn[1] += 1
+        try:
+            async with turn[0]:
+                yield
+        finally:
+            turn[1] -= 1
+            if turn[1] == 0:
+                del self._turns[device_id]
+
+    def _spawn(self, coroutine) -> asyncio.Task:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+
+class _Batched:
+    """`await batched(item)`: `function(items) -> results` runs in a worker thread with every item
+    submitted while the previous call ran (group commit: no added latency when idle, one query or
+    transaction per batch under load)."""
+
+    def __init__(self, channel: DeviceChannel, function, limit: int = 500):
+        self._channel = channel
+        self._function = function
+        self._limit = limit
+        self._waiting: list[tuple[Any, asyncio.Future]] = []
+        self._busy = False
+
+    async def __call__(self, item):
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        if not self._busy:
+            self._busy = True
+            self._channel._spawn(self._drain())  # noqa: SLF001
+        return await future
+
+    async def _drain(self) -> None:
+        batch: list[tuple[Any, asyncio.Future]] = []
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting[:self._limit], self._waiting[self._limit:]
+                try:
+                    results = await self._channel._db(self._function, [item for item, _ in batch])  # noqa: SLF001
+                except asyncio.CancelledError:
+                    raise
+                except Exception as problem:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(problem)
+                    continue
+                for (_, future), result in zip(batch, results):
+                    if not future.done():
+                        future.set_result(result)
+                batch = []
+        finally:
+            self._busy = False
+            for _, future in batch + self._waiting:  # cancelled (the channel stops): nobody waits forever
+                if not future.done():
+                    future.cancel()
+            self._waiting = []
+
+
+def _bind(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class _LimitedReader(StreamReaderAdapter):
+    """Closes the connection instead of reading a packet body over MAX_PACKET_BODY."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        super().__init__(reader)
+        self._writer = writer
+
+    async def read(self, n: int = -1) -> bytes:
+        if n > MAX_PACKET_BODY:
+            peer = self._writer.get_extra_info("peername")
+            log.warning("closing the connection of %s: a packet of more than %d bytes", peer, MAX_PACKET_BODY)
+            self._writer.transport.abort()
+            raise asyncio.IncompleteReadError(b"", n)
+        return await super().read(n)
+
+
+class DeviceBroker(Broker):
+    """amqtt's broker with devices' semantics: clean sessions, exact-topic delivery, no
+    device-to-device routing, no retained messages, keep-alive enforced, bounded packets."""
+
+    def __init__(self, config: dict[str, Any], channel: DeviceChannel):
+        super().__init__(config)
+        self.channel = channel
+
+    async def _create_server_instance(self, listener_name, listener_type, address, port, ssl_context):
+        if listener_type != ListenerType.TCP:
+            return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
+        # asyncio's default backlog (100) drops SYNs when many devices reconnect at once (after a
+        # restart): they retry a second or more later.
+        return await asyncio.start_server(partial(self.stream_connected, listener_name=listener_name), address, port,
+                                          reuse_address=True, ssl=ssl_context, backlog=LISTEN_BACKLOG)
+
+    async def stream_connected(self, reader, writer, listener_name: str) -> None:
+        await self._client_connected(listener_name, _LimitedReader(reader, writer), StreamWriterAdapter(writer))
+
+    async def _initialize_client_session(self, reader, writer, remote_address, remote_port):
+        """Every connection gets a new, clean session, and no existing session is touched before
+        the new one authenticates (amqtt deletes a same-clientId session here, before auth)."""
+        try:
+            handler, session = await asyncio.wait_for(
+                BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager),
+                self.channel.connect_timeout_s)
+        except TimeoutError:
+            log.info("closing %s:%s: no CONNECT in time", remote_address, remote_port)
+            await writer.close()
+            raise AMQTTError("no CONNECT") from None
+        except MQTTError as exc:
+            log.debug("invalid CONNECT from %s:%s: %s", remote_address, remote_port, exc)
+            await writer.close()
+            raise
+        except (AMQTTError, NoDataError) as exc:
+            raise AMQTTError(exc) from exc
+        if not session.client_id:
+            session.client_id = gen_client_id()
+        session.clean_session = True
+        session.parent = 0
+        return handler, session
+
+    async def _handle_client_session(self, reader, writer, client_session, handler, server, listener_name) -> None:
+        client_session.attributes[_HANDLER] = handler
+        if client_session.keep_alive > 0:
+            client_session.keep_alive = math.ceil(client_session.keep_alive * KEEPALIVE_GRACE)
+            handler.handle_read_timeout = partial(self._keepalive_expired, handler)
+        try:
+            await super()._handle_client_session(reader, writer, client_session, handler, server, listener_name)
+        finally:
+            if _IDENTITY not in client_session.attributes:  # refused: amqtt keeps the session around
+                entry = self._sessions.get(client_session.client_id)
+                if entry is not None and entry[0] is client_session:
+                    del self._sessions[client_session.client_id]
+
+    def _keepalive_expired(self, handler: BrokerProtocolHandler) -> None:
+        session = handler.session
+        log.info("closing %s: silent for 1.5 keep-alive periods", session.client_id if session else "a connection")
+        self.channel._spawn(handler.handle_connection_closed())  # noqa: SLF001
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        """Grant (QoS 0 or 1) what the ACL allows; nothing is recorded: a device receives its own
+        OTA topics anyway, and no one else publishes to it."""
+        topic_filter, qos = subscription
+        levels = topic_filter.split("/")
+        if any(("#" in level and (level != "#" or i != len(levels) - 1)) or ("+" in level and level != "+")
+               for i, level in enumerate(levels)):
+            return 0x80
+        if not await self._topic_filtering(session, topic_filter, Action.SUBSCRIBE):
+            return 0x80
+        return min(qos, QOS_1)
+
+    async def _del_all_subscriptions(self, session: Session) -> None:
+        return None
+
+    def _del_subscription(self, a_filter: str, session: Session) -> int:
+        return 0
+
+    async def _broadcast_message(self, session, topic, data, force_qos=None) -> None:
+        """Messages from devices go to otaplane only (never to other clients)."""
+        self.channel.received(session, topic, data)
+
+    async def retain_message(self, source_session, topic_name, data, qos=None) -> None:
+        return None
+
+    async def _publish_retained_messages_for_subscription(self, subscription, session) -> None:
+        return None
+
+
+class DeviceChannelPlugin(BaseAuthPlugin, BaseTopicPlugin):
+    """amqtt's plugin hooks, handed to the DeviceChannel in the plugin config."""
+
+    @dataclass
+    class Config:
+        channel: Any = None
+
+    @property
+    def channel(self) -> DeviceChannel:
+        return self.config.channel
+
+    async def authenticate(self, *, session: Session) -> bool | None:
+        return await self.channel.authenticate(session)
+
+    async def topic_filtering(self, *, session: Session | None = None, topic: str | None = None,
+                              action: Action | None = None) -> bool | None:
+        return self.channel.may_access(session, topic, action)
+
+    async def on_broker_client_connected(self, *, client_id: str, client_session: Session) -> None:
+        await self.channel.connected(client_session)
+
+    async def on_broker_client_disconnected(self, *, client_id: str, client_session: Session) -> None:
+        await self.channel.disconnected(client_session)

@@ -1,0 +1,344 @@
+"""The device channel through an external MQTT broker (OTAPLANE_MQTT_URL): for scale-out, the
+devices connect to Mosquitto or EMQX, and otaplane is one privileged client of that broker.
+
+- Upstream: otaplane subscribes (QoS 1) to `/ota/device/inform/+/+`, `/ota/device/progress/+/+`
+  and `/sys/+/+/thing/ota/firmware/get`, as a shared subscription (`$share/<group>/...`, group
+  OTAPLANE_MQTT_SHARE_GROUP, default `otaplane`) so that several otaplane processes split the
+  messages instead of each handling all of them. Messages go through devices/upstream.py, the
+  code the embedded broker uses. The device is named by the topic: the broker's ACL (the
+  `/mqtt/acl` endpoint, devices/topics.py) must keep devices on their own topics.
+- Authentication of devices is the broker's: it can call otaplane's `POST /mqtt/auth`
+  (devices/http_auth.py) with the CONNECT's clientid, username and password.
+- Downstream: pushes and firmware/get answers are PUBLISHed at QoS 1 to
+  `/ota/device/upgrade/{pk}/{dn}` and `/sys/{pk}/{dn}/thing/ota/firmware/get_reply`.
+- Online state: the broker does not tell otaplane about connects, so devices never turn ONLINE;
+  each upstream message stamps `last_seen_ms` (and activates a new device), which
+  QueryDeviceDetail shows (Status OFFLINE once activated, the last-seen time in the details).
+
+Pending packages: since otaplane cannot see who is connected, a push is published as soon as it
+commits (this process) or within a poll interval (another process: the CLI, a replica), to any
+device, and it counts as delivered once the broker acknowledges the QoS 1 PUBLISH (the broker
+owns delivery from then on: a device with a persistent session gets it when it comes back, one
+with a clean session does not). A publish that fails (broker down) is retried with an
+exponential backoff (1 s to 60 s). Because a device that was offline at push time missed the
+message, the package is published again when the device shows it is back: SDKs report their
+version (`inform`) after each connect, and an `inform` that does not complete the pending package
+re-publishes it (at most once per RE_OFFER_INTERVAL_S per device and push). `firmware/get`
+answers with the pending package as always.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import ssl
+import time
+import uuid
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import aiomqtt
+import anyio
+
+from otaplane.devices import messages, topics
+from otaplane.devices.upstream import handle as handle_upstream
+from otaplane.services.device_ota import PendingKey, PendingPackage
+
+log = logging.getLogger("otaplane.devices")
+
+UPSTREAM_FILTERS = ("/ota/device/inform/+/+", "/ota/device/progress/+/+", "/sys/+/+/thing/ota/firmware/get")
+PENDING_POLL_INTERVAL_S = 1.0
+RETRY_MIN_S, RETRY_MAX_S = 1.0, 60.0  # a failed push publish is retried with this backoff
+RECONNECT_MIN_S, RECONNECT_MAX_S = 1.0, 30.0
+RE_OFFER_INTERVAL_S = 30.0  # an `inform` re-publishes a device's pending push at most this often
+SEEN_INTERVAL_S = 10.0  # last_seen_ms is written at most this often per device
+IDENTITY_TTL_S = 30.0  # (pk, dn) -> device row cache
+IDENTITY_CACHE_MAX = 100_000
+DB_THREADS = 8
+PUBLISH_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+    username: str | None
+    password: str | None = field(repr=False)
+
+    def __str__(self) -> str:  # never the password
+        user = f"{self.username}@" if self.username else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+
+
+def parse_mqtt_url(url: str) -> BrokerAddress:
+    """`mqtt://[user[:password]@]host[:port]` (1883) or `mqtts://...` (TLS, 8883)."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        raise ValueError("OTAPLANE_MQTT_URL must be mqtt://[user:password@]host[:port] or mqtts://...")
+    if not parts.hostname:
+        raise ValueError("OTAPLANE_MQTT_URL names no host")
+    tls = parts.scheme in ("mqtts", "ssl")
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError:
+        raise ValueError("OTAPLANE_MQTT_URL has an invalid port") from None
+    return BrokerAddress(parts.hostname, port, tls, unquote(parts.username) if parts.username else None,
+                         unquote(parts.password) if parts.password is not None else None)
+
+
+class ExternalChannel:
+    """Same role as DeviceChannel (start/stop, deliver pushes, answer firmware/get), as a client."""
+
+    def __init__(self, services: Any, url: str, share_group: str = "otaplane", connect_timeout_s: float = 10.0):
+        self.services = services
+        self.address = parse_mqtt_url(url)
+        self.share_group = share_group.strip().strip("/")
+        self.connect_timeout_s = connect_timeout_s
+        self.client_id = f"otaplane-{socket.gethostname()[:20]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._client: aiomqtt.Client | None = None
+        self._connected: asyncio.Event | None = None
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._turns: dict[int, list] = {}
+        self._limiter = anyio.CapacityLimiter(DB_THREADS)
+        self._identities: dict[tuple[str, str], tuple[float, Any]] = {}
+        self._retry: dict[PendingKey, tuple[float, float]] = {}  # key -> (next attempt, delay)
+        self._re_offered: dict[tuple[int, int], float] = {}
+        self._seen: dict[int, float] = {}
+        self._stopping = False
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._connected = asyncio.Event()
+        self._wake = asyncio.Event()
+        self.services.device_ota.add_listener(self._pushed)
+        self._spawn(self._run())
+        self._spawn(self._poll_loop())
+        try:
+            await asyncio.wait_for(self._connected.wait(), self.connect_timeout_s)
+        except TimeoutError:
+            log.warning("external MQTT broker %s not reachable yet; retrying in the background", self.address)
+        else:
+            log.info("device channel through the external MQTT broker %s", self.address)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self.services.device_ota.remove_listener(self._pushed)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
+    def is_online(self, device_id: int) -> bool:
+        return False  # unknown through an external broker
+
+    def _filters(self) -> list[tuple[str, int]]:
+        prefix = f"$share/{self.share_group}/" if self.share_group else ""
+        return [(prefix + f, 1) for f in UPSTREAM_FILTERS]
+
+    async def _run(self) -> None:
+        delay = RECONNECT_MIN_S
+        tls = ssl.create_default_context() if self.address.tls else None
+        while not self._stopping:
+            try:
+                async with aiomqtt.Client(
+                    self.address.host, self.address.port, identifier=self.client_id,
+                    username=self.address.username, password=self.address.password,
+                    clean_session=True, keepalive=30, timeout=self.connect_timeout_s, tls_context=tls,
+                    max_inflight_messages=100, max_concurrent_outgoing_calls=200,
+                ) as client:
+                    await client.subscribe(self._filters())
+                    self._client = client
+                    assert self._connected is not None and self._wake is not None
+                    self._connected.set()
+                    self._wake.set()  # publish what is pending
+                    delay = RECONNECT_MIN_S
+                    log.info("connected to the MQTT broker %s as %s", self.address, self.client_id)
+                    async for message in client.messages:
+                        self._received(message.topic.value, message.payload)
+            except aiomqtt.MqttError as problem:
+                if self._stopping:
+                    return
+                log.warning("MQTT broker %s: %s; reconnecting in %.0f s", self.address, problem, delay)
+            finally:
+                self._client = None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_MAX_S)
+
+    # --- upstream -------------------------------------------------------------------------------
+    def _received(self, topic: str, payload: Any) -> None:
+        upstream = topics.parse_upstream(topic)
+        if upstream is None or not isinstance(payload, (bytes, bytearray)):
+            return
+        if len(payload) > messages.MAX_PAYLOAD_BYTES:
+            log.warning("dropped a %d-byte message on %s", len(payload), topic)
+            return
+        self._spawn(self._handle(upstream, bytes(payload)))
+
+    async def _identity(self, product_key: str, device_name: str):
+        key = (product_key, device_name)
+        now = time.monotonic()
+        cached = self._identities.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        credentials = await self._db(self.services.devices.credentials, product_key, device_name)
+        if len(self._identities) >= IDENTITY_CACHE_MAX:
+            self._identities.clear()
+        self._identities[key] = (now + IDENTITY_TTL_S, credentials)
+        return credentials
+
+    async def _handle(self, upstream: topics.UpstreamTopic, data: bytes) -> None:
+        pk, dn = upstream.product_key, upstream.device_name
+        try:
+            credentials = await self._identity(pk, dn)
+        except Exception:
+            log.exception("message of %s/%s: device lookup failed", pk, dn)
+            return
+        if credentials is None or credentials.disabled:
+            log.info("ignored %s from %s/%s: %s", upstream.kind.value, pk, dn,
+                     "unknown device" if credentials is None else "device is disabled")
+            return
+        device_id = credentials.device_id
+        await self._saw(device_id)
+        handled = await handle_upstream(self.services, self._db, self._device_turn, device_id, pk, dn, upstream,
+                                        data, self._publish)
+        if handled is not None and handled.kind is topics.Upstream.INFORM and not handled.completed:
+            await self._re_offer(device_id, handled.module, handled.version)
+
+    async def _saw(self, device_id: int) -> None:
+        now = time.monotonic()
+        if self._seen.get(device_id, 0.0) > now:
+            return
+        self._seen[device_id] = now + SEEN_INTERVAL_S
+        if len(self._seen) >= IDENTITY_CACHE_MAX:
+            self._seen = {k: v for k, v in self._seen.items() if v > now}
+        try:
+            await self._db(self.services.devices.mark_seen, device_id)
+        except Exception:
+            log.exception("could not record that device %d was seen", device_id)
+
+    async def _re_offer(self, device_id: int, module: str | None, version: str | None) -> None:
+        """The device reported a version (it just connected, most likely): if its pending package
+        for that module is another version, publish it again."""
+        try:
+            package = await self._db(self.services.device_ota.offer, device_id, module)
+        except Exception:
+            log.exception("re-offer to device %d failed", device_id)
+            return
+        if package is None or package.version == version:
+            return
+        now = time.monotonic()
+        key = (device_id, package.message_id)
+        if self._re_offered.get(key, 0.0) > now:
+            return
+        self._re_offered[key] = now + RE_OFFER_INTERVAL_S
+        if len(self._re_offered) >= IDENTITY_CACHE_MAX:
+            self._re_offered = {k: v for k, v in self._re_offered.items() if v > now}
+        await self._deliver([package])
+
+    # --- downstream -----------------------------------------------------------------------------
+    def _pushed(self, device_id: int) -> None:
+        """DeviceOtaService listener (any thread): a push committed; publish without waiting."""
+        if self._loop is not None and self._wake is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def _poll_loop(self) -> None:
+        assert self._wake is not None
+        while True:
+            with anyio.move_on_after(PENDING_POLL_INTERVAL_S):
+                await self._wake.wait()
+            self._wake.clear()
+            if self._client is None:
+                continue
+            try:
+                await self._deliver_undelivered()
+            except Exception:
+                log.exception("pending package poll failed")
+
+    async def _deliver_undelivered(self) -> None:
+        keys: list[PendingKey] = await self._db(self.services.device_ota.undelivered, online_only=False)
+        now = time.monotonic()
+        live = set(keys)
+        self._retry = {k: v for k, v in self._retry.items() if k in live}  # delivered or replaced: forget
+        wanted = [k for k in keys if self._retry.get(k, (0.0, 0.0))[0] <= now]
+        if not wanted:
+            return
+        for key in wanted:  # not again before this attempt ends (or its backoff runs out)
+            delay = self._retry.get(key, (0.0, 0.0))[1]
+            self._retry[key] = (now + PUBLISH_TIMEOUT_S + RETRY_MIN_S, delay)
+        packages = await self._db(self.services.device_ota.packages, wanted)
+        await self._deliver(packages)
+
+    async def _deliver(self, packages: list[PendingPackage]) -> None:
+        if not packages:
+            return
+        results = await asyncio.gather(*(
+            self._publish(topics.upgrade_topic(p.product_key, p.device_name), messages.upgrade_push(p))
+            for p in packages
+        ))
+        now = time.monotonic()
+        acked = []
+        for package, ok in zip(packages, results):
+            key = PendingKey(package.device_id, package.module_name, package.message_id)
+            if ok:
+                self._retry.pop(key, None)
+                if not package.delivered:
+                    acked.append((package.device_id, package.module_name, package.message_id))
+            else:
+                delay = min(max(self._retry.get(key, (0.0, 0.0))[1] * 2, RETRY_MIN_S), RETRY_MAX_S)
+                self._retry[key] = (now + delay, delay)
+        if acked and not self._stopping:
+            await self._db(self.services.device_ota.mark_delivered, acked)
+
+    async def _publish(self, topic: str, payload: bytes) -> bool:
+        """PUBLISH at QoS 1; True once the broker acknowledged it."""
+        client = self._client
+        if client is None:
+            return False
+        try:
+            await client.publish(topic, payload, qos=1, timeout=PUBLISH_TIMEOUT_S)
+            return True
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            return False
+        except Exception as problem:  # MqttError, timeout
+            log.info("publishing on %s failed: %r", topic, problem)
+            return False
+
+    # --- helpers --------------------------------------------------------------------------------
+    async def _db(self, function, *args, **kwargs):
+        return await anyio.to_thread.run_sync(partial(function, *args, **kwargs), limiter=self._limiter)
+
+    @contextlib.asynccontextmanager
+    async def _device_turn(self, device_id: int):
+        """Serialise one device's reports (they update the same rows)."""
+        turn = self._turns.get(device_id)
+        if turn is None:
+            turn = self._turns[device_id] = [asyncio.Lock(), 0]
+        turn[1] += 1
+        try:
+            async with turn[0]:
+                yield
+        finally:
+            turn[1] -= 1
+            if turn[1] == 0:
+                del self._turns[device_id]
+
+    def _spawn(self, coroutine) -> asyncio.Task:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task

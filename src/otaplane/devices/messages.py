@@ -1,0 +1,182 @@
+"""The OTA messages on the wire: lenient parsing of what devices send, and the payloads
+otaplane sends them. Pure functions, no I/O.
+
+Downstream payloads carry what every SDK accepts (device-protocol.md, "Always send"):
+`code "1000"`, `message "success"`, a numeric `id`, and `data` with an int `size`, `version`,
+`url`, lowercase-hex `md5` (even for SHA256 packages, for iotkit 3) and `sign`, and `signMethod`
+exactly `Md5` or `SHA256`; `module` only when it is not `default`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from otaplane.services.device_ota import PendingPackage
+
+# Bigger payloads are refused (no OTA message comes near it; the platform allows 256 KB).
+MAX_PAYLOAD_BYTES = 64 * 1024
+MAX_VERSION_LENGTH = 64  # device_modules.version
+MAX_MODULE_LENGTH = 64
+MAX_DESC_LENGTH = 256  # stored; longer descriptions are cut
+PROGRESS_STEPS = range(-4, 101)  # -4..-1 failures, 0 download started (LSDK4), 1..100 percent
+
+_TRAILING_COMMA = re.compile(r",\s*([}\]])")
+
+
+class MalformedMessage(ValueError):
+    """A device message otaplane cannot use: logged and dropped."""
+
+
+RequestId = int | str | None
+
+
+@dataclass(frozen=True)
+class VersionReport:
+    request_id: RequestId
+    module: str | None  # None = default
+    version: str
+
+
+@dataclass(frozen=True)
+class ProgressReport:
+    request_id: RequestId
+    module: str | None
+    step: int
+    desc: str | None
+
+
+@dataclass(frozen=True)
+class FirmwareQuery:
+    request_id: RequestId
+    module: str | None
+
+
+# --- upstream (device -> otaplane) ---------------------------------------------------------------
+def loads_lenient(payload: bytes) -> Any:
+    """JSON as the SDKs write it: LSDK4 leaves a trailing comma before `}` in some messages."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise MalformedMessage(f"payload of {len(payload)} bytes is over {MAX_PAYLOAD_BYTES}")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedMessage("payload is not UTF-8") from None
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return json.loads(_TRAILING_COMMA.sub(r"\1", text))
+    except ValueError as exc:
+        raise MalformedMessage(f"payload is not JSON: {exc}") from None
+
+
+def _envelope(payload: bytes) -> tuple[RequestId, dict[str, Any]]:
+    body = loads_lenient(payload)
+    if not isinstance(body, dict):
+        raise MalformedMessage("payload is not a JSON object")
+    request_id = body.get("id")
+    if isinstance(request_id, bool) or not isinstance(request_id, (int, str, type(None))):
+        raise MalformedMessage("id is neither a number nor a string")
+    params = body.get("params", {})
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise MalformedMessage("params is not an object")
+    return request_id, params
+
+
+def _text(value: Any, name: str, max_length: int) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise MalformedMessage(f"{name} is not a non-empty string")
+    if len(value) > max_length:
+        raise MalformedMessage(f"{name} is longer than {max_length} characters")
+    if "\x00" in value:
+        raise MalformedMessage(f"{name} contains NUL")
+    return value
+
+
+def _module(params: dict[str, Any]) -> str | None:
+    module = params.get("module")
+    if module is None or module == "":
+        return None
+    return _text(module, "module", MAX_MODULE_LENGTH)
+
+
+def parse_inform(payload: bytes) -> VersionReport:
+    """`{"id": 1, "params": {"version": "1.0.0", "module": "MCU"}}`; id int or string, module optional."""
+    request_id, params = _envelope(payload)
+    return VersionReport(request_id, _module(params), _text(params.get("version"), "version", MAX_VERSION_LENGTH))
+
+
+def parse_progress(payload: bytes) -> ProgressReport:
+    """`{"id": "1", "params": {"step": "-1", "desc": "...", "module": "MCU"}}`; step string or int."""
+    request_id, params = _envelope(payload)
+    raw = params.get("step")
+    if isinstance(raw, bool):
+        raise MalformedMessage("step is not a number")
+    try:
+        step = int(raw.strip()) if isinstance(raw, str) else raw
+    except ValueError:
+        raise MalformedMessage("step is not a number") from None
+    if not isinstance(step, int) or step not in PROGRESS_STEPS:
+        raise MalformedMessage("step is not an integer from -4 to 100")
+    desc = params.get("desc")
+    if desc is not None and not isinstance(desc, str):
+        raise MalformedMessage("desc is not a string")
+    if desc is not None:
+        desc = desc.replace("\x00", "")[:MAX_DESC_LENGTH] or None
+    return ProgressReport(request_id, _module(params), step, desc)
+
+
+def parse_firmware_get(payload: bytes) -> FirmwareQuery:
+    """`{"id": 1, "params": {}}` or with `"module"`; `version`/`method` may be there and are ignored."""
+    request_id, params = _envelope(payload)
+    return FirmwareQuery(request_id, _module(params))
+
+
+# --- downstream (otaplane -> device) -------------------------------------------------------------
+def _dumps(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def package_data(package: PendingPackage) -> dict[str, Any]:
+    """The `data` object of a push or a firmware/get reply."""
+    data: dict[str, Any] = {"size": package.size, "version": package.version}
+    if package.files:
+        data["files"] = [
+            {"fileName": f.name, "fileSize": f.size, "fileUrl": f.url, "fileSign": f.sign.lower()}
+            for f in package.files
+        ]
+    else:
+        data["url"] = package.url
+        data["md5"] = (package.md5 or "").lower()
+        data["sign"] = (package.sign or "").lower()
+    data["signMethod"] = package.sign_method
+    if not package.module_is_default:
+        data["module"] = package.module_name
+    if package.is_diff:
+        data["isDiff"] = 1
+    ext: dict[str, Any] = {}
+    if package.udi:
+        ext["_package_udi"] = package.udi
+    if ext:
+        data["extData"] = ext
+    return data
+
+
+def upgrade_push(package: PendingPackage) -> bytes:
+    """The message on `/ota/device/upgrade/{pk}/{dn}`."""
+    return _dumps({"code": "1000", "data": package_data(package), "id": package.message_id, "message": "success"})
+
+
+def firmware_get_reply(request_id: RequestId, package: PendingPackage | None) -> bytes:
+    """The answer on `.../thing/ota/firmware/get_reply`: the pending package, or `data: {}`."""
+    body: dict[str, Any] = {"code": 200, "data": package_data(package) if package else {}}
+    if request_id is not None:
+        body["id"] = request_id
+    body["message"] = "success"
+    body["method"] = "thing.ota.firmware.get"
+    return _dumps(body)

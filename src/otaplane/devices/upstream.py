@@ -1,0 +1,73 @@
+"""What a device says on its upstream OTA topics, handled the same way whichever channel carries
+it: the embedded broker (broker.py) or an external one (external.py).
+
+`handle` parses one message and calls DeviceOtaService; the channel supplies how to run database
+work, how to serialise one device's state changes, and how to send the firmware/get answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any
+
+from otaplane.devices import messages, topics
+
+log = logging.getLogger("otaplane.devices")
+
+
+@dataclass(frozen=True)
+class Handled:
+    """What a handled message was (the external channel re-offers pending packages on `inform`)."""
+
+    kind: topics.Upstream
+    module: str | None = None
+    version: str | None = None
+    completed: bool = False
+
+
+async def handle(
+    services: Any,
+    run_db: Callable[..., Awaitable[Any]],
+    turn: Callable[[int], AbstractAsyncContextManager],
+    device_id: int,
+    product_key: str,
+    device_name: str,
+    upstream: topics.UpstreamTopic,
+    data: bytes,
+    reply: Callable[[str, bytes], Awaitable[Any]],
+) -> Handled | None:
+    """Handle one upstream message of an authenticated device; never raises (but cancellation)."""
+    device_ota = services.device_ota
+    who = f"{product_key}/{device_name}"
+    try:
+        if upstream.kind is topics.Upstream.INFORM:
+            report = messages.parse_inform(data)
+            async with turn(device_id):
+                done = await run_db(device_ota.version_reported, device_id, report.module, report.version)
+            log.debug("%s runs %s %s%s", who, report.module or "default", report.version,
+                      " (upgrade complete)" if done else "")
+            return Handled(upstream.kind, report.module, report.version, bool(done))
+        if upstream.kind is topics.Upstream.PROGRESS:
+            progress = messages.parse_progress(data)
+            async with turn(device_id):
+                known = await run_db(device_ota.progress_reported, device_id, progress.module, progress.step,
+                                     progress.desc)
+            if not known:
+                log.info("progress %d from %s for module %s, which has no pending package", progress.step, who,
+                         progress.module or "default")
+            return Handled(upstream.kind, progress.module)
+        if upstream.kind is topics.Upstream.FIRMWARE_GET:
+            query = messages.parse_firmware_get(data)
+            package = await run_db(device_ota.offer, device_id, query.module)
+            await reply(topics.firmware_get_reply_topic(product_key, device_name),
+                        messages.firmware_get_reply(query.request_id, package))
+            return Handled(upstream.kind, query.module)
+        log.debug("legacy %s from %s is not supported", upstream.kind.value, who)
+    except messages.MalformedMessage as problem:
+        log.warning("dropped %s message of %s: %s", upstream.kind.value, who, problem)
+    except Exception:
+        log.exception("%s message of %s failed", upstream.kind.value, who)
+    return None

@@ -1,0 +1,243 @@
+"""The device side of OTA: which package each device should install now, and what devices say
+about it (progress, the version they run).
+
+`push` is what the upgrade-job worker calls. It records the package in `device_ota_pending`
+(one row per device and OTA module) and wakes the in-process device channel; a channel in
+another process finds the row by polling (`undelivered`). A device that is offline gets the
+package when it connects (`offers`), a device that asks (`firmware/get`) gets it as the answer
+(`offer`), and the row goes away when the device reports the package's DestVersion for that
+module.
+
+Rules and state only: the device channel (otaplane.devices) builds the MQTT payloads.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from otaplane import errors
+from otaplane.services.devices import DEFAULT_MODULE, DeviceRef, DeviceService
+from otaplane.services.firmware import FirmwareService
+from otaplane.services.tenancy import Tenant
+from otaplane.store import Database
+from otaplane.store import device_ota as store
+from otaplane.timefmt import now_ms
+
+log = logging.getLogger("otaplane.device_ota")
+
+UNDELIVERED_BATCH = 2000
+
+
+@dataclass(frozen=True)
+class PackageFile:
+    name: str
+    size: int
+    url: str
+    sign: str
+    md5: str
+
+
+@dataclass(frozen=True)
+class PendingPackage:
+    """A package as one device gets it: what a push or a firmware/get answer carries."""
+
+    device_id: int
+    product_key: str
+    device_name: str
+    module_name: str
+    module_is_default: bool
+    message_id: int
+    firmware_id: str
+    version: str
+    size: int
+    sign_method: str  # Md5 | SHA256
+    sign: str | None  # single file: lowercase hex
+    md5: str | None  # single file: lowercase hex, whatever the sign method
+    url: str | None  # single file: presigned download URL
+    files: tuple[PackageFile, ...]  # multi-file packages
+    is_diff: bool
+    udi: str | None
+    progress: int | None
+    progress_desc: str | None
+    delivered: bool
+
+
+@dataclass(frozen=True)
+class PendingKey:
+    """Which push: the device, its module and the push's id (a newer push has another id)."""
+
+    device_id: int
+    module_name: str
+    message_id: int
+
+
+@dataclass(frozen=True)
+class Pushed:
+    device_id: int
+    module_name: str
+    message_id: int
+
+
+def new_message_id() -> int:
+    """The push's `id`: positive and below 2**31, like the platform's (some SDKs keep it in an int32)."""
+    return secrets.randbelow(2**31 - 2) + 1
+
+
+class DeviceOtaService:
+    def __init__(self, db: Database, devices: DeviceService, firmware: FirmwareService):
+        self.db = db
+        self.devices = devices
+        self.firmware = firmware
+        self._listeners: list[Callable[[int], None]] = []
+
+    # --- the in-process channel hears about pushes at once --------------------------------------
+    def add_listener(self, listener: Callable[[int], None]) -> None:
+        """`listener(device_id)` after each push commits; it must be quick and thread-safe."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[int], None]) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    # --- push -----------------------------------------------------------------------------------
+    def push(self, tenant: Tenant | None, device: DeviceRef, firmware_id: str) -> Pushed:
+        """Make `firmware_id` the device's package for its module. `tenant` None: any instance
+        (internal callers that already checked ownership)."""
+        instance_pk = tenant.instance_pk if tenant is not None else None
+        if not device.iot_id and not (device.product_key and device.device_name):
+            raise errors.NullDeviceReference()
+        with self.db.connect() as conn:
+            device_row = store.device_row(conn, instance_pk, device.iot_id, device.product_key, device.device_name)
+            if device_row is None:
+                raise errors.NotExistedDevice()
+            firmware_row = store.firmware_row(conn, instance_pk, firmware_id)
+            if firmware_row is None:
+                raise errors.FirmwareNotFound()
+        return self.push_ids(device_row["id"], firmware_row["id"])
+
+    def push_ids(self, device_id: int, firmware_pk: int) -> Pushed:
+        """`push` by row ids (the job worker's form)."""
+        return self.push_many(firmware_pk, [device_id])[0]
+
+    def push_many(self, firmware_pk: int, device_ids: list[int]) -> list[Pushed]:
+        """One package to many devices in one transaction (a job's batch); all or none."""
+        pushed: list[Pushed] = []
+        with self.db.write_turn(), self.db.begin() as conn:
+            target = store.firmware_target(conn, firmware_pk)
+            if target is None:
+                raise errors.FirmwareNotFound()
+            products = store.device_products(conn, device_ids)
+            now = now_ms()
+            for device_id in device_ids:
+                if device_id not in products:
+                    raise errors.NotExistedDevice()
+                if products[device_id] != target["product_id"]:
+                    raise errors.FirmwareProductMismatch()
+                message_id = new_message_id()
+                store.upsert(conn, device_id, target["module_name"], firmware_pk, message_id, now)
+                pushed.append(Pushed(device_id, target["module_name"], message_id))
+        for listener in list(self._listeners):
+            for item in pushed:
+                try:
+                    listener(item.device_id)
+                except Exception:  # a listener's failure must not fail the push: polling still delivers
+                    log.exception("push listener failed")
+        return pushed
+
+    # --- what devices get -----------------------------------------------------------------------
+    def offers(self, device_id: int) -> list[PendingPackage]:
+        """Every package the device should install now (pushed to it when it connects)."""
+        with self.db.connect() as conn:
+            rows = store.offers(conn, device_id)
+            return self._packages(conn, rows)
+
+    def offers_many(self, device_ids: list[int]) -> dict[int, list[PendingPackage]]:
+        """`offers` for many devices at once (a burst of CONNECTs)."""
+        with self.db.connect() as conn:
+            packages = self._packages(conn, store.for_devices(conn, sorted(set(device_ids))))
+        found: dict[int, list[PendingPackage]] = {}
+        for package in packages:
+            found.setdefault(package.device_id, []).append(package)
+        return found
+
+    def offer(self, device_id: int, module: str | None) -> PendingPackage | None:
+        """The answer to the device's firmware/get for one module (None = `default`)."""
+        with self.db.connect() as conn:
+            rows = store.offers(conn, device_id, module or DEFAULT_MODULE)
+            packages = self._packages(conn, rows)
+        return packages[0] if packages else None
+
+    def undelivered(self, limit: int = UNDELIVERED_BATCH, online_only: bool = True) -> list[PendingKey]:
+        """Pushes that no process delivered yet, to devices some process has online (cheap:
+        every device channel asks every second, then loads only the packages it can deliver).
+        `online_only=False`: to any device (the external-broker channel cannot see connections)."""
+        query = store.undelivered_online if online_only else store.undelivered_any
+        with self.db.connect() as conn:
+            return [PendingKey(r.device_id, r.module_name, r.message_id) for r in query(conn, limit)]
+
+    def packages(self, keys: Iterable[PendingKey]) -> list[PendingPackage]:
+        """The packages of these pushes, for those still pending and not replaced since."""
+        wanted = {(k.device_id, k.module_name, k.message_id) for k in keys}
+        with self.db.connect() as conn:
+            rows = store.for_devices(conn, sorted({k[0] for k in wanted}))
+            rows = [r for r in rows if (r["device_id"], r["module_name"], r["message_id"]) in wanted]
+            return self._packages(conn, rows)
+
+    def mark_delivered(self, items: Iterable[tuple[int, str, int]]) -> None:
+        """(device_id, module_name, message_id) of pushes the devices acknowledged."""
+        items = list(items)
+        if items:
+            with self.db.write_turn(), self.db.begin() as conn:
+                store.mark_delivered(conn, items, now_ms())
+
+    def _packages(self, conn, rows) -> list[PendingPackage]:
+        files = store.files_of(conn, [r["firmware_pk"] for r in rows if r["blob_key"] is None])
+        packages = []
+        for row in rows:
+            package_files = tuple(
+                PackageFile(f["name"], f["size"], self.firmware.download_url(f["blob_key"]), f["sign_value"],
+                            f["file_md5"])
+                for f in files.get(row["firmware_pk"], [])
+            )
+            single = row["blob_key"] is not None
+            packages.append(PendingPackage(
+                device_id=row["device_id"], product_key=row["product_key"], device_name=row["device_name"],
+                module_name=row["module_name"], module_is_default=bool(row["module_is_default"]),
+                message_id=row["message_id"], firmware_id=row["firmware_id"], version=row["dest_version"],
+                size=row["size"], sign_method=row["sign_method"], sign=row["sign"],
+                md5=self._md5(row) if single else None,
+                url=self.firmware.download_url(row["blob_key"]) if single else None,
+                files=package_files, is_diff=row["type"] == 1, udi=row["udi"],
+                progress=row["progress"], progress_desc=row["progress_desc"],
+                delivered=row["delivered_ms"] is not None,
+            ))
+        return packages
+
+    def _md5(self, row) -> str | None:
+        if row["md5"]:
+            return row["md5"]
+        if row["sign_method"] == "Md5":
+            return row["sign"]
+        # A SHA256 package created before the md5 column: hash it once and keep the result.
+        digest = self.firmware.blobs.digest(row["blob_key"])
+        if digest is None:
+            return None
+        with self.db.begin() as conn:
+            store.set_firmware_md5(conn, row["firmware_pk"], digest.md5)
+        return digest.md5
+
+    # --- what devices say -----------------------------------------------------------------------
+    def version_reported(self, device_id: int, module: str | None, version: str) -> bool:
+        """Record the module's version; True when that completes the pending package."""
+        module_name = module or DEFAULT_MODULE
+        self.devices.report_version(device_id, module_name, version)
+        with self.db.write_turn(), self.db.begin() as conn:
+            return store.clear_installed(conn, device_id, module_name, version) > 0
+
+    def progress_reported(self, device_id: int, module: str | None, step: int, desc: str | None) -> bool:
+        """Record a progress step (-4..-1 failure, 0..100 percent); False when nothing is pending."""
+        with self.db.write_turn(), self.db.begin() as conn:
+            return store.record_progress(conn, device_id, module or DEFAULT_MODULE, step, desc, now_ms()) > 0

@@ -1,0 +1,193 @@
+"""Queries for the packages devices should install (`device_ota_pending`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, RowMapping
+
+from otaplane.store.schema import device_ota_pending as pending
+from otaplane.store.schema import devices, firmware, firmware_files, ota_modules, products
+
+# A pending row with everything a push needs.
+_PACKAGE = (
+    sa.select(
+        pending.c.device_id,
+        pending.c.module_name,
+        pending.c.message_id,
+        pending.c.progress,
+        pending.c.progress_desc,
+        pending.c.delivered_ms,
+        pending.c.firmware_pk,
+        firmware.c.firmware_id,
+        firmware.c.dest_version,
+        firmware.c.size,
+        firmware.c.sign_method,
+        firmware.c.sign,
+        firmware.c.md5,
+        firmware.c.blob_key,
+        firmware.c.type,
+        firmware.c.udi,
+        ota_modules.c.is_default.label("module_is_default"),
+        products.c.product_key,
+        devices.c.device_name,
+    )
+    .join(firmware, firmware.c.id == pending.c.firmware_pk)
+    .join(ota_modules, ota_modules.c.id == firmware.c.module_id)
+    .join(devices, devices.c.id == pending.c.device_id)
+    .join(products, products.c.id == devices.c.product_id)
+)
+
+# A failed upgrade (a step of -1..-4) is not offered again until the next push.
+_OFFERABLE = sa.or_(pending.c.progress.is_(None), pending.c.progress >= 0)
+
+
+def device_row(conn: Connection, instance_pk: int | None, iot_id: str | None,
+               product_key: str | None, device_name: str | None) -> RowMapping | None:
+    """id and product of a device, within one instance (or any, for instance_pk None)."""
+    query = sa.select(devices.c.id, devices.c.product_id, products.c.instance_pk).join(
+        products, products.c.id == devices.c.product_id)
+    if iot_id:
+        query = query.where(devices.c.iot_id == iot_id)
+    else:
+        query = query.where(products.c.product_key == product_key, devices.c.device_name == device_name)
+    if instance_pk is not None:
+        query = query.where(products.c.instance_pk == instance_pk)
+    row = conn.execute(query).first()
+    return row._mapping if row else None
+
+
+def firmware_row(conn: Connection, instance_pk: int | None, firmware_id: str) -> RowMapping | None:
+    query = sa.select(firmware.c.id, firmware.c.product_id, ota_modules.c.module_name).join(
+        ota_modules, ota_modules.c.id == firmware.c.module_id).where(firmware.c.firmware_id == firmware_id)
+    if instance_pk is not None:
+        query = query.where(firmware.c.instance_pk == instance_pk)
+    row = conn.execute(query).first()
+    return row._mapping if row else None
+
+
+def firmware_target(conn: Connection, firmware_pk: int) -> RowMapping | None:
+    row = conn.execute(
+        sa.select(firmware.c.id, firmware.c.product_id, ota_modules.c.module_name)
+        .join(ota_modules, ota_modules.c.id == firmware.c.module_id)
+        .where(firmware.c.id == firmware_pk)
+    ).first()
+    return row._mapping if row else None
+
+
+def device_products(conn: Connection, device_ids: list[int]) -> dict[int, int]:
+    """device id -> product id, for those that exist."""
+    found: dict[int, int] = {}
+    for start in range(0, len(device_ids), 500):
+        rows = conn.execute(sa.select(devices.c.id, devices.c.product_id)
+                            .where(devices.c.id.in_(device_ids[start:start + 500])))
+        found.update({row.id: row.product_id for row in rows})
+    return found
+
+
+def upsert(conn: Connection, device_id: int, module_name: str, firmware_pk: int, message_id: int,
+           now_ms: int) -> None:
+    """The device's package for the module from now on; it replaces any earlier one."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    fresh = {"firmware_pk": firmware_pk, "message_id": message_id, "progress": None, "progress_desc": None,
+             "delivered_ms": None, "modified_ms": now_ms}
+    statement = dialect.insert(pending).values(device_id=device_id, module_name=module_name, created_ms=now_ms,
+                                               **fresh)
+    conn.execute(statement.on_conflict_do_update(
+        index_elements=[pending.c.device_id, pending.c.module_name], set_=fresh))
+
+
+def offers(conn: Connection, device_id: int, module_name: str | None = None) -> list[RowMapping]:
+    query = _PACKAGE.where(pending.c.device_id == device_id, _OFFERABLE)
+    if module_name is not None:
+        query = query.where(pending.c.module_name == module_name)
+    return [row._mapping for row in conn.execute(query.order_by(pending.c.module_name))]
+
+
+def undelivered_online(conn: Connection, limit: int) -> list[sa.Row]:
+    """(device_id, module_name, message_id) of pushes not yet delivered to devices that some
+    server process has online, oldest first."""
+    query = (
+        sa.select(pending.c.device_id, pending.c.module_name, pending.c.message_id)
+        .join(devices, devices.c.id == pending.c.device_id)
+        .where(pending.c.delivered_ms.is_(None), devices.c.online.is_(True), _OFFERABLE)
+        .order_by(pending.c.modified_ms, pending.c.device_id, pending.c.module_name)
+        .limit(limit)
+    )
+    return list(conn.execute(query))
+
+
+def undelivered_any(conn: Connection, limit: int) -> list[sa.Row]:
+    """`undelivered_online` whatever the devices' online state (an external broker: otaplane
+    does not know who is connected)."""
+    query = (
+        sa.select(pending.c.device_id, pending.c.module_name, pending.c.message_id)
+        .join(devices, devices.c.id == pending.c.device_id)
+        .where(pending.c.delivered_ms.is_(None), _OFFERABLE)
+        .order_by(pending.c.modified_ms, pending.c.device_id, pending.c.module_name)
+        .limit(limit)
+    )
+    return list(conn.execute(query))
+
+
+def for_devices(conn: Connection, device_ids: list[int]) -> list[RowMapping]:
+    found: list[RowMapping] = []
+    for start in range(0, len(device_ids), 500):
+        query = _PACKAGE.where(pending.c.device_id.in_(device_ids[start:start + 500]), _OFFERABLE)
+        found.extend(row._mapping for row in conn.execute(query))
+    return found
+
+
+def files_of(conn: Connection, firmware_pks: Iterable[int]) -> dict[int, list[RowMapping]]:
+    keys = sorted(set(firmware_pks))
+    found: dict[int, list[RowMapping]] = {}
+    for start in range(0, len(keys), 500):
+        rows = conn.execute(
+            sa.select(firmware_files)
+            .where(firmware_files.c.firmware_pk.in_(keys[start:start + 500]))
+            .order_by(firmware_files.c.firmware_pk, firmware_files.c.position)
+        )
+        for row in rows:
+            found.setdefault(row.firmware_pk, []).append(row._mapping)
+    return found
+
+
+def mark_delivered(conn: Connection, items: Iterable[tuple[int, str, int]], now_ms: int) -> None:
+    """(device_id, module_name, message_id): only that push, not one that replaced it since."""
+    params = [{"p_device": d, "p_module": m, "p_message": i, "p_now": now_ms} for d, m, i in items]
+    if params:
+        conn.execute(
+            sa.update(pending)
+            .where(pending.c.device_id == sa.bindparam("p_device"),
+                   pending.c.module_name == sa.bindparam("p_module"),
+                   pending.c.message_id == sa.bindparam("p_message"))
+            .values(delivered_ms=sa.bindparam("p_now")),
+            params,
+        )
+
+
+def record_progress(conn: Connection, device_id: int, module_name: str, step: int, desc: str | None,
+                    now_ms: int) -> int:
+    return conn.execute(
+        sa.update(pending)
+        .where(pending.c.device_id == device_id, pending.c.module_name == module_name)
+        .values(progress=step, progress_desc=desc, modified_ms=now_ms)
+    ).rowcount
+
+
+def clear_installed(conn: Connection, device_id: int, module_name: str, version: str) -> int:
+    """Forget the module's package when the device reports its DestVersion."""
+    installs_it = sa.select(firmware.c.id).where(firmware.c.dest_version == version)
+    return conn.execute(
+        sa.delete(pending).where(
+            pending.c.device_id == device_id,
+            pending.c.module_name == module_name,
+            pending.c.firmware_pk.in_(installs_it),
+        )
+    ).rowcount
+
+
+def set_firmware_md5(conn: Connection, firmware_pk: int, md5: str) -> None:
+    conn.execute(sa.update(firmware).where(firmware.c.id == firmware_pk).values(md5=md5))

@@ -1,0 +1,85 @@
+"""The device channel in this process (as `otaplane serve` runs it, minus HTTP): a push made in
+the same process reaches the device at once, without waiting for the next poll."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import time
+
+import pytest
+
+from otaplane.devices import broker as channel_module
+from otaplane.devices.broker import DeviceChannel
+from otaplane.server import prepare
+from otaplane.services.container import Services
+from otaplane.services.devices import DeviceRef
+from otaplane.services.firmware import NewFirmware
+from otaplane.services.products import NewProduct
+from otaplane.settings import Settings
+from otaplane.store import uploads
+from tests.support.devices import connect
+from tests.support.server import free_port
+
+
+@pytest.fixture()
+def running(tmp_path, monkeypatch):
+    """(services, channel) with the channel's loop in a thread; its poll would wait 60 s."""
+    monkeypatch.setattr(channel_module, "PENDING_POLL_INTERVAL_S", 60.0)
+    services = Services.build(Settings(data_dir=tmp_path))
+    prepare(services)
+    channel = DeviceChannel(services, "127.0.0.1", free_port())
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+
+    def run():
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(channel.start())
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    yield services, channel
+    asyncio.run_coroutine_threadsafe(channel.stop(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    services.close()
+
+
+def test_an_in_process_push_is_delivered_without_waiting_for_the_poll(running, tmp_path):
+    services, channel = running
+    services.accounts.create_key("inproc")
+    tenant = services.accounts.tenant_by_name("inproc")
+    product = services.products.create(tenant, NewProduct(product_name="inproc", node_type=0))
+    device = services.devices.register(tenant, product.product_key, "inproc-dev", None)
+
+    content = b"in-process firmware" * 50
+    key = f"ota/{tenant.instance_id}/inproc.bin"
+    path = services.blobs.root / key  # the local store keeps an object as a file under its key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    with services.db.begin() as conn:
+        uploads.record(conn, key, tenant.instance_pk, int(time.time() * 1000))
+    firmware = services.firmware.create(tenant, NewFirmware(
+        product_key=product.product_key, name="inproc", dest_version="9.0.0",
+        firmware_url=services.blobs.object_url(key)))
+
+    client = connect(channel.port, product.product_key, "inproc-dev", device.device_secret)
+    try:
+        deadline = time.monotonic() + 10
+        while not channel.is_online(services.devices.credentials(product.product_key, "inproc-dev").device_id):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        started = time.monotonic()
+        pushed = services.device_ota.push(tenant, DeviceRef(product_key=product.product_key,
+                                                            device_name="inproc-dev"), firmware.firmware_id)
+        body = client.expect(client.upgrade_topic, timeout=5).json()
+        elapsed = time.monotonic() - started
+        assert body["id"] == pushed.message_id
+        assert body["data"]["md5"] == hashlib.md5(content).hexdigest()
+        assert elapsed < 2, elapsed  # the poll would take 60 s
+    finally:
+        client.close()

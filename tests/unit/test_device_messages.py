@@ -1,0 +1,124 @@
+"""OTA payloads: lenient parsing of what devices send, and exactly what otaplane sends them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from otaplane.devices import messages
+from otaplane.devices.messages import MalformedMessage
+from otaplane.services.device_ota import PackageFile, PendingPackage
+
+MD5 = "93230c3bde425a9d7984a594ac55ea1e"
+SHA256 = "5" * 64
+
+PACKAGE = PendingPackage(
+    device_id=1, product_key="a1PK", device_name="dev1", module_name="default", module_is_default=True,
+    message_id=1507707025, firmware_id="fw1", version="2.0.0", size=432945, sign_method="Md5", sign=MD5,
+    md5=MD5, url="http://127.0.0.1:8080/blobs/x.bin?Expires=1&Signature=s", files=(), is_diff=False, udi=None,
+    progress=None, progress_desc=None, delivered=False,
+)
+
+
+def test_push_of_a_full_md5_package_in_the_default_module():
+    body = json.loads(messages.upgrade_push(PACKAGE))
+    assert body == {
+        "code": "1000", "message": "success", "id": 1507707025,
+        "data": {"size": 432945, "version": "2.0.0", "url": PACKAGE.url, "md5": MD5, "sign": MD5,
+                 "signMethod": "Md5"},
+    }
+
+
+def test_push_of_a_sha256_diff_package_in_a_module_with_udi():
+    package = replace(PACKAGE, module_name="MCU", module_is_default=False, sign_method="SHA256",
+                      sign=SHA256.upper(), md5=MD5.upper(), is_diff=True, udi='{"ota":"x"}')
+    data = json.loads(messages.upgrade_push(package))["data"]
+    assert data["signMethod"] == "SHA256"
+    assert data["sign"] == SHA256 and data["md5"] == MD5  # lowercase hex, md5 always there
+    assert data["module"] == "MCU"
+    assert data["isDiff"] == 1
+    assert data["extData"] == {"_package_udi": '{"ota":"x"}'}
+    assert isinstance(data["size"], int)
+
+
+def test_multi_file_package():
+    files = (PackageFile("a.bin", 10, "http://h/a", "aa" * 16, "aa" * 16),
+             PackageFile("b.bin", 20, "http://h/b", "BB" * 16, "bb" * 16))
+    package = replace(PACKAGE, files=files, url=None, sign=None, md5=None, size=30)
+    data = json.loads(messages.upgrade_push(package))["data"]
+    assert data["files"] == [
+        {"fileName": "a.bin", "fileSize": 10, "fileUrl": "http://h/a", "fileSign": "aa" * 16},
+        {"fileName": "b.bin", "fileSize": 20, "fileUrl": "http://h/b", "fileSign": "bb" * 16},
+    ]
+    assert data["size"] == 30 and "url" not in data and "sign" not in data
+
+
+def test_firmware_get_reply_echoes_the_id_as_sent():
+    assert json.loads(messages.firmware_get_reply("123", None)) == {
+        "id": "123", "code": 200, "data": {}, "message": "success", "method": "thing.ota.firmware.get"}
+    reply = json.loads(messages.firmware_get_reply(5, PACKAGE))
+    assert reply["id"] == 5 and reply["code"] == 200 and reply["data"]["version"] == "2.0.0"
+
+
+@pytest.mark.parametrize("payload, module, request_id", [
+    (b'{"id": 1, "params": {"version": "1.0.0", "module": "MCU"}}', "MCU", 1),
+    (b'{"id":"123","params":{"version":"1.0.0"}}', None, "123"),
+    (b'{"id": 1,"params": {"version":"1.0.0","module": "default"}}', "default", 1),
+    (b'{"id":1,"params":{"version":"1.0.0","module":"",},}', None, 1),  # trailing commas
+])
+def test_parse_inform(payload, module, request_id):
+    report = messages.parse_inform(payload)
+    assert (report.version, report.module, report.request_id) == ("1.0.0", module, request_id)
+
+
+@pytest.mark.parametrize("payload", [
+    b"not json", b"[1,2]", b'{"id": 1}', b'{"id": 1, "params": {"version": ""}}',
+    b'{"id": 1, "params": {"version": 1}}', b'{"id": [1], "params": {"version": "1"}}',
+    b'{"id": 1, "params": "x"}', b"\xff\xfe", ('{"params": {"version": "%s"}}' % ("9" * 65)).encode(),
+    b'{"params": {"version": "1\\u0000"}}', b'{"params": {"version": "1", "module": 5}}',
+])
+def test_malformed_informs(payload):
+    with pytest.raises(MalformedMessage):
+        messages.parse_inform(payload)
+
+
+def test_oversize_payloads_are_refused():
+    with pytest.raises(MalformedMessage):
+        messages.loads_lenient(b"{" + b" " * messages.MAX_PAYLOAD_BYTES + b"}")
+
+
+@pytest.mark.parametrize("payload, step, desc", [
+    (b'{"id": "1", "params": {"step": "-1", "desc": "failed", "module": "MCU"}}', -1, "failed"),
+    (b'{"id": 1, "params": {"step": 50}}', 50, None),
+    (b'{"id": 1, "params": {"step": "100", "desc": ""}}', 100, None),
+    (b'{"id": 1, "params": {"step": "0", "desc": "",}}', 0, None),
+    (b'{"id": 1, "params": {"step": "-4"}}', -4, None),
+])
+def test_parse_progress(payload, step, desc):
+    report = messages.parse_progress(payload)
+    assert (report.step, report.desc) == (step, desc)
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"params": {"step": "101"}}', b'{"params": {"step": "-5"}}', b'{"params": {"step": "x"}}',
+    b'{"params": {"step": true}}', b'{"params": {}}', b'{"params": {"step": 1.5}}',
+    b'{"params": {"step": "1", "desc": 5}}',
+])
+def test_malformed_progress(payload):
+    with pytest.raises(MalformedMessage):
+        messages.parse_progress(payload)
+
+
+def test_long_descriptions_are_cut():
+    payload = json.dumps({"params": {"step": "-2", "desc": "x" * 1000}}).encode()
+    assert len(messages.parse_progress(payload).desc) == messages.MAX_DESC_LENGTH
+
+
+def test_parse_firmware_get():
+    assert messages.parse_firmware_get(b'{"id":7,"params":{}}') == messages.FirmwareQuery(7, None)
+    query = messages.parse_firmware_get(
+        b'{"id": "123", "version": "1.0", "params": {"module": "MCU"}, "method": "thing.ota.firmware.get"}')
+    assert query == messages.FirmwareQuery("123", "MCU")
+    assert messages.parse_firmware_get(b'{"id": 1}') == messages.FirmwareQuery(1, None)
