@@ -19,7 +19,7 @@ the per-instance limit) before the server first starts, and the queried packages
 and created through the API (GenerateOTAUploadURL, PostObject, CreateOTAFirmware), so that
 QueryOTAFirmware does all of its work, presigned URL included.
 
-    python bench/firmware.py                 # SQLite, wrk when installed, about 4 minutes
+    python bench/firmware.py                 # SQLite, wrk when installed, about 4-5 minutes
     python bench/firmware.py --quick         # smoke run with small counts, under a minute
     python bench/firmware.py --database-url postgresql://postgres@127.0.0.1:5432/test
 """
@@ -64,13 +64,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="QueryOTAFirmware throughput/latency by store size and presigned download throughput.",
     )
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 100 and 2,000 packages, 20 MB file, 1 round of 2 s (< 60 s in all)")
+                        help="smoke run: 100 and 2,000 packages, 20 MB file, 2 rounds of 1 s (< 60 s in all)")
     parser.add_argument("--only", choices=("queries", "downloads"), help="run one part only")
     parser.add_argument("--packages", type=int, nargs=2, metavar=("SMALL", "LARGE"),
                         help="packages in the two stores [1000 100000; --quick: 100 2000]")
-    parser.add_argument("--duration", type=float, help="timed seconds per target and round [8; --quick: 2]")
+    parser.add_argument("--duration", type=float, help="timed seconds per target and round [5; --quick: 1]")
     parser.add_argument("--warmup", type=float, help="warm-up seconds per target, at least 1 [2; --quick: 1]")
-    parser.add_argument("--rounds", type=int, help="timed rounds, alternating the targets [3; --quick: 1]")
+    parser.add_argument("--rounds", type=int,
+                        help="timed rounds, alternating the targets; keep it even [6; --quick: 2]")
     parser.add_argument("--connections", type=int, default=32, help="concurrent connections under load [32]")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads [1]")
     parser.add_argument("--tool", choices=("auto", "wrk", "python"), default="auto",
@@ -88,9 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     quick = args.quick
     defaults = {
         "packages": [100, 2000] if quick else [1000, 100_000],
-        "duration": 2.0 if quick else 8.0,
+        "duration": 1.0 if quick else 5.0,
         "warmup": 1.0 if quick else 2.0,
-        "rounds": 1 if quick else 3,
+        "rounds": 2 if quick else 6,
         "download_mb": 20 if quick else 200,
         "downloads": 2 if quick else 6,
         "batches": 1 if quick else 3,
@@ -101,8 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     small, large = args.packages
     if not 2 <= small < large:
         parser.error("--packages SMALL LARGE needs 2 <= SMALL < LARGE")
-    if args.duration <= 0 or args.warmup < 0 or min(args.connections, args.threads, args.rounds) < 1:
-        parser.error("--duration must be > 0, --warmup >= 0, --connections, --threads and --rounds >= 1")
+    if args.duration <= 0 or args.warmup < 0 or min(args.threads, args.rounds) < 1 or args.connections < 2:
+        parser.error("--duration must be > 0, --warmup >= 0, --threads and --rounds >= 1, --connections >= 2 "
+                     "(latency at 1 connection is measured anyway)")
     if args.duration > 600:
         parser.error("keep --duration within 600 s (the signatures of a pool expire after 900 s)")
     if min(args.download_mb, args.downloads, args.parallel, args.batches) < 1:
@@ -189,7 +191,8 @@ def bulk_fill(sa_url: str, master_key: str, data_dir: Path, count: int) -> tuple
                     packages.append({
                         "firmware_id": alnum(26), "instance_pk": instance_pks[slot],
                         "product_id": product_pks[slot], "module_id": module_pks[slot],
-                        "name": f"fw-{number:04d}", "description": None, "dest_version": f"1.{number // 100}.{number % 100}",
+                        "name": f"fw-{number:04d}", "description": None,
+                        "dest_version": f"1.{number // 100}.{number % 100}",
                         "src_version": None, "type": 0, "sign_method": "Md5", "sign": sign, "md5": sign,
                         "size": rng.randrange(100_000, 50_000_000), "blob_key": key, "udi": None,
                         "need_to_verify": True, "status": 0, "verify_progress": 0,
@@ -219,7 +222,8 @@ def store_census(sa_url: str) -> tuple[int, int, int]:
     try:
         with db.connect() as conn:
             total = conn.execute(sa.select(sa.func.count()).select_from(firmware)).scalar_one()
-            per_instance = sa.select(sa.func.count().label("n")).select_from(firmware).group_by(firmware.c.instance_pk).subquery()
+            per_instance = (sa.select(sa.func.count().label("n")).select_from(firmware)
+                            .group_by(firmware.c.instance_pk).subquery())
             row = conn.execute(sa.select(sa.func.count(), sa.func.max(per_instance.c.n))).one()
         return total, row[0], row[1] or 0
     finally:
@@ -317,9 +321,11 @@ class PackageStore:
 
     def stop(self) -> None:
         self.server.stop()
-        tail = self.server.logs(tail=5)
-        if any(word in tail for word in ("ERROR", "Traceback")):
-            log(f"  last lines of the otaplane log ({self.label}):\n{tail}")
+        lines = self.server.logs(tail=400).splitlines()
+        first = next((i for i, line in enumerate(lines) if " ERROR " in line or "Traceback" in line), None)
+        if first is not None:  # a failed request says why there
+            shown = "\n".join(lines[first:first + 60])
+            log(f"  the otaplane log ({self.label}) from its first error:\n{shown}")
 
 
 # --- part 1 and 2: QueryOTAFirmware --------------------------------------------------------------
@@ -329,12 +335,18 @@ class QueryRun:
     connections: int
     round: int
     result: common.LoadResult
+    slice: int = 0  # 1-connection windows are cut into alternating slices
 
 
 def run_queries(args, workdir: Path, stores: list[PackageStore]) -> list[QueryRun]:
+    """Per round: the bare endpoint, both stores under load (order alternating between rounds),
+    then both stores at one connection in alternating slices of about 1 s (so that the machine's
+    drift hits both sizes alike)."""
     tool = args.tool
     loaded = common.LoadSpec(args.connections, args.duration, args.warmup, args.threads)
     single = common.LoadSpec(1, args.duration, args.warmup, 1)
+    slices = max(1, int(args.duration))
+    slice_s = args.duration / slices
     hello = common.hello_server(workdir)
     runs: list[QueryRun] = []
     try:
@@ -349,22 +361,29 @@ def run_queries(args, workdir: Path, stores: list[PackageStore]) -> list[QueryRu
             paths = store.presign("small", pool_size(bare_rate, warmup_s, 1.25))
             rates.append(common.run_phase(tool, label, store.server.base_url, loaded, warmup_s, workdir,
                                           paths=paths).rps)
+        single_rates = list(rates)
         for number in range(1, args.rounds + 1):
-            log(f"  round {number}/{args.rounds}: {args.duration:g} s per target ...")
+            log(f"  round {number}/{args.rounds}: {args.duration:g} s per target and concurrency ...")
             bare = common.run_phase(tool, bare_label, hello.base_url, loaded, args.duration, workdir)
             runs.append(QueryRun(-1, loaded.connections, number, bare))
             order = list(range(len(stores)))
             if number % 2 == 0:
-                order.reverse()  # neither store always goes first
-            for spec in (loaded, single):
-                for index in order:
+                order.reverse()  # the window right after the bare one tends to be slower: alternate
+            for index in order:
+                store = stores[index]
+                paths = store.presign("small", pool_size(min(bare.rps, rates[index] * 2), args.duration, 1.25))
+                result = common.run_phase(tool, labels[index], store.server.base_url, loaded, args.duration,
+                                          workdir, paths=paths)
+                rates[index] = max(rates[index], result.rps)
+                runs.append(QueryRun(index, loaded.connections, number, result))
+            for part in range(slices):
+                for index in (order if part % 2 == 0 else order[::-1]):
                     store = stores[index]
-                    count = pool_size(min(bare.rps, rates[index] * 2), args.duration, 1.25)
-                    paths = store.presign("small", count)
-                    result = common.run_phase(tool, labels[index], store.server.base_url, spec, args.duration,
+                    paths = store.presign("small", pool_size(single_rates[index] * 2, slice_s, 1.25))
+                    result = common.run_phase(tool, labels[index], store.server.base_url, single, slice_s,
                                               workdir, paths=paths)
-                    rates[index] = max(rates[index], result.rps)
-                    runs.append(QueryRun(index, spec.connections, number, result))
+                    single_rates[index] = max(single_rates[index], result.rps)
+                    runs.append(QueryRun(index, 1, number, result, part))
         return runs
     finally:
         hello.stop()
@@ -544,12 +563,23 @@ def verify_download(url: str, size: int, md5: str) -> None:
             digest.update(chunk)
             got += len(chunk)
     if got != size or digest.hexdigest() != md5:
-        raise RuntimeError(f"the downloaded package differs from the uploaded file ({got} bytes, md5 {digest.hexdigest()})")
+        raise RuntimeError(f"the downloaded package differs from the uploaded file ({got} bytes, "
+                           f"md5 {digest.hexdigest()})")
 
 
 # --- reporting ---------------------------------------------------------------------------------
 def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def _combine(results: list[common.LoadResult]) -> common.LoadResult:
+    if len(results) == 1:
+        return results[0]
+    return common.LoadResult(
+        results[0].label, sum(r.requests for r in results), sum(r.duration_s for r in results),
+        _median([r.p50_ms for r in results]), _median([r.p99_ms for r in results]),
+        sum(r.errors for r in results), any(r.exhausted for r in results),
+    )
 
 
 def _pct(value: float) -> str:
@@ -563,7 +593,6 @@ def _growth(value: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     small, large = args.packages
-    backend = "postgresql" if args.database_url else "sqlite"
     want_queries = args.only in (None, "queries")
     want_downloads = args.only in (None, "downloads")
     query_runs: list[QueryRun] = []
@@ -638,8 +667,9 @@ def main(argv: list[str] | None = None) -> int:
         extra += [
             ("signer", f"{common.RPC_SIGNER_NAME} (V1, HMAC-SHA1; a fresh nonce per request, signed before "
                        "each timed window)"),
-            ("request", "GET QueryOTAFirmware?FirmwareId=<a real 64 KB package> (with its presigned URL)"),
-            ("latency", f"at 1 connection and at {args.connections} connections, both stores up, alternating"),
+            ("request", "GET QueryOTAFirmware?FirmwareId=<a real 64 KiB package> (with its presigned URL)"),
+            ("latency", f"both stores up; at {args.connections} connections a whole window each, the order "
+                        "alternating between rounds; at 1 connection alternating slices of about 1 s"),
         ]
     if want_downloads:
         client = f"curl {_curl_version()} to /dev/null" if shutil.which("curl") else "httpx stream, bytes discarded"
@@ -660,34 +690,38 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- queries
     if query_runs:
-        print("QueryOTAFirmware, signed, one worker (each round: bare endpoint, then both stores at "
-              f"{args.connections} connections, then both at 1)")
-        rows = []
+        # One row per round, store and concurrency; the 1-connection slices of a round are combined
+        # (requests summed, p50 and p99 the medians of the slices').
+        groups: dict[tuple[int, int, int], list[common.LoadResult]] = {}
         for run in query_runs:
-            r = run.result
+            groups.setdefault((run.store, run.connections, run.round), []).append(run.result)
+            failures += run.result.errors + run.result.exhausted
+        combined = {key: _combine(results) for key, results in groups.items()}
+        slices = max(1, int(args.duration))  # as in run_queries
+        print(f"QueryOTAFirmware, signed, one worker; each round: the bare endpoint, both stores at "
+              f"{args.connections} connections, then both at 1 connection in {slices} alternating slices "
+              "(p50, p99: medians of the slices')")
+        rows = []
+        for (store, conns, number), r in combined.items():
             errors = str(r.errors) + (" (pool ran out)" if r.exhausted else "")
-            failures += r.errors + r.exhausted
-            rows.append([r.label, str(run.connections), str(run.round), f"{r.requests:,}", f"{r.rps:,.0f}",
+            rows.append([r.label, str(conns), str(number), f"{r.requests:,}", f"{r.rps:,.0f}",
                          f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}", errors])
         common.print_table(["target", "conns", "round", "requests", "req/s", "p50 ms", "p99 ms", "errors"], rows)
         print()
 
         def per_round(store: int, conns: int) -> dict[int, common.LoadResult]:
-            return {r.round: r.result for r in query_runs if r.store == store and r.connections == conns}
+            return {n: r for (s, c, n), r in combined.items() if s == store and c == conns}
 
         bare = per_round(-1, args.connections)
         print("medians of the rounds")
         rows = []
-        for conns in dict.fromkeys((args.connections, 1)):
-            for index, store in enumerate(stores):
-                results = list(per_round(index, conns).values())
-                rows.append([f"QueryOTAFirmware, {store.label}", str(conns),
-                             f"{_median([r.rps for r in results]):,.0f}",
-                             f"{_median([r.p50_ms for r in results]):.2f}",
-                             f"{_median([r.p99_ms for r in results]):.2f}"])
-        results = list(bare.values())
-        rows.insert(0, ["bare Starlette hello", str(args.connections), f"{_median([r.rps for r in results]):,.0f}",
-                        f"{_median([r.p50_ms for r in results]):.2f}", f"{_median([r.p99_ms for r in results]):.2f}"])
+        for label, store, conns in [("bare Starlette hello", -1, args.connections),
+                                    *[(f"QueryOTAFirmware, {st.label}", i, c)
+                                      for c in (args.connections, 1) for i, st in enumerate(stores)]]:
+            results = list(per_round(store, conns).values())
+            rows.append([label, str(conns), f"{_median([r.rps for r in results]):,.0f}",
+                         f"{_median([r.p50_ms for r in results]):.2f}",
+                         f"{_median([r.p99_ms for r in results]):.2f}"])
         common.print_table(["target", "conns", "req/s", "p50 ms", "p99 ms"], rows)
         print()
         for index, store in enumerate(stores):
@@ -695,9 +729,13 @@ def main(argv: list[str] | None = None) -> int:
             ratio = _median([signed[n].rps / bare[n].rps for n in signed if bare[n].rps])
             summary.append((f"QueryOTAFirmware req/s vs bare endpoint ({store.label}, {args.connections} conns)",
                             ratio, f">= {TARGET_RPS_RATIO:.0%}", ratio >= TARGET_RPS_RATIO))
-        for conns in dict.fromkeys((1, args.connections)):
-            a, b = per_round(0, conns), per_round(1, conns)
-            growth = _median([b[n].p50_ms / a[n].p50_ms - 1 for n in a if n in b and a[n].p50_ms])
+        # p50 growth: the median of the ratios of back-to-back windows (slices at 1 connection).
+        for conns in (1, args.connections):
+            pairs: dict[tuple[int, int], dict[int, float]] = {}
+            for run in query_runs:
+                if run.store >= 0 and run.connections == conns:
+                    pairs.setdefault((run.round, run.slice), {})[run.store] = run.result.p50_ms
+            growth = _median([p[1] / p[0] - 1 for p in pairs.values() if len(p) == 2 and p[0]])
             summary.append((f"p50 growth {stores[0].label} -> {stores[1].label} ({conns} conn{'s' * (conns > 1)})",
                             growth, f"< +{TARGET_P50_GROWTH:.0%}", growth < TARGET_P50_GROWTH))
 
@@ -741,7 +779,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({
             "environment": dict(environment),
             "queries": [{"target": r.result.label,
-                         "connections": r.connections, "round": r.round, "requests": r.result.requests,
+                         "connections": r.connections, "round": r.round, "slice": r.slice,
+                         "requests": r.result.requests,
                          "duration_s": r.result.duration_s, "rps": r.result.rps, "p50_ms": r.result.p50_ms,
                          "p99_ms": r.result.p99_ms, "errors": r.result.errors,
                          "pool_exhausted": r.result.exhausted} for r in query_runs],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from datetime import datetime, timezone
 
@@ -22,6 +23,7 @@ def gmt_rfc(ms: int) -> str:
     return dt.strftime("%a, %d-%b-%Y %H:%M:%S GMT")
 
 
+@functools.lru_cache(maxsize=1024)  # every signed request parses one; clients reuse a second's
 def parse_utc_seconds(text: str) -> float | None:
     """Seconds since the epoch for `YYYY-MM-DDThh:mm:ssZ` (fractions allowed), else None."""
     value = text.strip()

@@ -313,3 +313,32 @@ def test_signatures_equal():
     assert not signing.signatures_equal(V3_SIGNATURE, V3_SIGNATURE[:-1])
     assert not signing.signatures_equal("", V3_SIGNATURE)
     assert signing.signatures_equal("é", "é")
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [],
+        [("A", "")],
+        [("Timestamp", "2024-01-01T00:00:00Z"), ("Action", "QueryProduct"), ("Format", "JSON")],
+        [("a=b", "c"), ("d", "e&f"), ("g", "h:i")],  # separators inside names and values
+        [("k", "a=b&c=d"), ("x", "")],
+        [("k", "v w"), ("t", "1:2")],
+        [("é", "ü:"), ("k", "~-_.")],
+    ],
+)
+def test_canonical_query_fast_path_agrees_with_encoding_each_side(pairs):
+    expected = "&".join(f"{signing.percent_encode(k)}={signing.percent_encode(v)}" for k, v in sorted(pairs))
+    assert signing.canonical_query(pairs) == expected
+
+
+@pytest.mark.parametrize("digest", ["sha1", "sha256"])
+def test_hmac_digest_agrees_with_the_standard_library(digest):
+    import hmac
+    import os
+
+    for length in (0, 1, 30, 31, 63, 64, 65, 127, 128, 200):
+        key = os.urandom(length)
+        for message in (b"", b"GET&%2F&x", os.urandom(1000)):
+            assert signing.hmac_digest(key, message, digest) == hmac.digest(key, message, digest)
+            assert signing.hmac_digest(key, message, digest) == hmac.digest(key, message, digest)  # cached pads

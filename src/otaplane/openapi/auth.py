@@ -1,8 +1,7 @@
 """Who signed this request? Signature V1 or V3, clock window and replay protection.
 
-`authenticate` runs in a worker thread with a database connection: it looks up the key,
-checks the signature and only then records the nonce, so that a forged request can never
-burn a legitimate client's nonce.
+`Authenticator.authenticate` looks up the key, checks the signature and only then records the
+nonce, so that a forged request can never burn a legitimate client's nonce.
 """
 
 from __future__ import annotations
@@ -10,19 +9,16 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-
-from sqlalchemy.engine import Connection
+from typing import NamedTuple
 
 from otaplane import errors
 from otaplane.openapi import signing
 from otaplane.services.accounts import AccountService, ActiveKey
-from otaplane.store import nonces
+from otaplane.store.nonces import NonceWriter
 from otaplane.timefmt import parse_utc_seconds
 
 
-@dataclass(frozen=True)
-class SignedRequest:
+class SignedRequest(NamedTuple):
     """The parts of an HTTP request that take part in a signature."""
 
     method: str
@@ -33,8 +29,7 @@ class SignedRequest:
     body: bytes
 
 
-@dataclass(frozen=True)
-class Caller:
+class Caller(NamedTuple):
     access_key_id: str
     account_id: int
 
@@ -66,41 +61,79 @@ def _require(params: Mapping[str, str], name: str) -> str:
     return value
 
 
-def authenticate(
-    req: SignedRequest, conn: Connection, accounts: AccountService, window_s: int
-) -> Caller:
-    now_s = time.time()
+class Claim(NamedTuple):
+    """Who a request says signed it, read before any lookup."""
+
+    access_key_id: str
+    nonce: str
+    v3: dict[str, str] | None = None  # the parsed Authorization header of a V3 request
+    v3_signed_headers: tuple[str, ...] = ()
+
+
+def claim_of(req: SignedRequest) -> Claim:
+    """The checks that need no key: the signature's parameters or headers are all there."""
     authorization = req.headers.get("authorization", "")
     if authorization.startswith("ACS3-"):
-        key_id, key, nonce = _verify_v3(req, conn, accounts, authorization, window_s, now_s)
+        return _claim_v3(req, authorization)
+    return _claim_v1(req)
+
+
+def verify(req: SignedRequest, claim: Claim, key: ActiveKey, window_s: int, now_s: float) -> None:
+    """The clock window and the signature, with the claimed key's secret."""
+    if claim.v3 is None:
+        _verify_v1(req, key, window_s, now_s)
     else:
-        key_id, key, nonce = _verify_v1(req, conn, accounts, window_s, now_s)
-    # Committed at once: the nonce stays used whatever happens next.
-    with accounts.db.write_turn():
-        fresh = nonces.remember(conn, key_id, nonce, int(now_s * 1000), window_s * 1000)
-        conn.commit()
-    if not fresh:
-        raise errors.SignatureNonceUsed()
-    return Caller(key_id, key.account_id)
+        _verify_v3(req, claim, key, window_s, now_s)
 
 
-def _verify_v1(req, conn, accounts, window_s, now_s) -> tuple[str, ActiveKey, str]:
+class Authenticator:
+    """Who signed this request: claim, key lookup, clock and signature, then the nonce.
+
+    The key comes from the key cache (AccountService.cached_key) or, on a miss, from the
+    database through `run_db` (the gateway runs it inline on SQLite, in a worker thread on
+    PostgreSQL). The nonce is recorded only after the signature checks out, so that a forged
+    request can never burn a legitimate client's nonce, and it is committed (group commit,
+    store.nonces.NonceWriter) before the request goes on: it stays used whatever happens next.
+    """
+
+    def __init__(self, accounts: AccountService, nonces: NonceWriter, window_s: int, run_db):
+        self.accounts = accounts
+        self.nonces = nonces
+        self.window_s = window_s
+        self.run_db = run_db
+
+    async def authenticate(self, req: SignedRequest) -> Caller:
+        now_s = time.time()
+        claim = claim_of(req)
+        key = self.accounts.cached_key(claim.access_key_id)
+        if key is None:
+            key = await self.run_db(self.accounts.active_key, claim.access_key_id)
+        verify(req, claim, key, self.window_s, now_s)
+        window_ms = self.window_s * 1000
+        if not await self.nonces.remember(claim.access_key_id, claim.nonce, int(now_s * 1000), window_ms):
+            raise errors.SignatureNonceUsed()
+        return Caller(claim.access_key_id, key.account_id)
+
+
+def _claim_v1(req: SignedRequest) -> Claim:
     params = req.params
     key_id = _require(params, "AccessKeyId")
-    signature = _require(params, "Signature")
+    _require(params, "Signature")
     method = params.get("SignatureMethod", "HMAC-SHA1")
     if method != "HMAC-SHA1":
         raise errors.InvalidSignatureMethod(method=method)
-    nonce = _check_nonce(_require(params, "SignatureNonce"))
-    key = accounts.active_key(conn, key_id)
+    return Claim(key_id, _check_nonce(_require(params, "SignatureNonce")))
+
+
+def _verify_v1(req: SignedRequest, key: ActiveKey, window_s: int, now_s: float) -> None:
+    params = req.params
     _check_clock(params.get("Timestamp"), window_s, now_s)
     string_to_sign = signing.v1_string_to_sign(req.method, params)
-    if not signing.signatures_equal(signing.v1_signature(key.secret, string_to_sign), signature):
+    if not signing.signatures_equal(signing.v1_signature(key.secret, string_to_sign), params["Signature"]):
         raise errors.SignatureDoesNotMatch(sts=string_to_sign)
-    return key_id, key, nonce
 
 
-def _verify_v3(req, conn, accounts, authorization, window_s, now_s) -> tuple[str, ActiveKey, str]:
+def _claim_v3(req: SignedRequest, authorization: str) -> Claim:
     fields = signing.parse_v3_authorization(authorization)
     if fields is None:
         raise errors.IncompleteSignature(detail="Malformed Authorization header.")
@@ -112,17 +145,18 @@ def _verify_v3(req, conn, accounts, authorization, window_s, now_s) -> tuple[str
     nonce = req.headers.get("x-acs-signature-nonce", "")
     if not nonce:
         raise errors.missing("SignatureNonce")
-    _check_nonce(nonce)
-    key = accounts.active_key(conn, key_id)
+    return Claim(key_id, _check_nonce(nonce), fields, tuple(signed_headers))
+
+
+def _verify_v3(req: SignedRequest, claim: Claim, key: ActiveKey, window_s: int, now_s: float) -> None:
     _check_clock(req.headers.get("x-acs-date"), window_s, now_s)
     body_hash = hashlib.sha256(req.body).hexdigest()
     claimed_hash = req.headers.get("x-acs-content-sha256", body_hash)
     if claimed_hash != body_hash:
         raise errors.ContentSha256Mismatch()
     canonical = signing.v3_canonical_request(
-        req.method, req.path, req.query, req.headers, signed_headers, claimed_hash
+        req.method, req.path, req.query, req.headers, list(claim.v3_signed_headers), claimed_hash
     )
     string_to_sign = signing.v3_string_to_sign(canonical)
-    if not signing.signatures_equal(signing.v3_signature(key.secret, string_to_sign), fields["Signature"]):
+    if not signing.signatures_equal(signing.v3_signature(key.secret, string_to_sign), claim.v3["Signature"]):
         raise errors.SignatureDoesNotMatchV3(sts=string_to_sign.replace("\n", " "))
-    return key_id, key, nonce

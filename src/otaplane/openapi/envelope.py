@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import xmltodict
-from starlette.responses import Response
 
 from otaplane.errors import ApiError
 
 JSON_TYPE = "application/json;charset=utf-8"
 XML_TYPE = "text/xml;charset=utf-8"
+_JSON_TYPE_BYTES = JSON_TYPE.encode("latin-1")
+_XML_TYPE_BYTES = XML_TYPE.encode("latin-1")
+_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+class Reply(NamedTuple):
+    """A response, ready for the wire: the gateway sends it with an `x-acs-request-id` header."""
+
+    status: int
+    content_type: bytes
+    body: bytes
 
 
 def lower_camel(value: Any) -> Any:
@@ -46,25 +56,24 @@ def _anchor(code: str) -> str:
     return "missing" if code.startswith("Missing") else code.lower().replace(".", "")
 
 
-def render(body: dict[str, Any], root: str, fmt: str, status: int, request_id: str) -> Response:
+def render(body: dict[str, Any], root: str, fmt: str, status: int) -> Reply:
     if fmt == "XML":
         text = xmltodict.unparse({root: _xml_scalar(body)}, full_document=True)
-        return Response(text, status, media_type=XML_TYPE, headers={"x-acs-request-id": request_id})
-    payload = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
-    return Response(payload, status, media_type=JSON_TYPE, headers={"x-acs-request-id": request_id})
+        return Reply(status, _XML_TYPE_BYTES, text.encode("utf-8"))
+    return Reply(status, _JSON_TYPE_BYTES, _encode_json(body).encode("utf-8"))
 
 
-def success(action: str, request_id: str, payload: dict[str, Any], fmt: str, camel: bool) -> Response:
+def success(action: str, request_id: str, payload: dict[str, Any], fmt: str, camel: bool) -> Reply:
     body: dict[str, Any] = {"RequestId": request_id, "Success": True, "Code": ""}
     body.update(payload)
     if camel:
         body = lower_camel(body)
-    return render(body, f"{action}Response", fmt, 200, request_id)
+    return render(body, f"{action}Response", fmt, 200)
 
 
 def failure(
     action: str | None, request_id: str, error: ApiError, fmt: str, camel: bool, host: str
-) -> Response:
+) -> Reply:
     spec = error.spec
     if spec.gateway:
         body = {
@@ -75,8 +84,8 @@ def failure(
             "Recommend": f"See docs/errors.md#{_anchor(spec.code)} in the otaplane repository",
         }
         # Gateway errors keep the POP shape in both dialects: SDKs parse Code/Message from it.
-        return render(body, "Error", fmt, spec.http_status, request_id)
+        return render(body, "Error", fmt, spec.http_status)
     body = {"RequestId": request_id, "Success": False, "Code": spec.code, "ErrorMessage": error.message}
     if camel:
         body = lower_camel(body)
-    return render(body, f"{action or 'Unknown'}Response", fmt, 200, request_id)
+    return render(body, f"{action or 'Unknown'}Response", fmt, 200)

@@ -24,17 +24,20 @@ class Action:
     handler: Handler
     params: tuple[Param, ...] = ()
     methods: frozenset[str] = field(default_factory=lambda: frozenset({"GET", "POST"}))
+    # A short read (a few indexed SELECTs, no writes, no other I/O): on SQLite the gateway runs
+    # it on the event loop instead of in a worker thread (the thread hop costs more than it).
+    quick_read: bool = False
+    all_params: tuple[Param, ...] = field(init=False, repr=False, compare=False)
 
-    @property
-    def all_params(self) -> tuple[Param, ...]:
-        return (IOT_INSTANCE_ID, *self.params)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "all_params", (IOT_INSTANCE_ID, *self.params))
 
 
-def action(name: str, *params: Param, methods: tuple[str, ...] = ("GET", "POST")):
+def action(name: str, *params: Param, methods: tuple[str, ...] = ("GET", "POST"), quick_read: bool = False):
     """Decorator that turns a handler into an `Action` (collected per module in ACTIONS)."""
 
     def wrap(handler: Handler) -> Action:
-        return Action(name, handler, tuple(params), frozenset(methods))
+        return Action(name, handler, tuple(params), frozenset(methods), quick_read)
 
     return wrap
 

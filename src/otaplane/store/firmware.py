@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
+from otaplane.store.prepared import Prepared
 from otaplane.store.schema import firmware, firmware_files, ota_modules, products
 
 # A package row joined with the names clients see next to it.
@@ -33,17 +35,29 @@ def insert(conn: Connection, values: dict[str, Any], files: list[dict[str, Any]]
     return firmware_pk
 
 
-def get(conn: Connection, instance_pk: int, firmware_id: str) -> RowMapping | None:
-    row = conn.execute(
-        _DETAIL.where(firmware.c.instance_pk == instance_pk, firmware.c.firmware_id == firmware_id)
-    ).first()
-    return row._mapping if row else None
+# Built once and run lean (store.prepared): QueryOTAFirmware runs it on every request, and
+# building it anew (with its cache key) cost more than running it.
+_GET = Prepared(
+    _DETAIL.where(
+        firmware.c.instance_pk == sa.bindparam("p_instance_pk"),
+        firmware.c.firmware_id == sa.bindparam("p_firmware_id"),
+    )
+)
+
+
+def get(conn: Connection, instance_pk: int, firmware_id: str) -> Mapping[str, Any] | None:
+    return _GET.first(conn, p_instance_pk=instance_pk, p_firmware_id=firmware_id)
+
+
+_FILES_OF = (
+    sa.select(firmware_files)
+    .where(firmware_files.c.firmware_pk == sa.bindparam("p_firmware_pk"))
+    .order_by(firmware_files.c.position)
+)
 
 
 def files_of(conn: Connection, firmware_pk: int) -> list[RowMapping]:
-    rows = conn.execute(
-        sa.select(firmware_files).where(firmware_files.c.firmware_pk == firmware_pk).order_by(firmware_files.c.position)
-    ).all()
+    rows = conn.execute(_FILES_OF, {"p_firmware_pk": firmware_pk}).all()
     return [row._mapping for row in rows]
 
 

@@ -1,12 +1,30 @@
-"""Signature nonce memory, in the database so that every replica sees every nonce."""
+"""Signature nonce memory, in the database so that every replica sees every nonce.
+
+Every signed request records its nonce before its action runs. `NonceWriter` group-commits
+them: one writer thread collects the nonces of concurrent requests and records them in one
+transaction (one COMMIT for many), and each request awaits its own outcome.
+"""
 
 from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
+from otaplane.store.database import Database
+from otaplane.store.prepared import Prepared
 from otaplane.store.schema import signature_nonces as nonces
+
+log = logging.getLogger("otaplane.nonces")
 
 
 def _insert_new(dialect):
@@ -15,13 +33,46 @@ def _insert_new(dialect):
         .values(access_key_id=sa.bindparam("p_key_id"), nonce=sa.bindparam("p_nonce"),
                 expires_ms=sa.bindparam("p_expires_ms"))
         .on_conflict_do_nothing()
-        .returning(nonces.c.nonce)  # rowcount is not reliable here with psycopg 3
+        # Which rows went in (rowcount is not reliable here with psycopg 3, nor for many rows).
+        .returning(nonces.c.access_key_id, nonces.c.nonce)
     )
 
 
 # Built once: this runs on every signed request, and building a statement costs more than running it.
 # (Parameter names differ from column names: SQLAlchemy reserves those in INSERT/UPDATE.)
 _INSERT_NEW = {"postgresql": _insert_new(postgresql), "sqlite": _insert_new(sqlite)}
+# SQLite: the rows of a batch in one statement too, compiled once per row count and run lean
+# (store.prepared). The writer thread gives up the GIL for every call into SQLite (and for each
+# row of RETURNING) and must win it back from the busy event loop each time: so the usual case,
+# where every nonce is new, is one plain INSERT that commits itself (see NonceWriter._write).
+_SQLITE_MAX_ROWS = 300  # 900 parameters, under the oldest SQLite limit (999)
+
+
+@functools.lru_cache(maxsize=128)
+def _insert_rows_sqlite(count: int, returning: bool) -> Prepared:
+    """INSERT of `count` rows: plain (any row already there fails it all), or skipping the rows
+    already there and RETURNING the others."""
+    rows = [
+        {"access_key_id": sa.bindparam(f"k{i}"), "nonce": sa.bindparam(f"n{i}"), "expires_ms": sa.bindparam(f"e{i}")}
+        for i in range(count)
+    ]
+    insert = sqlite.insert(nonces).values(rows)
+    if returning:
+        return Prepared(insert.on_conflict_do_nothing().returning(nonces.c.access_key_id, nonces.c.nonce))
+    return Prepared(insert)
+
+
+def _numbered(rows: list[dict]) -> dict:
+    params = {}
+    for i, row in enumerate(rows):
+        params[f"k{i}"], params[f"n{i}"], params[f"e{i}"] = row["p_key_id"], row["p_nonce"], row["p_expires_ms"]
+    return params
+
+
+class SomeNonceUsed(Exception):
+    """remember_many(expect_fresh=True) found a nonce recorded already, and recorded none."""
+
+
 _TAKE_OVER_EXPIRED = (
     sa.update(nonces)
     .where(nonces.c.access_key_id == sa.bindparam("p_key_id"), nonces.c.nonce == sa.bindparam("p_nonce"),
@@ -31,20 +82,262 @@ _TAKE_OVER_EXPIRED = (
 )
 
 
-def remember(conn: Connection, key_id: str, nonce: str, now_ms: int, ttl_ms: int) -> bool:
-    """Record a nonce; False when it was already used within its lifetime.
+class NonceUse(NamedTuple):
+    key_id: str
+    nonce: str
+    now_ms: int  # when the request was checked
+    ttl_ms: int  # how long the nonce stays used
+
+
+def remember_many(conn: Connection, uses: Sequence[NonceUse], expect_fresh: bool = False) -> list[bool]:
+    """Record several nonces in the caller's transaction (`with conn.begin():`); per use,
+    False when already used.
 
     The primary key makes the check atomic across processes: of two requests racing with one
-    nonce, only one inserts it.
+    nonce, only one inserts it. Within `uses` the first of a repeated (key, nonce) wins. Rows
+    go in sorted, so that two processes inserting overlapping batches lock them in the same
+    order (PostgreSQL would otherwise find a deadlock and fail one of them).
+
+    With `expect_fresh` on SQLite, the rows go in as one plain INSERT (no RETURNING), which
+    fails as a whole, recording nothing, when one of them is there already: then SomeNonceUsed
+    is raised, and the caller calls again without `expect_fresh` to learn which.
     """
-    insert = _INSERT_NEW["postgresql" if conn.dialect.name == "postgresql" else "sqlite"]
-    values = {"p_key_id": key_id, "p_nonce": nonce, "p_expires_ms": now_ms + ttl_ms}
-    if conn.execute(insert, values).first() is not None:
-        return True
-    # Used before: accept again only once the old record has expired (taken over atomically).
-    taken_over = conn.execute(_TAKE_OVER_EXPIRED, {**values, "p_now_ms": now_ms}).first()
-    return taken_over is not None
+    first: dict[tuple[str, str], NonceUse] = {}
+    for use in uses:
+        first.setdefault((use.key_id, use.nonce), use)
+    fresh: set[tuple[str, str]] = set()
+    rows = [
+        {"p_key_id": use.key_id, "p_nonce": use.nonce, "p_expires_ms": use.now_ms + use.ttl_ms}
+        for _, use in sorted(first.items())
+    ]
+    if conn.dialect.name == "sqlite" and expect_fresh and 0 < len(rows) <= _SQLITE_MAX_ROWS:
+        try:
+            _insert_rows_sqlite(len(rows), False).rowcount(conn, **_numbered(rows))
+        except conn.dialect.dbapi.IntegrityError:  # the statement failed as a whole: nothing went in
+            raise SomeNonceUsed() from None
+        fresh.update(first)
+    elif conn.dialect.name == "sqlite":
+        for start in range(0, len(rows), _SQLITE_MAX_ROWS):
+            chunk = rows[start:start + _SQLITE_MAX_ROWS]
+            returned = _insert_rows_sqlite(len(chunk), True).all(conn, **_numbered(chunk))
+            fresh.update((row["access_key_id"], row["nonce"]) for row in returned)
+    elif rows:
+        fresh.update((row.access_key_id, row.nonce) for row in conn.execute(_INSERT_NEW["postgresql"], rows))
+    for pair, use in sorted(first.items()):
+        if pair in fresh:
+            continue
+        # Used before: accept again only once the old record has expired (taken over atomically).
+        values = {"p_key_id": use.key_id, "p_nonce": use.nonce, "p_now_ms": use.now_ms,
+                  "p_expires_ms": use.now_ms + use.ttl_ms}
+        if conn.execute(_TAKE_OVER_EXPIRED, values).first() is not None:
+            fresh.add(pair)
+    outcomes = []
+    for use in uses:
+        pair = (use.key_id, use.nonce)
+        outcomes.append(first[pair] is use and pair in fresh)
+    return outcomes
 
 
 def purge_expired(conn: Connection, now_ms: int) -> int:
     return conn.execute(sa.delete(nonces).where(nonces.c.expires_ms < now_ms)).rowcount
+
+
+class _Waiting(NamedTuple):
+    use: NonceUse
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+
+class NonceWriter:
+    """Group commit for nonces: `await writer.remember(...)` is True once the nonce is durably
+    recorded (committed) as fresh, False when it was already used.
+
+    The nonces of the requests that reach this point in one turn of the event loop travel
+    together to one writer thread, which records everything that reached it while it was busy
+    in one transaction (`remember_many`) and commits once, then hands each request its outcome
+    on the request's event loop. A failed transaction fails every request in it. On SQLite the
+    thread takes the process's write turn (`Database.write_turn`) like any other writer.
+    """
+
+    MAX_BATCH = 500  # nonces per transaction, at most (soft: a loop turn's nonces stay together)
+    CHECKPOINT_EVERY = 500  # SQLite: nonces written between checkpoints (~750 WAL pages)
+
+    def __init__(self, db: Database):
+        self.db = db
+        self._checkpointer = _Checkpointer(db) if db.is_sqlite else None
+        self._since_checkpoint = 0
+        self._turn: dict[asyncio.AbstractEventLoop, list[_Waiting]] = {}  # this loop turn's nonces
+        # Loop turns handed over to the thread (None: stop). A put wakes the thread only when it
+        # waits; while it writes, turns just pile up for its next transaction.
+        self._handed_over: queue.SimpleQueue[list[_Waiting] | None] = queue.SimpleQueue()
+        self._start = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._conn: Connection | None = None  # the writer thread's
+
+    async def remember(self, key_id: str, nonce: str, now_ms: int, ttl_ms: int) -> bool:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        turn = self._turn.get(loop)
+        if turn is None:
+            turn = self._turn[loop] = []
+            loop.call_soon(self._hand_over, loop)  # after every request that is ready to run now
+        turn.append(_Waiting(NonceUse(key_id, nonce, now_ms, ttl_ms), future, loop))
+        return await future
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        turn = self._turn.pop(loop)
+        if self._closed:
+            _settle([(waiting.future, RuntimeError("the nonce writer is closed")) for waiting in turn])
+            return
+        if self._thread is None:
+            with self._start:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="otaplane-nonces", daemon=True)
+                    self._thread.start()
+        self._handed_over.put(turn)
+
+    def close(self) -> None:
+        """Finish the nonces already handed over, then stop the thread."""
+        self._closed = True
+        with self._start:
+            thread = self._thread
+        if thread is not None:
+            self._handed_over.put(None)
+            thread.join(timeout=30)
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            batch: list[_Waiting] = []
+            turn = self._handed_over.get()
+            while True:
+                if turn is None:
+                    stopping = True  # still write what was handed over before
+                else:
+                    batch.extend(turn)
+                if len(batch) >= self.MAX_BATCH:
+                    break
+                try:
+                    turn = self._handed_over.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._write_and_settle(batch)
+        if self._conn is not None:
+            self._conn.invalidate()  # not back to the pool in autocommit mode
+            self._conn = None
+
+    def _write_and_settle(self, batch: list[_Waiting]) -> None:
+        try:
+            outcomes: list[bool] | BaseException = self._write([w.use for w in batch])
+        except Exception as exc:  # every request of the batch fails (500) and says why in the log
+            outcomes = exc
+        else:
+            if self._checkpointer is not None:
+                self._since_checkpoint += len(batch)
+                if self._since_checkpoint >= self.CHECKPOINT_EVERY:
+                    self._since_checkpoint = 0
+                    self._checkpointer.request()
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, object]]] = {}
+        for index, waiting in enumerate(batch):
+            outcome = outcomes if isinstance(outcomes, BaseException) else outcomes[index]
+            by_loop.setdefault(waiting.loop, []).append((waiting.future, outcome))
+        for loop, settled in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, settled)
+            except RuntimeError:  # that loop is closed: nobody is waiting any more
+                pass
+
+    def _write(self, uses: list[NonceUse]) -> list[bool]:
+        conn = self._connection()
+        try:
+            with self.db.write_turn():
+                if self.db.is_sqlite:
+                    # Autocommit (see _connection): the usual batch, every nonce new, is a single
+                    # call into SQLite, one INSERT that commits itself when it returns.
+                    try:
+                        return remember_many(conn, uses, expect_fresh=True)
+                    except SomeNonceUsed:  # a replay (rare): nothing went in, now learn which
+                        pass
+                with conn.begin():  # on SQLite, each statement commits itself all the same
+                    return remember_many(conn, uses)
+        except BaseException:
+            self._conn = None
+            conn.invalidate()  # closed for good: never back to the pool (SQLite: autocommit)
+            raise
+
+    def _connection(self) -> Connection:
+        """The thread's connection, for its lifetime: a pooled one per batch would come with a
+        cold page cache (SQLite) and a checkout each time. On SQLite its driver connection is in
+        autocommit mode: every statement of remember_many is atomic on its own, and committed
+        (durable) when it returns."""
+        if self._conn is None:
+            self._conn = self.db.connect()
+            if self.db.is_sqlite:
+                driver = self._conn.connection.driver_connection
+                driver.isolation_level = None
+                # Its commits leave the WAL checkpoints to the checkpointer thread (below).
+                driver.execute("PRAGMA wal_autocheckpoint=0")
+        return self._conn
+
+
+class _Checkpointer:
+    """SQLite: copies the WAL's pages into the database file in the background, for the nonce
+    writer, whose commits leave that to it. An automatic checkpoint (SQLite's default, every
+    1000 pages) runs in the committing connection, and would hold up every request waiting for
+    that commit for milliseconds, several times a second under load. PASSIVE checkpoints wait
+    for no reader nor writer: the nonce writer goes on meanwhile, and once a checkpoint has
+    caught up, its next commit starts the WAL file over from the beginning."""
+
+    def __init__(self, db: Database):
+        self.db = db
+        self._due = threading.Event()
+        self._start = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def request(self) -> None:
+        if self._thread is None:
+            with self._start:
+                if self._thread is None and not self._closed:
+                    self._thread = threading.Thread(target=self._run, name="otaplane-checkpoint", daemon=True)
+                    self._thread.start()
+        self._due.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._due.set()
+        with self._start:
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout=30)
+
+    def _run(self) -> None:
+        with self.db.connect() as conn:
+            driver = conn.connection.driver_connection
+            while True:
+                self._due.wait()
+                self._due.clear()
+                if self._closed:
+                    return
+                try:
+                    for _attempt in range(10):  # until it has caught up with the writer, briefly
+                        busy, wal_pages, copied = driver.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                        if busy or copied >= wal_pages:
+                            break
+                        time.sleep(0.001)
+                except Exception:  # try again next time; meanwhile the WAL file just grows
+                    log.exception("WAL checkpoint failed")
+
+
+def _settle(settled: list[tuple[asyncio.Future, object]]) -> None:
+    for future, outcome in settled:
+        if future.done():  # the request was cancelled meanwhile; its nonce stays recorded
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
+from otaplane.store.prepared import Prepared
 from otaplane.store.schema import devices, products
 
 
@@ -36,16 +38,17 @@ _DEVICE_COUNT = (
 )
 
 
-# Built once: QueryProduct runs it per request, and building it costs more than running it.
-_GET = sa.select(products, _DEVICE_COUNT).where(
-    products.c.instance_pk == sa.bindparam("p_instance_pk"),
-    products.c.product_key == sa.bindparam("p_product_key"),
+# Built once and run lean (store.prepared): QueryProduct runs it on every request.
+_GET = Prepared(
+    sa.select(products, _DEVICE_COUNT).where(
+        products.c.instance_pk == sa.bindparam("p_instance_pk"),
+        products.c.product_key == sa.bindparam("p_product_key"),
+    )
 )
 
 
-def get(conn: Connection, instance_pk: int, product_key: str) -> RowMapping | None:
-    row = conn.execute(_GET, {"p_instance_pk": instance_pk, "p_product_key": product_key}).first()
-    return row._mapping if row else None
+def get(conn: Connection, instance_pk: int, product_key: str) -> Mapping[str, Any] | None:
+    return _GET.first(conn, p_instance_pk=instance_pk, p_product_key=product_key)
 
 
 def page(

@@ -105,7 +105,7 @@ def create_firmware(services, tenant, p):
     return {"Data": {"FirmwareId": fw.firmware_id, "UtcCreate": utc_iso_ms(fw.created_ms)}}
 
 
-@action("QueryOTAFirmware", FIRMWARE_ID)
+@action("QueryOTAFirmware", FIRMWARE_ID, quick_read=True)
 def query_firmware(services, tenant, p):
     fw = services.firmware.get(tenant, p["FirmwareId"])
     info = _simple_info(fw)

@@ -101,7 +101,7 @@ def create_product(services, tenant, p):
     return {"ProductKey": product.product_key, "Data": _drop_none(_created(product))}
 
 
-@action("QueryProduct", PRODUCT_KEY)
+@action("QueryProduct", PRODUCT_KEY, quick_read=True)
 def query_product(services, tenant, p):
     return {"Data": _drop_none(_detail(services.products.get(tenant, p["ProductKey"])))}
 

@@ -1,0 +1,96 @@
+"""Core statements compiled once per dialect and run straight on the driver's cursor.
+
+For the few statements every signed request runs: SQLAlchemy's work per execution (cache key,
+execution context, result metadata: 30-40 us) costs more than an indexed SQLite query. The
+statement stays a Core statement, compiled by SQLAlchemy; only its execution is lean:
+
+- parameters are passed by name, as to `Connection.execute` (statements whose parameters would
+  need SQLAlchemy's bind processing are refused when compiled);
+- rows come back as dicts keyed like `Row._mapping`, with the columns' result processing
+  applied (e.g. SQLite's 0/1 to False/True);
+- it runs on the Connection's DBAPI connection, in whatever transaction that connection is in,
+  without SQLAlchemy's bookkeeping (no autobegin, no events): for reads, and for writes only
+  inside a transaction begun on the Connection (`with conn.begin():`), which commits them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.sql.selectable import ReturnsRows
+
+
+class _Compiled(NamedTuple):
+    sql: str
+    names: tuple[str, ...]  # bound parameters, in the order of a positional paramstyle
+    positional: bool
+    keys: tuple[str, ...]  # result columns
+    processors: tuple[tuple[int, Callable[[Any], Any]], ...]  # (column index, processor)
+
+
+class Prepared:
+    """A SELECT, or a DML statement (with RETURNING for rows back)."""
+
+    def __init__(self, statement: ReturnsRows):
+        self.statement = statement
+        self._compiled: dict[str, _Compiled] = {}
+
+    def _compile(self, dialect: Dialect) -> _Compiled:
+        compiled = self.statement.compile(dialect=dialect)
+        for name, bind in compiled.binds.items():
+            if bind.type.dialect_impl(dialect).bind_processor(dialect) is not None:
+                raise TypeError(f"parameter {name} needs bind processing: run this statement with Connection.execute")
+        columns = list(self.statement.exported_columns)
+        processors = []
+        for index, column in enumerate(columns):
+            processor = column.type.dialect_impl(dialect).result_processor(dialect, None)
+            if processor is not None:
+                processors.append((index, processor))
+        names = tuple(compiled.positiontup or compiled.binds)
+        result = _Compiled(compiled.string, names, compiled.positional, tuple(c.key for c in columns),
+                           tuple(processors))
+        self._compiled[dialect.name] = result
+        return result
+
+    def _run(self, conn: Connection, params: dict[str, Any], fetch):
+        compiled = self._compiled.get(conn.dialect.name) or self._compile(conn.dialect)
+        values = tuple([params[name] for name in compiled.names]) if compiled.positional else params
+        cursor = conn.connection.cursor()
+        try:
+            cursor.execute(compiled.sql, values)
+            return compiled, fetch(cursor)
+        finally:
+            cursor.close()
+
+    def all(self, conn: Connection, **params: Any) -> list[dict[str, Any]]:
+        compiled, rows = self._run(conn, params, _fetchall)
+        return [_mapping(compiled, row) for row in rows]
+
+    def first(self, conn: Connection, **params: Any) -> dict[str, Any] | None:
+        compiled, row = self._run(conn, params, _fetchone)
+        return None if row is None else _mapping(compiled, row)
+
+    def rowcount(self, conn: Connection, **params: Any) -> int:
+        """Run a DML statement without RETURNING: how many rows it changed."""
+        return self._run(conn, params, _rowcount)[1]
+
+
+def _fetchall(cursor):
+    return cursor.fetchall()
+
+
+def _fetchone(cursor):
+    return cursor.fetchone()
+
+
+def _rowcount(cursor):
+    return cursor.rowcount
+
+
+def _mapping(compiled: _Compiled, row) -> dict[str, Any]:
+    mapping = dict(zip(compiled.keys, row))
+    for index, processor in compiled.processors:
+        mapping[compiled.keys[index]] = processor(row[index])
+    return mapping
