@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import uuid
 from types import SimpleNamespace
 from datetime import datetime, timezone
@@ -142,3 +143,19 @@ class SdkCaller:
             setter = getattr(request, f"set_{name}s", None) if isinstance(value, list) else None
             (setter or getattr(request, f"set_{name}"))(value)
         return legacy_call(self._legacy, self.endpoint, request)
+
+
+def wait_until_revoked(base_url: str, key_id: str, secret: str, timeout_s: float = 3.0) -> None:
+    """A running server refuses a revoked key within its key cache's TTL (1 s): poll until it
+    does, for at most `timeout_s`. Until then the key works; once refused, it is refused with
+    InvalidAccessKeyId.Inactive (callers then check that every client variant is refused)."""
+    signer = RawSigner(base_url, key_id, secret)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = signer.v1("QueryProductList", {"CurrentPage": "1", "PageSize": "1"})
+        if response.status_code != 200:
+            assert response.status_code == 400, response.text
+            assert response.json()["Code"] == "InvalidAccessKeyId.Inactive", response.text
+            return
+        assert time.monotonic() < deadline, f"{base_url} still accepts the key {timeout_s} s after its revocation"
+        time.sleep(0.05)
