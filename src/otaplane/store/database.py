@@ -57,7 +57,7 @@ class Database:
             )
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
-            self.engine = sa.create_engine(url, pool_size=int(__import__("os").environ.get("XPOOL", "10")), max_overflow=int(__import__("os").environ.get("XOVER", "20")), pool_pre_ping=not __import__("os").environ.get("XNOPING"))
+            self.engine = sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
         self._loop_connections: dict[int, Connection] = {}  # thread id -> its loop_reads() connection
         self._loop_turns: dict[int, _ReadTurn] = {}  # SQLite: thread id -> that connection's read turn
 
