@@ -185,6 +185,65 @@ FirmwareProductMismatch = _business(
     "iot.ota.FirmwareProductMismatch", "The firmware package belongs to another product than the device."
 )
 
+FirmwareHasRunningJob = _business(
+    "iot.ota.FirmwareHasRunningJob", "The package has upgrade jobs that are planned or running; cancel them first."
+)
+
+# Upgrade jobs and tasks. Named in the platform's style (it publishes none of these).
+JobNotFound = _business("iot.ota.JobNotFound", "The specified upgrade job does not exist.")
+TaskNotFound = _business("iot.ota.TaskNotFound", "One or more of the specified TaskIds do not exist.")
+FirmwareVerifying = _business(
+    "iot.ota.FirmwareVerifying", "The package is being verified; wait for its verify job to end."
+)
+FirmwareAlreadyVerified = _business("iot.ota.FirmwareAlreadyVerified", "The package is already verified.")
+FirmwareNeedsNoVerification = _business(
+    "iot.ota.FirmwareNoNeedVerify", "The package was created with NeedToVerify=false; it needs no verify job."
+)
+FirmwareNotVerified = _business(
+    "iot.ota.FirmwareNotVerified",
+    "The package must be verified (CreateOTAVerifyJob) before it can go into an upgrade job.",
+)
+DynamicJobExists = _business(
+    "iot.ota.DynamicJobExisted", "The package already has a running dynamic upgrade job; cancel it first."
+)
+DevicesNotFound = _business(
+    "iot.ota.DeviceNotExisted", "{count} device(s) do not exist in the product: {names}."
+)
+NoDeviceToUpgrade = _business(
+    "iot.ota.NoDeviceToUpgrade",
+    "No device of the product matches the job (after the SrcVersion filter, and leaving out devices "
+    "that already run the DestVersion).",
+)
+DeviceHasUnfinishedTask = _business(
+    "iot.ota.DeviceHasUnfinishedTask", "Device {device} already has an unfinished upgrade task (job {job})."
+)
+DownloadProtocolNotSupported = _business(
+    "iot.ota.DownloadProtocolNotSupported", "DownloadProtocol {protocol} is not supported yet; use HTTPS."
+)
+GroupTargetNotSupported = _business(
+    "iot.ota.GroupNotSupported", "TargetSelection GROUP is not supported: otaplane has no device groups yet."
+)
+DeviceListUrlInvalid = _business(
+    "iot.ota.InvalidDnListFileUrl",
+    "The URL {url!r} is not a device list uploaded through GenerateDeviceNameListURL in this instance.",
+)
+DeviceListFileNotFound = _business(
+    "iot.ota.DnListFileNotFound", "No uploaded device list exists at {url!r}; upload it first."
+)
+DeviceListFileInvalid = _business(
+    "iot.ota.InvalidDnListFile", "The device list file cannot be used: {reason}."
+)
+JobFinished = _business("iot.ota.JobFinished", "The job is already {status}.")
+NotDynamicJob = _business("iot.ota.NotDynamicJob", "Only a dynamic upgrade job has a strategy to cancel.")
+CancelFlagRequired = _business(
+    "iot.ota.CancelParamRequired",
+    "Set at least one of CancelScheduledTask, CancelQueuedTask, CancelInProgressTask, CancelNotifiedTask, "
+    "CancelUnconfirmedTask to true.",
+)
+TaskNotReupgradable = _business(
+    "iot.ota.TaskCanNotReupgrade", "Task {task} is neither FAILED nor CANCELED; only those can be upgraded again."
+)
+
 # Devices.
 NotExistedDevice = _business("iot.device.NotExistedDevice", "The specified device does not exist.")
 AlreadyExistedDeviceName = _business(

@@ -3,6 +3,7 @@ device channel (the embedded MQTT broker), which runs in the app's lifespan, on 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 
@@ -49,6 +50,36 @@ async def _housekeeping(services: Services) -> None:
             log.exception("housekeeping failed")
 
 
+class _DispatchLoop:
+    """Runs the job dispatcher every dispatch_interval_seconds, sooner when woken by new work
+    (a job created, a task confirmed, a dynamic job matched a device)."""
+
+    def __init__(self, services: Services):
+        self.services = services
+        self.interval = max(0.01, services.settings.dispatch_interval_seconds)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+
+    def wake(self) -> None:  # any thread
+        if self._loop is not None and self._wake is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self.services.jobs.add_listener(self.wake)
+        self.services.device_ota.add_job_listener(self.wake)
+        dispatcher = self.services.dispatcher
+        while True:
+            try:
+                await anyio.to_thread.run_sync(dispatcher.tick)
+            except Exception:  # keep going: the next tick retries from what the database says
+                log.exception("dispatcher tick failed")
+            with anyio.move_on_after(self.interval):
+                await self._wake.wait()
+            self._wake.clear()
+
+
 async def _start_device_channel(services: Services):
     settings = services.settings
     if settings.mqtt_url:  # devices connect to an external broker; otaplane is its client
@@ -79,6 +110,7 @@ def create_app(services: Services) -> ASGIApp:
         try:
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(_housekeeping, services)
+                tasks.start_soon(_DispatchLoop(services).run)
                 yield
                 tasks.cancel_scope.cancel()
         finally:

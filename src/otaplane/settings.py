@@ -48,6 +48,16 @@ class Settings(BaseSettings):
     # A device connection that sends no CONNECT within this time is closed.
     mqtt_connect_timeout_seconds: float = 10.0
 
+    # How long a "minute" of an upgrade job is, in seconds: TimeoutInMinutes, RetryInterval and
+    # the ScheduleTime limits count in these. 60 in production; tests and demos shorten it.
+    # Pacing (MaximumPerMinute) always uses real minutes.
+    job_minute_seconds: float = 60.0
+    # How often the job dispatcher looks at the database (it is also woken by new work).
+    dispatch_interval_seconds: float = 0.05
+
+    def job_minute_ms(self) -> int:
+        return max(1, int(self.job_minute_seconds * 1000))
+
     def resolved_database_url(self) -> str:
         """SQLAlchemy URL: SQLite in the data dir by default; psycopg 3 for PostgreSQL."""
         url = self.database_url.strip()

@@ -32,6 +32,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from otaplane.openapi.params import ListOf, StructList
 from otaplane.openapi.registry import Action, build_table
 from tests.support.clients import RawSigner
 from tests.support.uploads import post_upload
@@ -49,6 +50,8 @@ OWNED: dict[str, tuple[str, frozenset[str]]] = {
     "FirmwareUrl": ("upload_url", frozenset({"iot.ota.InvalidFirmwareUrl"})),
     "IotId": ("iot_id", frozenset({NOT_EXISTED_DEVICE, "iot.device.InvalidIoTId"})),
     "ApplyId": ("apply_id", frozenset({"iot.device.ApplyIdNotFound"})),
+    "JobId": ("job_id", frozenset({"iot.ota.JobNotFound"})),
+    "TaskId": ("task_id", frozenset({"iot.ota.TaskNotFound"})),
 }
 
 # Names scoped by a product: A and B both have one of each with this name.
@@ -70,6 +73,10 @@ FILLERS: dict[str, Callable[[], str]] = {
     "FirmwareName": lambda: _unique("fw"),
     "DestVersion": lambda: "9.9.9",
     "Count": lambda: "1",
+    "TargetSelection": lambda: "ALL",
+    "TargetDeviceName": lambda: DEVICE_NAME,
+    "MaximumPerMinute": lambda: "100",
+    "UpgradeType": lambda: "STATIC",
 }
 
 
@@ -87,8 +94,23 @@ def is_device_ref(action: Action) -> bool:
     return {"IotId", "ProductKey", "DeviceName"} <= optional
 
 
+# Optional parameters without which a call would do nothing worth probing.
+EXTRAS: dict[str, dict[str, str]] = {
+    "CancelOTATaskByJob": {f"Cancel{kind}Task": "true" for kind in
+                           ("Scheduled", "Queued", "InProgress", "Notified", "Unconfirmed")},
+    "CreateOTADynamicUpgradeJob": {"SrcVersion": "0.1"},  # required unless a device group is named
+}
+
+
 def base_params(action: Action) -> dict[str, str]:
-    return {p.name: FILLERS[p.name]() for p in action.all_params if p.required and p.name in FILLERS}
+    filled = {p.name: FILLERS[p.name]() for p in action.all_params if p.required and p.name in FILLERS}
+    return {**filled, **EXTRAS.get(action.name, {})}
+
+
+def flatten_lists(action: Action, params: dict[str, str]) -> dict[str, str]:
+    """A list parameter (`TaskId.N`) given one value under its bare name goes as `Name.1`."""
+    lists = {p.name for p in action.all_params if isinstance(p.type, (ListOf, StructList))}
+    return {(f"{k}.1" if k in lists else k): v for k, v in params.items()}
 
 
 def method_for(action: Action) -> str:
@@ -126,7 +148,7 @@ class Tenant:
     def call(self, action: str, params: dict[str, str] | None = None) -> dict:
         """A V1-signed call (signed by the official util, see tests/support/clients.py)."""
         method = method_for(TABLE[action])
-        signed = self.signer.v1_params(action, params or {}, method)
+        signed = self.signer.v1_params(action, flatten_lists(TABLE[action], params or {}), method)
         response = self.http.request(method, f"{self.signer.base_url}/?{urlencode(signed)}")
         assert response.status_code == 200, (action, params, response.status_code, response.text)
         return response.json()
@@ -159,6 +181,9 @@ class Tenant:
         device = self.ok("RegisterDevice", {"ProductKey": product_key, "DeviceName": DEVICE_NAME})["Data"]
         apply_id = self.ok("BatchRegisterDevice", {"ProductKey": product_key, "Count": "2"})["Data"]["ApplyId"]
         self.device_secret = device["DeviceSecret"]
+        job_id = self.ok("CreateOTAVerifyJob", {"ProductKey": product_key, "FirmwareId": firmware_id,
+                                                "TargetDeviceName.1": DEVICE_NAME})["Data"]["JobId"]
+        task_id = self.ok("ListOTATaskByJob", {"JobId": job_id})["Data"]["SimpleOTATaskInfo"][0]["TaskId"]
         self.resources = {
             "product_key": product_key,
             "product_secret": created["Data"]["ProductSecret"],
@@ -167,6 +192,8 @@ class Tenant:
             "upload_url": self.upload(b"not adopted yet"),
             "iot_id": device["IotId"],
             "apply_id": str(apply_id),
+            "job_id": job_id,
+            "task_id": task_id,
         }
 
     def owned(self, names: list[str]) -> dict[str, str]:
@@ -189,6 +216,8 @@ class Tenant:
             "device": self.ok("QueryDeviceDetail", {"IotId": self.resources["iot_id"]})["Data"],
             "devices": self.ok("QueryDevice", {"ProductKey": key, "PageSize": "50"})["Data"],
             "apply": self.ok("QueryPageByApplyId", {"ApplyId": self.resources["apply_id"]})["ApplyDeviceList"],
+            "job": self.ok("QueryOTAJob", {"JobId": self.resources["job_id"]})["Data"],
+            "tasks": self.ok("ListOTATaskByJob", {"JobId": self.resources["job_id"]})["Data"],
         }
 
 

@@ -47,5 +47,8 @@ class BlobStore(Protocol):
     def presigned_get(self, key: str, expires_in_s: int) -> str:
         """A download URL valid for expires_in_s seconds (OSS V1 query form for the local store)."""
 
+    def read(self, key: str, max_bytes: int) -> bytes | None:
+        """A small object whole (device lists); None if absent. Larger than max_bytes: ValueError."""
+
     def delete(self, key: str) -> None:
         """Remove an object; no error when it is already gone."""

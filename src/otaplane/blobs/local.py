@@ -120,6 +120,19 @@ class LocalBlobStore:
             return None
         return BlobDigest(size=size, md5=md5.hexdigest(), sha256=sha256.hexdigest())
 
+    def read(self, key: str, max_bytes: int) -> bytes | None:
+        path = self._path(key)
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read(max_bytes + 1)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        if len(data) > max_bytes:
+            raise ValueError(f"object is larger than {max_bytes} bytes")
+        return data
+
     def presigned_get(self, key: str, expires_in_s: int) -> str:
         self._check_key(key)
         expires = int(time.time()) + expires_in_s

@@ -139,6 +139,21 @@ class S3BlobStore:
             raise self._fail("GetObject", exc) from exc
         return BlobDigest(size=size, md5=md5.hexdigest(), sha256=sha256.hexdigest())
 
+    def read(self, key: str, max_bytes: int) -> bytes | None:
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._full(key))["Body"]
+            data = body.read(max_bytes + 1)
+            body.close()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "NoSuchKey":
+                return None
+            raise self._fail("GetObject", exc) from exc
+        except BotoCoreError as exc:
+            raise self._fail("GetObject", exc) from exc
+        if len(data) > max_bytes:
+            raise ValueError(f"object is larger than {max_bytes} bytes")
+        return data
+
     def presigned_get(self, key: str, expires_in_s: int) -> str:
         return self.client.generate_presigned_url(
             "get_object",

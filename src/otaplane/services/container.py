@@ -10,7 +10,9 @@ from otaplane.secretbox import SecretBox
 from otaplane.services.accounts import AccountService
 from otaplane.services.device_ota import DeviceOtaService
 from otaplane.services.devices import DeviceService
+from otaplane.services.dispatcher import Dispatcher
 from otaplane.services.firmware import FirmwareService
+from otaplane.services.jobs import JobService
 from otaplane.services.modules import ModuleService
 from otaplane.services.products import ProductService
 from otaplane.settings import Settings
@@ -30,6 +32,8 @@ class Services:
     firmware: FirmwareService
     devices: DeviceService
     device_ota: DeviceOtaService
+    jobs: JobService
+    dispatcher: Dispatcher
     nonces: NonceWriter  # group commit of signature nonces (its thread starts on first use)
 
     @classmethod
@@ -40,6 +44,8 @@ class Services:
         blobs = open_blob_store(settings, box)
         firmware = FirmwareService(db, blobs, settings.download_url_ttl_seconds)
         devices = DeviceService(db, box)
+        minute_ms = settings.job_minute_ms()
+        device_ota = DeviceOtaService(db, devices, firmware, minute_ms)
         return cls(
             settings=settings,
             db=db,
@@ -50,7 +56,9 @@ class Services:
             modules=ModuleService(db),
             firmware=firmware,
             devices=devices,
-            device_ota=DeviceOtaService(db, devices, firmware),
+            device_ota=device_ota,
+            jobs=JobService(db, blobs, minute_ms),
+            dispatcher=Dispatcher(db, minute_ms, on_pushed=device_ota.notify_pushed),
             nonces=NonceWriter(db),
         )
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from otaplane import errors
+from otaplane.services import jobs, task_flow
 from otaplane.services.devices import DEFAULT_MODULE, DeviceRef, DeviceService
 from otaplane.services.firmware import FirmwareService
 from otaplane.services.tenancy import Tenant
@@ -29,6 +30,9 @@ from otaplane.timefmt import now_ms
 log = logging.getLogger("otaplane.device_ota")
 
 UNDELIVERED_BATCH = 2000
+
+# What the device protocol's failure steps mean (`/ota/device/progress`).
+FAILURE_STEPS = {-1: "upgrade failed", -2: "download failed", -3: "verify failed", -4: "burn failed"}
 
 
 @dataclass(frozen=True)
@@ -87,11 +91,13 @@ def new_message_id() -> int:
 
 
 class DeviceOtaService:
-    def __init__(self, db: Database, devices: DeviceService, firmware: FirmwareService):
+    def __init__(self, db: Database, devices: DeviceService, firmware: FirmwareService, minute_ms: int = 60_000):
         self.db = db
         self.devices = devices
         self.firmware = firmware
+        self.minute_ms = minute_ms  # a job "minute": task timeouts (shorter in tests)
         self._listeners: list[Callable[[int], None]] = []
+        self._job_listeners: list[Callable[[], None]] = []
 
     # --- the in-process channel hears about pushes at once --------------------------------------
     def add_listener(self, listener: Callable[[int], None]) -> None:
@@ -122,6 +128,15 @@ class DeviceOtaService:
         """`push` by row ids (the job worker's form)."""
         return self.push_many(firmware_pk, [device_id])[0]
 
+    def notify_pushed(self, device_ids: Iterable[int]) -> None:
+        """Tell the listeners (the in-process device channel) about pushes that just committed."""
+        for listener in list(self._listeners):
+            for device_id in device_ids:
+                try:
+                    listener(device_id)
+                except Exception:  # a listener's failure must not fail the push: polling still delivers
+                    log.exception("push listener failed")
+
     def push_many(self, firmware_pk: int, device_ids: list[int]) -> list[Pushed]:
         """One package to many devices in one transaction (a job's batch); all or none."""
         pushed: list[Pushed] = []
@@ -139,19 +154,14 @@ class DeviceOtaService:
                 message_id = new_message_id()
                 store.upsert(conn, device_id, target["module_name"], firmware_pk, message_id, now)
                 pushed.append(Pushed(device_id, target["module_name"], message_id))
-        for listener in list(self._listeners):
-            for item in pushed:
-                try:
-                    listener(item.device_id)
-                except Exception:  # a listener's failure must not fail the push: polling still delivers
-                    log.exception("push listener failed")
+        self.notify_pushed(item.device_id for item in pushed)
         return pushed
 
     # --- what devices get -----------------------------------------------------------------------
     def offers(self, device_id: int) -> list[PendingPackage]:
         """Every package the device should install now (pushed to it when it connects)."""
         with self.db.connect() as conn:
-            rows = store.offers(conn, device_id)
+            rows = store.offers(conn, device_id, pushed_only=True)
             return self._packages(conn, rows)
 
     def offers_many(self, device_ids: list[int]) -> dict[int, list[PendingPackage]]:
@@ -168,15 +178,24 @@ class DeviceOtaService:
         with self.db.connect() as conn:
             rows = store.offers(conn, device_id, module or DEFAULT_MODULE)
             packages = self._packages(conn, rows)
-        return packages[0] if packages else None
+        if not packages:
+            return None
+        package = packages[0]
+        if not package.delivered:  # asking for it is taking it: the task is NOTIFIED
+            self.mark_delivered([(package.device_id, package.module_name, package.message_id)])
+        return package
 
-    def undelivered(self, limit: int = UNDELIVERED_BATCH, online_only: bool = True) -> list[PendingKey]:
-        """Pushes that no process delivered yet, to devices some process has online (cheap:
-        every device channel asks every second, then loads only the packages it can deliver).
-        `online_only=False`: to any device (the external-broker channel cannot see connections)."""
+    def undelivered(self, limit: int = UNDELIVERED_BATCH, online_only: bool = True,
+                    after: PendingKey | None = None) -> list[PendingKey]:
+        """Pushes that no process delivered yet, to devices some process has online, oldest
+        first (cheap: every device channel asks several times a second, then loads only the
+        packages it can deliver). `online_only=False`: to any device (the external-broker
+        channel cannot see connections). A full page (`limit` keys): pass its last key as
+        `after` for the next one."""
         query = store.undelivered_online if online_only else store.undelivered_any
+        position = (after.device_id, after.module_name) if after is not None else None
         with self.db.connect() as conn:
-            return [PendingKey(r.device_id, r.module_name, r.message_id) for r in query(conn, limit)]
+            return [PendingKey(r.device_id, r.module_name, r.message_id) for r in query(conn, limit, position)]
 
     def packages(self, keys: Iterable[PendingKey]) -> list[PendingPackage]:
         """The packages of these pushes, for those still pending and not replaced since."""
@@ -190,8 +209,13 @@ class DeviceOtaService:
         """(device_id, module_name, message_id) of pushes the devices acknowledged."""
         items = list(items)
         if items:
+            now = now_ms()
             with self.db.write_turn(), self.db.begin() as conn:
-                store.mark_delivered(conn, items, now_ms())
+                task_pks = store.tasks_of_pushes(conn, items)
+                store.mark_delivered(conn, items, now)
+                if task_pks:
+                    task_flow.move(conn, task_pks, task_flow.NOTIFIED, actor="device", now_ms=now,
+                                   minute_ms=self.minute_ms)
 
     def _packages(self, conn, rows) -> list[PendingPackage]:
         files = store.files_of(conn, [r["firmware_pk"] for r in rows if r["blob_key"] is None])
@@ -231,13 +255,54 @@ class DeviceOtaService:
 
     # --- what devices say -----------------------------------------------------------------------
     def version_reported(self, device_id: int, module: str | None, version: str) -> bool:
-        """Record the module's version; True when that completes the pending package."""
+        """Record the module's version; True when that completes the pending package. Success of
+        an upgrade task is decided here, by the DestVersion, not by a progress of 100. A version
+        that matches a running dynamic job gives the device a task of it."""
         module_name = module or DEFAULT_MODULE
         self.devices.report_version(device_id, module_name, version)
+        now = now_ms()
         with self.db.write_turn(), self.db.begin() as conn:
-            return store.clear_installed(conn, device_id, module_name, version) > 0
+            task = store.task_of(conn, device_id, module_name)
+            if task is not None and task["status"] in task_flow.UNFINISHED:
+                if task["dest_version"] == version:
+                    task_flow.move(conn, [task["id"]], task_flow.SUCCEEDED, actor="device", now_ms=now,
+                                   values={"progress": 100}, minute_ms=self.minute_ms)
+                elif task["status"] == task_flow.IN_PROGRESS and task["progress"] == 100:
+                    # Installed, restarted, and still on another version: the upgrade did not take.
+                    task_flow.move(conn, [task["id"]], task_flow.FAILED, actor="device", now_ms=now,
+                                   reason="report version is not conform", minute_ms=self.minute_ms)
+            completed = store.clear_installed(conn, device_id, module_name, version) > 0
+            created = jobs.dynamic_tasks_for_device(conn, device_id, module_name, version, now)
+        if created:
+            self._wake_jobs()
+        return completed
 
     def progress_reported(self, device_id: int, module: str | None, step: int, desc: str | None) -> bool:
-        """Record a progress step (-4..-1 failure, 0..100 percent); False when nothing is pending."""
+        """Record a progress step (-4..-1 failure, 0..100 percent); False when nothing is pending.
+        The first step starts the task's timeout; a failure step fails the task with its reason."""
+        module_name = module or DEFAULT_MODULE
+        now = now_ms()
         with self.db.write_turn(), self.db.begin() as conn:
-            return store.record_progress(conn, device_id, module or DEFAULT_MODULE, step, desc, now_ms()) > 0
+            known = store.record_progress(conn, device_id, module_name, step, desc, now) > 0
+            task = store.task_of(conn, device_id, module_name) if known else None
+            if task is None or task["status"] not in task_flow.UNFINISHED or task["status"] == task_flow.CONFIRM:
+                return known
+            if step < 0:
+                reason = desc or FAILURE_STEPS.get(step, f"the device reported failure step {step}")
+                task_flow.move(conn, [task["id"]], task_flow.FAILED, actor="device", now_ms=now,
+                               reason=f"{reason} (step {step})", minute_ms=self.minute_ms)
+            elif task["status"] == task_flow.IN_PROGRESS:
+                jobs.set_task_progress(conn, task["id"], step, now)
+            else:
+                deadline = now + task["timeout_minutes"] * self.minute_ms if task["timeout_minutes"] else None
+                task_flow.move(conn, [task["id"]], task_flow.IN_PROGRESS, actor="device", now_ms=now,
+                               values={"progress": step, "deadline_ms": deadline}, minute_ms=self.minute_ms)
+        return known
+
+    # The dispatcher hears about new tasks (a dynamic job matched) through these.
+    def add_job_listener(self, listener: Callable[[], None]) -> None:
+        self._job_listeners.append(listener)
+
+    def _wake_jobs(self) -> None:
+        for listener in list(self._job_listeners):
+            listener()

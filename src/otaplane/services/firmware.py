@@ -18,6 +18,7 @@ from otaplane.services.modules import module_row, product_row
 from otaplane.services.tenancy import Tenant
 from otaplane.store import Database
 from otaplane.store import firmware as store
+from otaplane.store import jobs as job_store
 from otaplane.store import uploads as upload_store
 from otaplane.timefmt import now_ms
 
@@ -286,11 +287,12 @@ class FirmwareService:
             raise errors.FirmwareNameExists() from None
 
     def delete(self, tenant: Tenant, firmware_id: str) -> None:
-        # TODO(issue 5): refuse while an upgrade job of the package is running.
         with self.db.begin() as conn:
             row = store.get(conn, tenant.instance_pk, firmware_id)
             if row is None:
                 raise errors.FirmwareNotFound()
+            if job_store.running_jobs_of_firmware(conn, row["id"]):
+                raise errors.FirmwareHasRunningJob()
             keys = store.delete(conn, row["id"])
         self._remove_unreferenced(keys)
 

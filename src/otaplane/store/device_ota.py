@@ -9,7 +9,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, RowMapping
 
 from otaplane.store.schema import device_ota_pending as pending
-from otaplane.store.schema import devices, firmware, firmware_files, ota_modules, products
+from otaplane.store.schema import devices, firmware, firmware_files, ota_jobs, ota_modules, ota_tasks, products
 
 # A pending row with everything a push needs.
 _PACKAGE = (
@@ -88,54 +88,71 @@ def device_products(conn: Connection, device_ids: list[int]) -> dict[int, int]:
 
 
 def upsert(conn: Connection, device_id: int, module_name: str, firmware_pk: int, message_id: int,
-           now_ms: int) -> None:
-    """The device's package for the module from now on; it replaces any earlier one."""
+           now_ms: int, task_pk: int | None = None, push: bool = True) -> None:
+    """The device's package for the module from now on; it replaces any earlier one.
+    `task_pk`: the upgrade task it belongs to; `push` False: only given when the device asks."""
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     fresh = {"firmware_pk": firmware_pk, "message_id": message_id, "progress": None, "progress_desc": None,
-             "delivered_ms": None, "modified_ms": now_ms}
+             "delivered_ms": None, "modified_ms": now_ms, "task_pk": task_pk, "push": push}
     statement = dialect.insert(pending).values(device_id=device_id, module_name=module_name, created_ms=now_ms,
                                                **fresh)
     conn.execute(statement.on_conflict_do_update(
         index_elements=[pending.c.device_id, pending.c.module_name], set_=fresh))
 
 
-def offers(conn: Connection, device_id: int, module_name: str | None = None) -> list[RowMapping]:
+def offers(conn: Connection, device_id: int, module_name: str | None = None,
+           pushed_only: bool = False) -> list[RowMapping]:
+    """The device's packages; `pushed_only`: not those it only gets by asking (NeedPush=false)."""
     query = _PACKAGE.where(pending.c.device_id == device_id, _OFFERABLE)
+    if pushed_only:
+        query = query.where(pending.c.push.is_(True))
     if module_name is not None:
         query = query.where(pending.c.module_name == module_name)
     return [row._mapping for row in conn.execute(query.order_by(pending.c.module_name))]
 
 
-def undelivered_online(conn: Connection, limit: int) -> list[sa.Row]:
+def undelivered_online(conn: Connection, limit: int, after: tuple[int, str] | None = None) -> list[sa.Row]:
     """(device_id, module_name, message_id) of pushes not yet delivered to devices that some
-    server process has online, oldest first."""
-    query = (
-        sa.select(pending.c.device_id, pending.c.module_name, pending.c.message_id)
-        .join(devices, devices.c.id == pending.c.device_id)
-        .where(pending.c.delivered_ms.is_(None), devices.c.online.is_(True), _OFFERABLE)
-        .order_by(pending.c.modified_ms, pending.c.device_id, pending.c.module_name)
-        .limit(limit)
-    )
-    return list(conn.execute(query))
+    server process has online, oldest first: in (modified_ms, device_id, module_name) order.
+    `after` (device_id, module_name): the rows that follow that one (keyset paging)."""
+    return _undelivered(conn, limit, after, devices.c.online.is_(True))
 
 
-def undelivered_any(conn: Connection, limit: int) -> list[sa.Row]:
+def undelivered_any(conn: Connection, limit: int, after: tuple[int, str] | None = None) -> list[sa.Row]:
     """`undelivered_online` whatever the devices' online state (an external broker: otaplane
     does not know who is connected)."""
+    return _undelivered(conn, limit, after)
+
+
+def _undelivered(conn: Connection, limit: int, after: tuple[int, str] | None, *where) -> list[sa.Row]:
     query = (
         sa.select(pending.c.device_id, pending.c.module_name, pending.c.message_id)
         .join(devices, devices.c.id == pending.c.device_id)
-        .where(pending.c.delivered_ms.is_(None), _OFFERABLE)
+        .where(pending.c.delivered_ms.is_(None), pending.c.push.is_(True), _OFFERABLE, *where)
         .order_by(pending.c.modified_ms, pending.c.device_id, pending.c.module_name)
         .limit(limit)
     )
+    if after is not None:
+        # The position of the row `after` now (by primary key). Gone since (installed, deleted):
+        # NULL, no row compares greater, and the page is empty (the next sweep starts afresh).
+        device_id, module_name = after
+        row = pending.alias("after_row")  # not correlated with the outer query's rows
+        previous = (
+            sa.select(row.c.modified_ms)
+            .where(row.c.device_id == device_id, row.c.module_name == module_name)
+            .scalar_subquery()
+        )
+        query = query.where(sa.tuple_(pending.c.modified_ms, pending.c.device_id, pending.c.module_name)
+                            > sa.tuple_(previous, device_id, module_name))
     return list(conn.execute(query))
 
 
 def for_devices(conn: Connection, device_ids: list[int]) -> list[RowMapping]:
+    """The packages to push to these devices (not those they only get by asking)."""
     found: list[RowMapping] = []
     for start in range(0, len(device_ids), 500):
-        query = _PACKAGE.where(pending.c.device_id.in_(device_ids[start:start + 500]), _OFFERABLE)
+        query = _PACKAGE.where(pending.c.device_id.in_(device_ids[start:start + 500]), _OFFERABLE,
+                               pending.c.push.is_(True))
         found.extend(row._mapping for row in conn.execute(query))
     return found
 
@@ -191,3 +208,35 @@ def clear_installed(conn: Connection, device_id: int, module_name: str, version:
 
 def set_firmware_md5(conn: Connection, firmware_pk: int, md5: str) -> None:
     conn.execute(sa.update(firmware).where(firmware.c.id == firmware_pk).values(md5=md5))
+
+
+def task_of(conn: Connection, device_id: int, module_name: str) -> RowMapping | None:
+    """The upgrade task behind the device's pending package for the module, with the task's
+    state and the package's DestVersion; None when there is none (or no task behind it)."""
+    row = conn.execute(
+        sa.select(ota_tasks.c.id, ota_tasks.c.status, ota_tasks.c.progress, ota_tasks.c.job_pk,
+                  firmware.c.dest_version, ota_jobs.c.timeout_minutes)
+        .select_from(pending)
+        .join(ota_tasks, ota_tasks.c.id == pending.c.task_pk)
+        .join(ota_jobs, ota_jobs.c.id == ota_tasks.c.job_pk)
+        .join(firmware, firmware.c.id == pending.c.firmware_pk)
+        .where(pending.c.device_id == device_id, pending.c.module_name == module_name)
+    ).first()
+    return row._mapping if row else None
+
+
+def tasks_of_pushes(conn: Connection, items: Iterable[tuple[int, str, int]]) -> list[int]:
+    """Task ids behind these pushes (device_id, module_name, message_id), if still pending."""
+    found: list[int] = []
+    items = list(items)
+    for start in range(0, len(items), 300):
+        chunk = items[start:start + 300]
+        rows = conn.execute(
+            sa.select(pending.c.task_pk).where(
+                pending.c.task_pk.is_not(None),
+                sa.or_(*[sa.and_(pending.c.device_id == d, pending.c.module_name == m, pending.c.message_id == i)
+                         for d, m, i in chunk]),
+            )
+        )
+        found.extend(rows.scalars())
+    return found

@@ -211,4 +211,105 @@ device_ota_pending = sa.Table(
     sa.Column("delivered_ms", sa.BigInteger, nullable=True, index=True),  # acknowledged by the device
     sa.Column("created_ms", sa.BigInteger, nullable=False),
     sa.Column("modified_ms", sa.BigInteger, nullable=False),
+    # The upgrade task this push belongs to (null: a push without a job, `otaplane devices push`).
+    sa.Column("task_pk", sa.Integer, nullable=True, index=True),
+    # False: the job said NeedPush=false, so the device only gets it by asking (firmware/get).
+    sa.Column("push", sa.Boolean, nullable=False, server_default=sa.true()),
+)
+
+# Upgrade jobs (verify, static, dynamic). Lists and tags are small JSON arrays: never queried into.
+ota_jobs = sa.Table(
+    "ota_jobs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("instance_pk", sa.Integer, sa.ForeignKey("instances.id"), nullable=False),
+    sa.Column("firmware_pk", sa.Integer, sa.ForeignKey("firmware.id", ondelete="CASCADE"), nullable=False,
+              index=True),
+    sa.Column("product_id", sa.Integer, sa.ForeignKey("products.id"), nullable=False),
+    sa.Column("module_name", sa.String(64), nullable=False),
+    sa.Column("job_type", sa.String(32), nullable=False),  # VERFIY_FIRMWARE | UPGRADE_FIRMWARE
+    sa.Column("selection_type", sa.String(16), nullable=False),  # STATIC | DYNAMIC
+    sa.Column("target_selection", sa.String(16), nullable=False),  # ALL | SPECIFIC | GRAY | GROUP
+    sa.Column("gray_percent", sa.String(16), nullable=True),
+    sa.Column("dynamic_mode", sa.Integer, nullable=True),
+    sa.Column("status", sa.String(16), nullable=False),  # PLANNED | IN_PROGRESS | COMPLETED | CANCELED
+    sa.Column("description", sa.String(256), nullable=True),
+    sa.Column("src_versions", sa.JSON, nullable=False),
+    sa.Column("tags", sa.JSON, nullable=False),
+    sa.Column("schedule_ms", sa.BigInteger, nullable=True),
+    sa.Column("schedule_finish_ms", sa.BigInteger, nullable=True),
+    sa.Column("max_per_minute", sa.Integer, nullable=False),
+    sa.Column("timeout_minutes", sa.Integer, nullable=True),
+    sa.Column("retry_count", sa.Integer, nullable=True),
+    sa.Column("retry_interval", sa.Integer, nullable=True),
+    sa.Column("overwrite_mode", sa.Integer, nullable=False),
+    sa.Column("need_push", sa.Boolean, nullable=False),
+    sa.Column("need_confirm", sa.Boolean, nullable=False),
+    sa.Column("multi_module", sa.Boolean, nullable=False),
+    sa.Column("download_protocol", sa.String(8), nullable=False),
+    # otaplane's extension: stop the rollout when too many devices fail.
+    sa.Column("abort_failure_percent", sa.Float, nullable=True),
+    sa.Column("abort_minimum_count", sa.Integer, nullable=True),
+    # Pacing: the earliest time (microseconds) the next push may go out.
+    sa.Column("pace_next_us", sa.BigInteger, nullable=False),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+    sa.Column("modified_ms", sa.BigInteger, nullable=False),
+    sa.Column("started_ms", sa.BigInteger, nullable=True),
+    sa.Column("ended_ms", sa.BigInteger, nullable=True),
+    sa.Index("ix_ota_jobs_status", "status", "selection_type"),
+    sa.Index("ix_ota_jobs_product", "product_id", "status"),
+)
+
+# One device's part of a job. State changes only through services/task_flow.py.
+ota_tasks = sa.Table(
+    "ota_tasks",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("task_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("job_pk", sa.Integer, sa.ForeignKey("ota_jobs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("device_id", sa.Integer, sa.ForeignKey("devices.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("module_name", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("src_version", sa.String(64), nullable=True),  # what the device ran when the task began
+    sa.Column("progress", sa.Integer, nullable=False),  # last step 0..100 the device reported
+    sa.Column("description", sa.String(256), nullable=True),  # TaskDesc: why it failed or ended
+    sa.Column("attempt", sa.Integer, nullable=False),  # 1, then +1 per retry or reupgrade
+    sa.Column("dispatched_attempt", sa.Integer, nullable=False),  # the attempt whose push is written
+    sa.Column("message_id", sa.BigInteger, nullable=True),  # that push's id
+    sa.Column("retries_left", sa.Integer, nullable=False),
+    # QUEUED: not dispatched before. FAILED with retries left: when the retry is due.
+    sa.Column("due_ms", sa.BigInteger, nullable=True),
+    sa.Column("deadline_ms", sa.BigInteger, nullable=True),  # IN_PROGRESS: fails as timed out after
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+    sa.Column("modified_ms", sa.BigInteger, nullable=False),
+    sa.Index("ix_ota_tasks_job_status", "job_pk", "status", "id"),
+    sa.Index("ix_ota_tasks_device", "device_id", "module_name", "status"),
+    sa.Index("ix_ota_tasks_status_due", "status", "due_ms"),
+    sa.Index("ix_ota_tasks_deadline", "deadline_ms"),
+)
+
+# Every state change of every task: who or what moved it, when and why.
+ota_task_events = sa.Table(
+    "ota_task_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("task_pk", sa.Integer, sa.ForeignKey("ota_tasks.id", ondelete="CASCADE"), nullable=False,
+              index=True),
+    sa.Column("from_status", sa.String(16), nullable=True),  # null: created
+    sa.Column("to_status", sa.String(16), nullable=False),
+    sa.Column("actor", sa.String(64), nullable=False),  # api:<Action> | device | dispatcher
+    sa.Column("reason", sa.String(256), nullable=True),
+    sa.Column("at_ms", sa.BigInteger, nullable=False),
+)
+
+# A task that still waits or runs; a device has at most one per OTA module (enforced here too).
+UNFINISHED_TASK_STATUSES = ("CONFIRM", "QUEUED", "NOTIFIED", "IN_PROGRESS")
+sa.Index(
+    "uq_ota_tasks_device_module_unfinished",
+    ota_tasks.c.device_id,
+    ota_tasks.c.module_name,
+    unique=True,
+    sqlite_where=ota_tasks.c.status.in_(UNFINISHED_TASK_STATUSES),
+    postgresql_where=ota_tasks.c.status.in_(UNFINISHED_TASK_STATUSES),
 )

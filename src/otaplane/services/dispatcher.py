@@ -1,0 +1,248 @@
+"""The job dispatcher: what happens to jobs and tasks as time passes.
+
+Each `tick` starts PLANNED jobs whose ScheduleTime came, ends jobs at their ScheduleFinishTime,
+fails tasks past their timeout, re-queues failed tasks whose retry is due, sends out due tasks at
+each job's pace, and completes (or, past their failure threshold, stops) jobs. All of it is
+driven by times stored in the database, so a restarted process picks up exactly where the
+database says things are, and several processes may tick at once:
+
+- every state change is a guarded UPDATE (task_flow.move), so only one process wins it;
+- a job is paced and dispatched under its row lock (PostgreSQL: FOR UPDATE SKIP LOCKED, a
+  process skips a job another one is dispatching), and a task is claimed by an UPDATE that only
+  matches while it is still undispatched, in the same transaction as its push row.
+
+Dispatching a task writes its push (device_ota_pending) with a fresh message id and clears the
+task's due time, in one commit: after a crash the push is either there (the device channel
+delivers it, once) or not (the task is still due). The task becomes NOTIFIED when the device
+takes the push.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+
+from otaplane.services import jobs as job_rules
+from otaplane.services import task_flow
+from otaplane.services.device_ota import new_message_id
+from otaplane.store import Database
+from otaplane.store import device_ota as pending_store
+from otaplane.store import jobs as store
+from otaplane.store.schema import ota_jobs, ota_tasks
+from otaplane.timefmt import now_ms as clock_ms
+
+log = logging.getLogger("otaplane.dispatcher")
+
+BATCH = 500  # most tasks moved per step and transaction
+MAX_PACE_BANK_US = 1_000_000  # an idle job may catch up at most one second of pushes at once
+ACTOR = "dispatcher"
+
+
+@dataclass
+class TickResult:
+    dispatched: int = 0
+    timed_out: int = 0
+    retried: int = 0
+    started: list[str] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+    pushed_devices: list[int] = field(default_factory=list)
+
+
+class Dispatcher:
+    def __init__(self, db: Database, minute_ms: int = 60_000,
+                 on_pushed: Callable[[list[int]], None] | None = None):
+        self.db = db
+        self.minute_ms = minute_ms
+        self.on_pushed = on_pushed  # wakes the device channel after pushes commit
+        self._is_pg = not db.is_sqlite
+        self._last_review_ms = 0
+
+    def tick(self, now_ms: int | None = None, review_every_ms: int = 1000) -> TickResult:
+        now = clock_ms() if now_ms is None else now_ms
+        result = TickResult()
+        result.started = self._start_planned(now)
+        result.timed_out = self._time_out(now)
+        result.retried = self._retry(now)
+        self._dispatch_all(now, result)
+        if now - self._last_review_ms >= review_every_ms:
+            self._last_review_ms = now
+            result.finished = self._review_jobs(now)
+        if result.pushed_devices and self.on_pushed is not None:
+            self.on_pushed(result.pushed_devices)
+        return result
+
+    # --- time-driven job changes ----------------------------------------------------------------
+    def _start_planned(self, now: int) -> list[str]:
+        with self.db.write_turn(), self.db.begin() as conn:
+            due = conn.execute(sa.select(ota_jobs.c.id, ota_jobs.c.job_id).where(
+                ota_jobs.c.status == job_rules.PLANNED, ota_jobs.c.schedule_ms <= now)).all()
+            started = []
+            for job in due:
+                changed = conn.execute(
+                    sa.update(ota_jobs).where(ota_jobs.c.id == job.id, ota_jobs.c.status == job_rules.PLANNED)
+                    .values(status=job_rules.IN_PROGRESS, started_ms=now, modified_ms=now, pace_next_us=now * 1000)
+                ).rowcount
+                if changed:
+                    started.append(job.job_id)
+        for job_id in started:
+            log.info("job %s: its ScheduleTime came; started", job_id)
+        return started
+
+    def _time_out(self, now: int) -> int:
+        with self.db.write_turn(), self.db.begin() as conn:
+            late = conn.execute(sa.select(ota_tasks.c.id).where(
+                ota_tasks.c.deadline_ms <= now, ota_tasks.c.status == task_flow.IN_PROGRESS).limit(BATCH)).scalars().all()
+            moved = task_flow.move(conn, late, task_flow.FAILED, actor=ACTOR, now_ms=now,
+                                   reason="upgrade timed out", minute_ms=self.minute_ms)
+        return len(moved)
+
+    def _retry(self, now: int) -> int:
+        with self.db.write_turn(), self.db.begin() as conn:
+            due = conn.execute(
+                sa.select(ota_tasks.c.id, ota_tasks.c.device_id, ota_tasks.c.module_name)
+                .join(ota_jobs, ota_jobs.c.id == ota_tasks.c.job_pk)
+                .where(ota_tasks.c.status == task_flow.FAILED, ota_tasks.c.due_ms <= now,
+                       ota_tasks.c.retries_left > 0, ota_jobs.c.status == job_rules.IN_PROGRESS)
+                .limit(BATCH)
+            ).all()
+            if not due:
+                return 0
+            busy: set[int] = set()
+            for module in {row.module_name for row in due}:
+                busy |= set(store.unfinished_by_device(conn, [r.device_id for r in due if r.module_name == module],
+                                                       module))
+            blocked = [row.id for row in due if row.device_id in busy]
+            if blocked:  # another job took the device meanwhile: no retry
+                conn.execute(sa.update(ota_tasks).where(ota_tasks.c.id.in_(blocked))
+                             .values(due_ms=None, description="retry skipped: the device has another task"))
+            moved = task_flow.move(
+                conn, [row.id for row in due if row.device_id not in busy], task_flow.QUEUED, actor=ACTOR,
+                now_ms=now, reason="retry", minute_ms=self.minute_ms,
+                values={"attempt": ota_tasks.c.attempt + 1, "retries_left": ota_tasks.c.retries_left - 1,
+                        "due_ms": now, "progress": 0},
+            )
+        return len(moved)
+
+    # --- dispatch -------------------------------------------------------------------------------
+    def _dispatch_all(self, now: int, result: TickResult) -> None:
+        with self.db.connect() as conn:
+            job_pks = conn.execute(
+                sa.select(ota_tasks.c.job_pk).join(ota_jobs, ota_jobs.c.id == ota_tasks.c.job_pk)
+                .where(ota_tasks.c.status == task_flow.QUEUED, ota_tasks.c.due_ms <= now,
+                       ota_jobs.c.status == job_rules.IN_PROGRESS)
+                .group_by(ota_tasks.c.job_pk)
+            ).scalars().all()
+        for job_pk in job_pks:
+            try:
+                self._dispatch_job(job_pk, now, result)
+            except Exception:  # one job's trouble must not stop the others
+                log.exception("dispatch of job %d failed", job_pk)
+
+    def _dispatch_job(self, job_pk: int, now: int, result: TickResult) -> None:
+        now_us = now * 1000
+        with self.db.write_turn(), self.db.begin() as conn:
+            query = sa.select(ota_jobs.c.status, ota_jobs.c.max_per_minute, ota_jobs.c.pace_next_us,
+                              ota_jobs.c.need_push, ota_jobs.c.firmware_pk).where(ota_jobs.c.id == job_pk)
+            if self._is_pg:
+                query = query.with_for_update(skip_locked=True)
+            job = conn.execute(query).first()
+            if job is None or job.status != job_rules.IN_PROGRESS:
+                return  # gone, finished, or another process holds it right now
+            interval_us = 60_000_000 / max(1, job.max_per_minute)
+            cursor = max(job.pace_next_us, now_us - MAX_PACE_BANK_US)
+            if cursor > now_us:
+                return
+            slots = min(BATCH, int((now_us - cursor) // interval_us) + 1)
+            tasks_query = (
+                sa.select(ota_tasks.c.id, ota_tasks.c.device_id, ota_tasks.c.module_name, ota_tasks.c.attempt)
+                .where(ota_tasks.c.job_pk == job_pk, ota_tasks.c.status == task_flow.QUEUED,
+                       ota_tasks.c.due_ms <= now)
+                .order_by(ota_tasks.c.due_ms, ota_tasks.c.id).limit(slots)
+            )
+            if self._is_pg:
+                tasks_query = tasks_query.with_for_update(skip_locked=True)
+            tasks = conn.execute(tasks_query).all()
+            claimed = []
+            for task in tasks:
+                message_id = new_message_id()
+                won = conn.execute(
+                    sa.update(ota_tasks)
+                    .where(ota_tasks.c.id == task.id, ota_tasks.c.status == task_flow.QUEUED,
+                           ota_tasks.c.due_ms.is_not(None))
+                    .values(due_ms=None, dispatched_attempt=task.attempt, message_id=message_id, modified_ms=now)
+                ).rowcount
+                if won:
+                    claimed.append((task, message_id))
+            for task, message_id in claimed:
+                pending_store.upsert(conn, task.device_id, task.module_name, job.firmware_pk, message_id, now,
+                                     task_pk=task.id, push=job.need_push)
+            conn.execute(sa.update(ota_jobs).where(ota_jobs.c.id == job_pk)
+                         .values(pace_next_us=int(cursor + len(claimed) * interval_us)))
+        result.dispatched += len(claimed)
+        if job.need_push:
+            result.pushed_devices.extend(task.device_id for task, _ in claimed)
+
+    # --- job completion -------------------------------------------------------------------------
+    def _review_jobs(self, now: int) -> list[str]:
+        """End jobs: at ScheduleFinishTime; when a failure threshold is passed; when a static
+        or verify job has nothing left to do."""
+        finished = []
+        with self.db.connect() as conn:
+            jobs = conn.execute(sa.select(ota_jobs).where(
+                ota_jobs.c.status.in_((job_rules.PLANNED, job_rules.IN_PROGRESS)))).all()
+        for job in jobs:
+            try:
+                outcome = self._review(job, now)
+            except Exception:
+                log.exception("review of job %s failed", job.job_id)
+                continue
+            if outcome:
+                finished.append(job.job_id)
+                log.info("job %s: %s", job.job_id, outcome)
+        return finished
+
+    def _review(self, job, now: int) -> str | None:
+        with self.db.write_turn(), self.db.begin() as conn:
+            query = sa.select(ota_jobs.c.status).where(ota_jobs.c.id == job.id)
+            if self._is_pg:
+                query = query.with_for_update(skip_locked=True)
+            status = conn.execute(query).scalar()
+            if status not in (job_rules.PLANNED, job_rules.IN_PROGRESS):
+                return None
+            if job.schedule_finish_ms is not None and job.schedule_finish_ms <= now:
+                self._end(conn, job.id, job_rules.COMPLETED, now, "its ScheduleFinishTime came; unfinished tasks "
+                          "were cancelled", cancel_reason="the job's ScheduleFinishTime passed")
+                return "ScheduleFinishTime reached"
+            if status != job_rules.IN_PROGRESS:
+                return None
+            counts = store.status_counts(conn, job.id)
+            retrying = store.retry_pending(conn, job.id)
+            failed = counts.get(task_flow.FAILED, 0) - retrying
+            if job.abort_failure_percent is not None:
+                finished = counts.get(task_flow.SUCCEEDED, 0) + failed
+                share = failed * 100.0 / finished if finished else 0.0
+                if failed >= (job.abort_minimum_count or 1) and share >= job.abort_failure_percent:
+                    why = (f"stopped: {failed} of {finished} finished tasks failed ({share:.1f}% >= "
+                           f"AbortFailurePercent {job.abort_failure_percent:g})")
+                    self._end(conn, job.id, job_rules.CANCELED, now, why, cancel_reason="the rollout was " + why)
+                    return why
+            if job.selection_type == job_rules.DYNAMIC:
+                return None  # a dynamic job runs until cancelled or its finish time
+            unfinished = sum(counts.get(s, 0) for s in task_flow.UNFINISHED)
+            if unfinished == 0 and retrying == 0:
+                store.update_job(conn, job.id, {"status": job_rules.COMPLETED, "ended_ms": now, "modified_ms": now})
+                return "completed"
+        return None
+
+    def _end(self, conn, job_pk: int, status: str, now: int, description: str, cancel_reason: str) -> None:
+        task_pks = store.task_ids_of_job(conn, job_pk, task_flow.UNFINISHED)
+        task_flow.move(conn, task_pks, task_flow.CANCELED, actor=ACTOR, now_ms=now, reason=cancel_reason,
+                       minute_ms=self.minute_ms)
+        # Failed tasks waiting for a retry will not get it.
+        conn.execute(sa.update(ota_tasks).where(ota_tasks.c.job_pk == job_pk, ota_tasks.c.status == task_flow.FAILED)
+                     .values(due_ms=None))
+        store.update_job(conn, job_pk, {"status": status, "ended_ms": now, "modified_ms": now,
+                                        "description": description[:256]})

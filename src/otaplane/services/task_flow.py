@@ -1,0 +1,169 @@
+"""The one place where an upgrade task changes state.
+
+`move` checks that each change is allowed (a task moves only from the states listed in ALLOWED),
+writes the new state and a history row (who or what moved it, when, why), and does what the new
+state implies: a cancelled or failed task's push is withdrawn, a failed task with retries left
+gets its retry time, and a verify job's package gets its Status and VerifyProgress.
+
+Everything runs on the caller's connection, inside the caller's transaction, so a state change
+and its consequences commit together or not at all. Rows are guarded twice: the UPDATE repeats
+the allowed-from condition, so two processes racing on one task cannot both move it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from otaplane.store.schema import UNFINISHED_TASK_STATUSES
+from otaplane.store.schema import device_ota_pending as pending
+from otaplane.store.schema import firmware, ota_jobs, ota_task_events, ota_tasks
+
+CONFIRM = "CONFIRM"
+QUEUED = "QUEUED"
+NOTIFIED = "NOTIFIED"
+IN_PROGRESS = "IN_PROGRESS"
+SUCCEEDED = "SUCCEEDED"
+FAILED = "FAILED"
+CANCELED = "CANCELED"
+
+TASK_STATUSES = (CONFIRM, QUEUED, NOTIFIED, IN_PROGRESS, SUCCEEDED, FAILED, CANCELED)
+UNFINISHED = UNFINISHED_TASK_STATUSES
+FINAL = (SUCCEEDED, FAILED, CANCELED)
+
+# to-state -> the states a task may come from.
+ALLOWED: Mapping[str, tuple[str, ...]] = {
+    QUEUED: (CONFIRM, FAILED, CANCELED),  # confirmed; retried; re-upgraded
+    CONFIRM: (FAILED, CANCELED),  # re-upgraded in a job that needs confirmation
+    NOTIFIED: (QUEUED,),  # the device took the push (or asked for it)
+    IN_PROGRESS: (QUEUED, NOTIFIED),  # first progress report
+    SUCCEEDED: (QUEUED, NOTIFIED, IN_PROGRESS),  # reported the DestVersion
+    FAILED: (QUEUED, NOTIFIED, IN_PROGRESS),  # failure step, timeout, bad version
+    CANCELED: UNFINISHED,
+}
+
+# Firmware Status values a verify job drives.
+FIRMWARE_UNVERIFIED = 0
+FIRMWARE_VERIFIED = 1
+FIRMWARE_VERIFYING = 2
+FIRMWARE_VERIFY_FAILED = 3
+VERIFY_JOB = "VERFIY_FIRMWARE"  # sic: the platform's spelling on the wire
+
+_CHUNK = 500
+
+
+@dataclass(frozen=True)
+class Moved:
+    task_pk: int
+    job_pk: int
+    device_id: int
+    module_name: str
+    from_status: str
+
+
+def move(conn: Connection, task_pks: Iterable[int], to: str, *, actor: str, now_ms: int,
+         reason: str | None = None, values: Mapping[str, Any] | None = None,
+         minute_ms: int = 60_000) -> list[Moved]:
+    """Move the tasks that may go to `to`; the others are left alone. Returns those moved.
+    `values`: more columns to set on the moved rows (progress, description, deadline ...).
+    `minute_ms`: how long a job "minute" is (retry intervals); shortened only in tests."""
+    allowed = ALLOWED[to]
+    moved: list[Moved] = []
+    keys = sorted(set(task_pks))
+    for start in range(0, len(keys), _CHUNK):
+        chunk = keys[start:start + _CHUNK]
+        query = sa.select(ota_tasks.c.id, ota_tasks.c.job_pk, ota_tasks.c.device_id, ota_tasks.c.module_name,
+                          ota_tasks.c.status).where(ota_tasks.c.id.in_(chunk), ota_tasks.c.status.in_(allowed))
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update()
+        rows = conn.execute(query).all()
+        if not rows:
+            continue
+        ids = [row.id for row in rows]
+        update = {"status": to, "modified_ms": now_ms, **(values or {})}
+        if to in (SUCCEEDED, FAILED, CANCELED):
+            update.setdefault("deadline_ms", None)
+        if to == CANCELED or to == SUCCEEDED:
+            update.setdefault("due_ms", None)
+        if reason is not None and to in (FAILED, CANCELED):
+            update.setdefault("description", reason[:256])  # TaskDesc says why it ended
+        if to == SUCCEEDED:
+            update.setdefault("description", None)
+        conn.execute(sa.update(ota_tasks).where(ota_tasks.c.id.in_(ids), ota_tasks.c.status.in_(allowed))
+                     .values(**update))
+        conn.execute(sa.insert(ota_task_events), [
+            {"task_pk": row.id, "from_status": row.status, "to_status": to, "actor": actor[:64],
+             "reason": reason[:256] if reason else None, "at_ms": now_ms}
+            for row in rows
+        ])
+        moved.extend(Moved(row.id, row.job_pk, row.device_id, row.module_name, row.status) for row in rows)
+    if not moved:
+        return moved
+    ids = [m.task_pk for m in moved]
+    if to in (FAILED, CANCELED):
+        _withdraw_pushes(conn, ids)
+    if to == FAILED:
+        _schedule_retries(conn, moved, now_ms, minute_ms)
+    refresh_verification(conn, {m.job_pk for m in moved}, now_ms)
+    return moved
+
+
+def record_created(conn: Connection, task_pks_by_status: Mapping[str, list[int]], *, actor: str, now_ms: int,
+                   reason: str | None = None) -> None:
+    """History rows for newly inserted tasks (their first state)."""
+    rows = [{"task_pk": pk, "from_status": None, "to_status": status, "actor": actor[:64],
+             "reason": reason, "at_ms": now_ms}
+            for status, pks in task_pks_by_status.items() for pk in pks]
+    if rows:
+        conn.execute(sa.insert(ota_task_events), rows)
+
+
+def _withdraw_pushes(conn: Connection, task_pks: list[int]) -> None:
+    for start in range(0, len(task_pks), _CHUNK):
+        conn.execute(sa.delete(pending).where(pending.c.task_pk.in_(task_pks[start:start + _CHUNK])))
+
+
+def _schedule_retries(conn: Connection, moved: list[Moved], now_ms: int, minute_ms: int) -> None:
+    """A failed task with retries left becomes due again after its job's RetryInterval."""
+    jobs = {m.job_pk for m in moved}
+    intervals = dict(conn.execute(sa.select(ota_jobs.c.id, ota_jobs.c.retry_interval)
+                                  .where(ota_jobs.c.id.in_(jobs), ota_jobs.c.retry_count.is_not(None))).all())
+    for job_pk, interval in intervals.items():
+        ids = [m.task_pk for m in moved if m.job_pk == job_pk]
+        for start in range(0, len(ids), _CHUNK):
+            conn.execute(
+                sa.update(ota_tasks)
+                .where(ota_tasks.c.id.in_(ids[start:start + _CHUNK]), ota_tasks.c.retries_left > 0)
+                .values(due_ms=now_ms + (interval or 0) * minute_ms)
+            )
+
+
+def refresh_verification(conn: Connection, job_pks: Iterable[int], now_ms: int) -> None:
+    """Status and VerifyProgress of the packages whose verify jobs are among `job_pks`.
+    VerifyProgress is the share of verify devices that run the DestVersion."""
+    verify_jobs = conn.execute(
+        sa.select(ota_jobs.c.id, ota_jobs.c.firmware_pk, ota_jobs.c.status)
+        .where(ota_jobs.c.id.in_(sorted(set(job_pks))), ota_jobs.c.job_type == VERIFY_JOB)
+    ).all()
+    for job in verify_jobs:
+        counts = dict(conn.execute(
+            sa.select(ota_tasks.c.status, sa.func.count()).where(ota_tasks.c.job_pk == job.id)
+            .group_by(ota_tasks.c.status)
+        ).all())
+        total = sum(counts.values())
+        succeeded = counts.get(SUCCEEDED, 0)
+        if total and succeeded == total:
+            status = FIRMWARE_VERIFIED
+        elif counts.get(FAILED, 0):
+            status = FIRMWARE_VERIFY_FAILED
+        elif any(counts.get(s, 0) for s in UNFINISHED):
+            status = FIRMWARE_VERIFYING
+        else:  # what did not succeed was cancelled: unverified, a new verify job may start
+            status = FIRMWARE_UNVERIFIED
+        progress = succeeded * 100 // total if total else 0
+        conn.execute(sa.update(firmware).where(firmware.c.id == job.firmware_pk)
+                     .values(status=status, verify_progress=progress, modified_ms=now_ms))

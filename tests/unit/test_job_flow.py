@@ -1,0 +1,433 @@
+"""Jobs and tasks through the services on a real SQLite database (no server, no MQTT): the
+dispatcher is ticked with explicit clocks and devices "report" by calling DeviceOtaService, the
+same calls the device channel makes. The end-to-end tests drive the same paths over the wire."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from otaplane import errors
+from otaplane.server import prepare
+from otaplane.services import task_flow
+from otaplane.services.container import Services
+from otaplane.services.firmware import NewFirmware
+from otaplane.services.jobs import DYNAMIC, JobSpec, VERIFY, gray_count
+from otaplane.services.products import NewProduct
+from otaplane.settings import Settings
+from otaplane.store import uploads
+from otaplane.store.schema import device_ota_pending, ota_task_events, ota_tasks
+from tests.conftest import BACKENDS
+
+MINUTE_MS = 1000  # job minutes are one second long here
+
+
+class Fleet:
+    def __init__(self, services: Services, devices: int = 6, need_to_verify: bool = False):
+        self.services = services
+        services.accounts.create_key("jobs")
+        self.tenant = services.accounts.tenant_by_name("jobs")
+        self.product = services.products.create(self.tenant, NewProduct(product_name="jobsprod", node_type=0))
+        self.pk = self.product.product_key
+        self.names = [f"dev-{i:03d}" for i in range(devices)]
+        self.ids = {}
+        for name in self.names:
+            services.devices.register(self.tenant, self.pk, name, None)
+            self.ids[name] = services.devices.credentials(self.pk, name).device_id
+            services.device_ota.version_reported(self.ids[name], None, "1.0.0")
+        self.firmware_id = self.new_firmware("fw2", "2.0.0", need_to_verify)
+
+    def new_firmware(self, name: str, version: str, need_to_verify: bool = False) -> str:
+        key = f"ota/{self.tenant.instance_id}/{name}.bin"
+        path = self.services.blobs.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(name.encode() * 100)
+        with self.services.db.begin() as conn:
+            uploads.record(conn, key, self.tenant.instance_pk, int(time.time() * 1000))
+        fw = self.services.firmware.create(self.tenant, NewFirmware(
+            product_key=self.pk, name=name, dest_version=version, firmware_url=self.services.blobs.object_url(key),
+            need_to_verify=need_to_verify))
+        return fw.firmware_id
+
+    def job(self, **kw) -> str:
+        spec = JobSpec(firmware_id=kw.pop("firmware_id", self.firmware_id), product_key=self.pk, **kw)
+        job_id, _ = self.services.jobs.create(self.tenant, spec)
+        return job_id
+
+    def tasks(self, job_id: str) -> dict[str, dict]:
+        page = self.services.jobs.tasks_page(self.tenant, job_id, 1, 100, None, None)
+        return {t["device_name"]: dict(t) for t in page.items}
+
+    def statuses(self, job_id: str) -> dict[str, str]:
+        return {name: t["status"] for name, t in self.tasks(job_id).items()}
+
+    def tick(self, now: int | None = None):
+        return self.services.dispatcher.tick(now, review_every_ms=0)
+
+    def deliver_all(self) -> None:
+        """What the device channel does: deliver every pushable pending row and ack it."""
+        with self.services.db.connect() as conn:
+            rows = conn.execute(sa.select(device_ota_pending.c.device_id, device_ota_pending.c.module_name,
+                                          device_ota_pending.c.message_id)
+                                .where(device_ota_pending.c.delivered_ms.is_(None),
+                                       device_ota_pending.c.push.is_(True))).all()
+        self.services.device_ota.mark_delivered([tuple(r) for r in rows])
+
+    def upgrade(self, name: str, version: str = "2.0.0") -> None:
+        ota = self.services.device_ota
+        ota.progress_reported(self.ids[name], None, 10, None)
+        ota.progress_reported(self.ids[name], None, 100, None)
+        ota.version_reported(self.ids[name], None, version)
+
+    def job_status(self, job_id: str) -> str:
+        return self.services.jobs.get(self.tenant, job_id)["status"]
+
+    def firmware(self, firmware_id: str | None = None):
+        return self.services.firmware.get(self.tenant, firmware_id or self.firmware_id)
+
+
+@pytest.fixture(params=BACKENDS)
+def settings(request, tmp_path, postgres) -> Settings:
+    database_url = postgres.create() if request.param == "postgresql" else ""
+    return Settings(data_dir=tmp_path, database_url=database_url, job_minute_seconds=MINUTE_MS / 1000)
+
+
+@pytest.fixture()
+def services(settings):
+    services = Services.build(settings)
+    prepare(services)
+    yield services
+    services.close()
+
+
+@pytest.fixture()
+def fleet(services) -> Fleet:
+    return Fleet(services)
+
+
+def test_verify_job_drives_firmware_status_and_progress(services):
+    fleet = Fleet(services, devices=2, need_to_verify=True)
+    assert (fleet.firmware().status, fleet.firmware().verify_progress) == (0, 0)
+    with pytest.raises(errors.ApiError) as refused:
+        fleet.job(target_selection="ALL")
+    assert refused.value.code == "iot.ota.FirmwareNotVerified"
+
+    job_id = fleet.job(job_type=VERIFY, target_selection="SPECIFIC", device_names=fleet.names)
+    assert (fleet.firmware().status, fleet.firmware().verify_progress) == (2, 0)
+    with pytest.raises(errors.ApiError) as again:
+        fleet.job(job_type=VERIFY, target_selection="SPECIFIC", device_names=fleet.names[:1])
+    assert again.value.code == "iot.ota.FirmwareVerifying"
+
+    assert fleet.tick().dispatched == 2
+    fleet.deliver_all()
+    assert set(fleet.statuses(job_id).values()) == {"NOTIFIED"}
+    fleet.upgrade("dev-000")
+    assert (fleet.firmware().status, fleet.firmware().verify_progress) == (2, 50)
+    fleet.upgrade("dev-001")
+    assert (fleet.firmware().status, fleet.firmware().verify_progress) == (1, 100)
+    fleet.tick()
+    assert fleet.job_status(job_id) == "COMPLETED"
+    job = services.jobs.get(fleet.tenant, job_id)
+    assert job["job_type"] == "VERFIY_FIRMWARE" and job["ended_ms"] is not None
+    with pytest.raises(errors.ApiError) as verified:
+        fleet.job(job_type=VERIFY, target_selection="SPECIFIC", device_names=fleet.names[:1])
+    assert verified.value.code == "iot.ota.FirmwareAlreadyVerified"
+    # Now an upgrade job may use it (every device already runs 2.0.0: nothing to do).
+    with pytest.raises(errors.ApiError) as nothing:
+        fleet.job(target_selection="ALL")
+    assert nothing.value.code == "iot.ota.NoDeviceToUpgrade"
+
+
+def test_a_failure_step_fails_verification(services):
+    fleet = Fleet(services, devices=2, need_to_verify=True)
+    job_id = fleet.job(job_type=VERIFY, target_selection="SPECIFIC", device_names=fleet.names)
+    fleet.tick()
+    fleet.deliver_all()
+    services.device_ota.progress_reported(fleet.ids["dev-000"], None, -3, None)
+    tasks = fleet.tasks(job_id)
+    assert tasks["dev-000"]["status"] == "FAILED"
+    assert "verify failed" in tasks["dev-000"]["description"]
+    assert fleet.firmware().status == 3
+
+
+def test_static_all_job_succeeds_by_version_not_by_progress(fleet):
+    job_id = fleet.job(target_selection="ALL")
+    assert set(fleet.statuses(job_id).values()) == {"QUEUED"}
+    fleet.tick()
+    fleet.deliver_all()
+    ota = fleet.services.device_ota
+    ota.progress_reported(fleet.ids["dev-000"], None, 100, None)
+    assert fleet.statuses(job_id)["dev-000"] == "IN_PROGRESS"
+    assert fleet.tasks(job_id)["dev-000"]["progress"] == 100
+    ota.version_reported(fleet.ids["dev-000"], None, "1.0.0")  # rebooted into the old version
+    assert fleet.tasks(job_id)["dev-000"]["status"] == "FAILED"
+    assert fleet.tasks(job_id)["dev-000"]["description"] == "report version is not conform"
+    for name in fleet.names[1:]:
+        fleet.upgrade(name)
+    assert list(fleet.statuses(job_id).values()).count("SUCCEEDED") == 5
+    fleet.tick()
+    assert fleet.job_status(job_id) == "COMPLETED"
+
+
+def test_history_records_every_change(fleet):
+    job_id = fleet.job(target_selection="SPECIFIC", device_names=["dev-000"])
+    fleet.tick()
+    fleet.deliver_all()
+    fleet.upgrade("dev-000")
+    task_pk = fleet.tasks(job_id)["dev-000"]["id"]
+    with fleet.services.db.connect() as conn:
+        events = conn.execute(sa.select(ota_task_events.c.from_status, ota_task_events.c.to_status,
+                                        ota_task_events.c.actor)
+                              .where(ota_task_events.c.task_pk == task_pk).order_by(ota_task_events.c.id)).all()
+    assert [tuple(e) for e in events] == [
+        (None, "QUEUED", "api:CreateOTAStaticUpgradeJob"), ("QUEUED", "NOTIFIED", "device"),
+        ("NOTIFIED", "IN_PROGRESS", "device"), ("IN_PROGRESS", "SUCCEEDED", "device"),
+    ]
+
+
+def test_illegal_transitions_are_refused(fleet):
+    job_id = fleet.job(target_selection="SPECIFIC", device_names=["dev-000"])
+    fleet.tick()
+    fleet.deliver_all()
+    fleet.upgrade("dev-000")
+    task_pk = fleet.tasks(job_id)["dev-000"]["id"]
+    with fleet.services.db.begin() as conn:
+        for target in ("QUEUED", "NOTIFIED", "IN_PROGRESS", "FAILED", "CANCELED", "CONFIRM"):
+            assert task_flow.move(conn, [task_pk], target, actor="test", now_ms=1) == []
+    assert fleet.statuses(job_id)["dev-000"] == "SUCCEEDED"
+
+
+def test_pacing_follows_maximum_per_minute(fleet):
+    job_id = fleet.job(target_selection="ALL", max_per_minute=60)  # one per second
+    created = fleet.services.jobs.get(fleet.tenant, job_id)["created_ms"]
+    assert fleet.tick(created).dispatched == 1
+    assert fleet.tick(created + 500).dispatched == 0
+    assert fleet.tick(created + 1000).dispatched == 1
+    assert fleet.tick(created + 3000).dispatched == 2
+    assert fleet.tick(created + 3000).dispatched == 0
+
+
+def test_timeout_then_retry_succeeds(fleet):
+    job_id = fleet.job(target_selection="SPECIFIC", device_names=["dev-000"], timeout_minutes=2,
+                       retry_count=1, retry_interval=0)
+    fleet.tick()
+    fleet.deliver_all()
+    fleet.services.device_ota.progress_reported(fleet.ids["dev-000"], None, 20, None)
+    task = fleet.tasks(job_id)["dev-000"]
+    assert task["deadline_ms"] is not None
+    old_message = task["message_id"]
+    result = fleet.tick(task["deadline_ms"] + 1)
+    # One tick: timed out, retried at once (RetryInterval 0), dispatched again with a new push id.
+    assert (result.timed_out, result.retried, result.dispatched) == (1, 1, 1)
+    task = fleet.tasks(job_id)["dev-000"]
+    assert (task["status"], task["attempt"], task["retries_left"]) == ("QUEUED", 2, 0)
+    assert task["description"] == "upgrade timed out" and task["message_id"] != old_message
+    with fleet.services.db.connect() as conn:
+        events = conn.execute(sa.select(ota_task_events.c.to_status, ota_task_events.c.reason)
+                              .where(ota_task_events.c.task_pk == task["id"]).order_by(ota_task_events.c.id)).all()
+    assert [tuple(e) for e in events][-2:] == [("FAILED", "upgrade timed out"), ("QUEUED", "retry")]
+    fleet.deliver_all()
+    fleet.upgrade("dev-000")
+    task = fleet.tasks(job_id)["dev-000"]
+    assert (task["status"], task["description"]) == ("SUCCEEDED", None)
+
+
+def test_retry_waits_for_its_interval(fleet):
+    job_id = fleet.job(target_selection="SPECIFIC", device_names=["dev-000"], retry_count=2, retry_interval=10)
+    fleet.tick()
+    fleet.deliver_all()
+    fleet.services.device_ota.progress_reported(fleet.ids["dev-000"], None, -2, "http 404")
+    task = fleet.tasks(job_id)["dev-000"]
+    assert task["status"] == "FAILED" and task["description"] == "http 404 (step -2)"
+    due = task["due_ms"]
+    assert due >= task["modified_ms"] + 10 * MINUTE_MS
+    fleet.tick(due - 1)
+    assert fleet.statuses(job_id)["dev-000"] == "FAILED"
+    fleet.tick(due)
+    assert fleet.statuses(job_id)["dev-000"] == "QUEUED"
+    fleet.tick(due - 1, )  # the review must not complete the job while a retry is pending
+    assert fleet.job_status(job_id) == "IN_PROGRESS"
+
+
+def test_confirm_and_cancel(fleet):
+    job_id = fleet.job(target_selection="ALL", need_confirm=True)
+    assert set(fleet.statuses(job_id).values()) == {"CONFIRM"}
+    assert fleet.tick().dispatched == 0
+    tasks = fleet.tasks(job_id)
+    fleet.services.jobs.confirm(fleet.tenant, [tasks["dev-000"]["task_id"], tasks["dev-001"]["task_id"]])
+    assert fleet.tick().dispatched == 2
+    with pytest.raises(errors.ApiError) as no_flag:
+        fleet.services.jobs.cancel_by_job(fleet.tenant, job_id, scheduled=False, queued=False, in_progress=False,
+                                          notified=False, unconfirmed=None)
+    assert no_flag.value.code == "iot.ota.CancelParamRequired"
+    fleet.services.jobs.cancel_by_job(fleet.tenant, job_id, scheduled=False, queued=False, in_progress=False,
+                                      notified=False, unconfirmed=True)
+    statuses = fleet.statuses(job_id)
+    assert statuses["dev-000"] == statuses["dev-001"] == "QUEUED"
+    assert [statuses[n] for n in fleet.names[2:]] == ["CANCELED"] * 4
+    fleet.services.jobs.cancel_by_device(fleet.tenant, fleet.pk, fleet.firmware_id, ["dev-000"], None)
+    assert fleet.statuses(job_id)["dev-000"] == "CANCELED"
+    with fleet.services.db.connect() as conn:  # dev-000's push is withdrawn, dev-001's is not
+        devices = set(conn.execute(sa.select(device_ota_pending.c.device_id)).scalars())
+    assert devices == {fleet.ids["dev-001"]}
+    # Re-upgrade the cancelled dev-000: a new attempt that needs confirming again.
+    task_id = fleet.tasks(job_id)["dev-000"]["task_id"]
+    fleet.services.jobs.reupgrade(fleet.tenant, job_id, [task_id])
+    task = fleet.tasks(job_id)["dev-000"]
+    assert (task["status"], task["attempt"]) == ("CONFIRM", 2)
+    with pytest.raises(errors.ApiError) as wrong:
+        fleet.services.jobs.reupgrade(fleet.tenant, job_id, [fleet.tasks(job_id)["dev-001"]["task_id"]])
+    assert wrong.value.code == "iot.ota.TaskCanNotReupgrade"
+
+
+def test_overwrite_modes(fleet):
+    first = fleet.job(target_selection="SPECIFIC", device_names=["dev-000", "dev-001"])
+    other = fleet.new_firmware("fw3", "3.0.0")
+    kept = fleet.job(firmware_id=other, target_selection="SPECIFIC", device_names=["dev-000"], overwrite_mode=1)
+    assert fleet.statuses(first)["dev-000"] == "QUEUED"
+    task = fleet.tasks(kept)["dev-000"]
+    assert task["status"] == "FAILED" and first in task["description"]
+    overwritten = fleet.job(firmware_id=other, target_selection="SPECIFIC", device_names=["dev-001"],
+                            overwrite_mode=2)
+    assert fleet.statuses(first)["dev-001"] == "CANCELED"
+    assert fleet.statuses(overwritten)["dev-001"] == "QUEUED"
+
+
+def test_gray_rounds_down_but_takes_one_device(fleet):
+    assert gray_count(6, "33.33") == 1
+    assert gray_count(6, "50") == 3
+    assert gray_count(3, "10") == 1
+    job_id = fleet.job(target_selection="GRAY", gray_percent="50")
+    assert len(fleet.tasks(job_id)) == 3
+
+
+def test_src_version_filter(fleet):
+    fleet.services.device_ota.version_reported(fleet.ids["dev-005"], None, "0.9")
+    job_id = fleet.job(target_selection="ALL", src_versions=["0.9"])
+    assert list(fleet.tasks(job_id)) == ["dev-005"]
+
+
+def test_dynamic_job_takes_devices_that_report_a_matching_version(fleet):
+    job_id = fleet.job(selection_type=DYNAMIC, src_versions=["1.5"], dynamic_mode=1)
+    assert fleet.tasks(job_id) == {}
+    fleet.services.device_ota.version_reported(fleet.ids["dev-002"], None, "1.5")
+    assert fleet.statuses(job_id) == {"dev-002": "QUEUED"}
+    fleet.services.device_ota.version_reported(fleet.ids["dev-002"], None, "1.5")  # once per device
+    assert len(fleet.tasks(job_id)) == 1
+    fleet.tick()
+    fleet.deliver_all()
+    fleet.upgrade("dev-002")
+    assert fleet.statuses(job_id) == {"dev-002": "SUCCEEDED"}
+    fleet.tick()
+    assert fleet.job_status(job_id) == "IN_PROGRESS"  # dynamic jobs keep running
+    with pytest.raises(errors.ApiError) as second:
+        fleet.job(selection_type=DYNAMIC, src_versions=["1.0.0"], dynamic_mode=1)
+    assert second.value.code == "iot.ota.DynamicJobExisted"
+    fleet.services.jobs.cancel_strategy(fleet.tenant, job_id)
+    assert fleet.job_status(job_id) == "CANCELED"
+    fleet.services.device_ota.version_reported(fleet.ids["dev-003"], None, "1.5")
+    assert list(fleet.tasks(job_id)) == ["dev-002"]
+
+
+def test_dynamic_mode_1_takes_matching_devices_now(fleet):
+    job_id = fleet.job(selection_type=DYNAMIC, src_versions=["1.0.0"], dynamic_mode=1)
+    assert len(fleet.tasks(job_id)) == 6
+    mode2 = fleet.new_firmware("fw4", "4.0.0")
+    job2 = fleet.job(firmware_id=mode2, selection_type=DYNAMIC, src_versions=["1.0.0"], dynamic_mode=2)
+    assert fleet.tasks(job2) == {}
+
+
+def test_need_push_false_is_only_given_when_asked(fleet):
+    job_id = fleet.job(target_selection="SPECIFIC", device_names=["dev-000"], need_push=False)
+    result = fleet.tick()
+    assert result.dispatched == 1 and result.pushed_devices == []
+    ota = fleet.services.device_ota
+    assert ota.offers(fleet.ids["dev-000"]) == []  # not pushed on connect
+    assert ota.undelivered(online_only=False) == []
+    package = ota.offer(fleet.ids["dev-000"], None)  # firmware/get
+    assert package is not None and package.version == "2.0.0"
+    assert fleet.statuses(job_id)["dev-000"] == "NOTIFIED"
+
+
+def test_abort_when_failures_pass_the_threshold(fleet):
+    job_id = fleet.job(target_selection="ALL", abort_failure_percent=50, abort_minimum_count=2)
+    fleet.tick()
+    fleet.deliver_all()
+    ota = fleet.services.device_ota
+    ota.progress_reported(fleet.ids["dev-000"], None, -1, None)
+    fleet.tick()
+    assert fleet.job_status(job_id) == "IN_PROGRESS"  # one failure: below the minimum count
+    ota.progress_reported(fleet.ids["dev-001"], None, -1, None)
+    fleet.tick()
+    job = fleet.services.jobs.get(fleet.tenant, job_id)
+    assert job["status"] == "CANCELED" and "2 of 2" in job["description"]
+    assert sorted(fleet.statuses(job_id).values()) == ["CANCELED"] * 4 + ["FAILED"] * 2
+
+
+def test_schedule_plans_then_starts_then_finishes(fleet):
+    now = int(time.time() * 1000)
+    with pytest.raises(errors.ApiError):
+        fleet.job(target_selection="ALL", schedule_ms=now + MINUTE_MS)  # less than 5 "minutes" ahead
+    start, finish = now + 6 * MINUTE_MS, now + 70 * MINUTE_MS
+    job_id = fleet.job(target_selection="ALL", schedule_ms=start, schedule_finish_ms=finish)
+    assert fleet.job_status(job_id) == "PLANNED"
+    assert fleet.tick(start - 1).dispatched == 0
+    result = fleet.tick(start)
+    assert result.started == [job_id]
+    assert result.dispatched + fleet.tick(start + 1000).dispatched == 6  # paced from the start time
+    assert fleet.job_status(job_id) == "IN_PROGRESS"
+    fleet.deliver_all()
+    fleet.upgrade("dev-000")
+    fleet.tick(finish)
+    statuses = fleet.statuses(job_id)
+    assert statuses["dev-000"] == "SUCCEEDED" and list(statuses.values()).count("CANCELED") == 5
+    assert fleet.job_status(job_id) == "COMPLETED"
+
+
+def test_restart_loses_nothing_and_does_not_dispatch_twice(settings):
+    first = Services.build(settings)
+    prepare(first)
+    fleet = Fleet(first)
+    job_id = fleet.job(target_selection="ALL", max_per_minute=120)  # two per second
+    created = first.jobs.get(fleet.tenant, job_id)["created_ms"]
+    assert first.dispatcher.tick(created + 1000).dispatched == 3
+    with first.db.connect() as conn:
+        before = dict(conn.execute(sa.select(ota_tasks.c.id, ota_tasks.c.message_id)
+                                   .where(ota_tasks.c.message_id.is_not(None))).all())
+    first.close()  # the process goes away
+
+    second = Services.build(settings)
+    prepare(second)
+    result = second.dispatcher.tick(created + 1000)
+    assert result.dispatched == 0  # the pace cursor is in the database too
+    result = second.dispatcher.tick(created + 10_000)
+    assert result.dispatched == 3
+    with second.db.connect() as conn:
+        after = dict(conn.execute(sa.select(ota_tasks.c.id, ota_tasks.c.message_id)
+                                  .where(ota_tasks.c.message_id.is_not(None))).all())
+        pushes = conn.execute(sa.select(sa.func.count()).select_from(device_ota_pending)).scalar()
+    assert len(after) == 6 and pushes == 6
+    assert all(after[pk] == message for pk, message in before.items())  # the first three kept their push
+    second.close()
+
+
+def test_device_list_file(fleet, services):
+    form, _ = services.jobs.new_device_list_upload(fleet.tenant)
+    path = services.blobs.root / form.key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("DeviceName\ndev-001\ndev-002\n\n")
+    job_id = fleet.job(target_selection="SPECIFIC", device_list_url=form.object_url)
+    assert sorted(fleet.tasks(job_id)) == ["dev-001", "dev-002"]
+    path.write_text("dev-001\nnobody\n")
+    with pytest.raises(errors.ApiError) as missing:
+        fleet.job(target_selection="SPECIFIC", device_list_url=form.object_url, overwrite_mode=2)
+    assert missing.value.code == "iot.ota.DeviceNotExisted" and "nobody" in missing.value.message
+
+
+def test_firmware_with_a_running_job_cannot_be_deleted(fleet):
+    fleet.job(target_selection="ALL")
+    with pytest.raises(errors.ApiError) as refused:
+        fleet.services.firmware.delete(fleet.tenant, fleet.firmware_id)
+    assert refused.value.code == "iot.ota.FirmwareHasRunningJob"
