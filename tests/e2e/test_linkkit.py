@@ -95,3 +95,61 @@ def test_the_python_device_sdk_upgrades_end_to_end(server, api, local, linkkit, 
         eventually(lambda: fleet.detail(name)["Status"] == "OFFLINE")
     finally:
         driver.stop()
+
+
+def test_a_verify_job_on_two_python_sdk_devices(server, api, linkkit, tmp_path):
+    """CreateOTAVerifyJob with two unmodified linkkit devices: the dispatcher pushes, each device
+    downloads, checks and reports its new version, and the package goes Status 0 -> 2 -> 1 with
+    VerifyProgress 0 -> 50 -> 100."""
+    fleet = Fleet(server, api, [])
+    content = os.urandom(65_432)
+    firmware_id = fleet.firmware(content, DestVersion="3.0.0")  # NeedToVerify defaults to true
+
+    def firmware() -> dict:
+        return api.call("QueryOTAFirmware", {"FirmwareId": firmware_id})["FirmwareInfo"]
+
+    assert (firmware()["Status"], firmware()["VerifyProgress"]) == (0, 0)
+    names = [fleet.register(f"lkv-{uuid.uuid4().hex[:8]}") for _ in range(2)]
+    drivers = []
+    try:
+        for name in names:
+            workdir = tmp_path / name
+            workdir.mkdir()
+            driver = Driver(linkkit, {"host": "127.0.0.1", "port": server.mqtt_port,
+                                      "product_key": fleet.product_key, "device_name": name,
+                                      "device_secret": fleet.secrets[name], "module": "default",
+                                      "workdir": str(workdir)})
+            drivers.append(driver)
+            assert driver.next_event() == {"event": "connected", "rc": 0}
+            assert driver.next_event()["version"] == "1.0.0"
+        for name in names:
+            eventually(lambda name=name: fleet.module_versions(name).get("default") == "1.0.0")
+
+        body = api.call("CreateOTAVerifyJob", {"ProductKey": fleet.product_key, "FirmwareId": firmware_id,
+                                               "TargetDeviceName": names, "TimeoutInMinutes": 10})
+        assert body["Success"], body
+        job_id = body["Data"]["JobId"]
+        assert (firmware()["Status"], firmware()["VerifyProgress"]) == (2, 0)
+
+        def tasks() -> dict[str, str]:
+            data = api.call("ListOTATaskByJob", {"JobId": job_id, "CurrentPage": 1, "PageSize": 10})["Data"]
+            return {t["DeviceName"]: t["TaskStatus"] for t in data["SimpleOTATaskInfo"]}
+
+        for index, (name, driver) in enumerate(zip(names, drivers)):
+            driver.proceed()
+            push = driver.next_event()
+            assert push["event"] == "ota" and push["type"] == 1 and push["version"] == "3.0.0", push
+            assert driver.next_event()["ok"]  # downloaded, and the SDK's own MD5 check passed
+            assert driver.next_event()["event"] == "progress"
+            eventually(lambda name=name: tasks()[name] == "IN_PROGRESS")
+            assert driver.next_event()["type"] == 2  # the firmware/get answer
+            assert driver.next_event() == {"event": "reported", "version": "3.0.0", "module": "default"}
+            eventually(lambda name=name: tasks()[name] == "SUCCEEDED")
+            expected = (2, 50) if index == 0 else (1, 100)
+            eventually(lambda expected=expected: (firmware()["Status"], firmware()["VerifyProgress"]) == expected)
+        eventually(lambda: api.call("QueryOTAJob", {"JobId": job_id})["Data"]["JobStatus"] == "COMPLETED")
+        job = api.call("QueryOTAJob", {"JobId": job_id})["Data"]
+        assert job["JobType"] == "VERFIY_FIRMWARE" and job["TimeoutInMinutes"] == 10
+    finally:
+        for driver in drivers:
+            driver.stop()
