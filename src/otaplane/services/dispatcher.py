@@ -20,6 +20,7 @@ takes the push.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -59,8 +60,18 @@ class Dispatcher:
         self.on_pushed = on_pushed  # wakes the device channel after pushes commit
         self._is_pg = not db.is_sqlite
         self._last_review_ms = 0
+        # Totals for operators and bench/rollout.py (logged when a job ends).
+        self.cpu_seconds = 0.0
+        self.dispatched_total = 0
 
     def tick(self, now_ms: int | None = None, review_every_ms: int = 1000) -> TickResult:
+        started_cpu = time.thread_time()
+        try:
+            return self._tick(now_ms, review_every_ms)
+        finally:
+            self.cpu_seconds += time.thread_time() - started_cpu
+
+    def _tick(self, now_ms: int | None, review_every_ms: int) -> TickResult:
         now = clock_ms() if now_ms is None else now_ms
         result = TickResult()
         result.started = self._start_planned(now)
@@ -70,6 +81,7 @@ class Dispatcher:
         if now - self._last_review_ms >= review_every_ms:
             self._last_review_ms = now
             result.finished = self._review_jobs(now)
+        self.dispatched_total += result.dispatched
         if result.pushed_devices and self.on_pushed is not None:
             self.on_pushed(result.pushed_devices)
         return result
@@ -201,7 +213,8 @@ class Dispatcher:
                 continue
             if outcome:
                 finished.append(job.job_id)
-                log.info("job %s: %s", job.job_id, outcome)
+                log.info("job %s: %s (this process's dispatcher so far: %d tasks dispatched, %.3f s CPU)",
+                         job.job_id, outcome, self.dispatched_total, self.cpu_seconds)
         return finished
 
     def _review(self, job, now: int) -> str | None:
