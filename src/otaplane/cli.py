@@ -13,6 +13,7 @@ from rich.table import Table
 
 from otaplane.cli_devices import app as devices_app
 from otaplane.cli_firmware import app as firmware_app
+from otaplane.cli_sim import sim as sim_command
 from otaplane.settings import Settings
 
 app = typer.Typer(help="otaplane: OTA firmware control plane.", no_args_is_help=True)
@@ -22,6 +23,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
 app.add_typer(firmware_app, name="firmware")
 app.add_typer(devices_app, name="devices")
+app.command("sim")(sim_command)
 
 console = Console()
 

@@ -1,0 +1,272 @@
+"""What a simulated device does on the OTA topics (device-protocol.md, section 1).
+
+On each connect it reports its version on `/ota/device/inform/{pk}/{dn}` (and, with `pull`, asks
+`/sys/{pk}/{dn}/thing/ota/firmware/get`). A package, pushed on `/ota/device/upgrade/{pk}/{dn}` or
+answered on `.../firmware/get_reply`, starts an upgrade:
+
+    progress steps[0] (the HTTP GET starts) -> download -> verify the checksum
+    -> the remaining steps, `step_delay` apart -> report the new version
+
+and the device runs that version for the rest of the run. A chosen fraction of upgrades fails at
+`fail_step` instead: -2 in place of the download, -3 in place of the verification, -1 and -4
+before the last step (the device keeps its version). A real download error reports -2, a checksum
+mismatch -3. A message id the device already handled is not run again; neither is a package while
+another upgrade of the device runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+
+import httpx
+
+from otaplane.sim.mqtt import MqttClient
+from otaplane.sim.stats import Stats
+
+log = logging.getLogger("otaplane.sim.device")
+
+DEFAULT_MODULE = "default"
+FAILURE_STEPS = (-1, -2, -3, -4)
+FAILURE_DESC = {
+    -1: "upgrade failed (simulated)",
+    -2: "download failed",
+    -3: "verify failed: checksum mismatch",
+    -4: "burn failed (simulated)",
+}
+DOWNLOAD_ATTEMPTS = 3
+HANDLED_IDS_KEPT = 16  # message ids a device remembers (enough: a push id is per device and package)
+
+
+@dataclass
+class Behaviour:
+    """How every device of the fleet behaves (the `otaplane sim` options)."""
+
+    version: str = "1.0.0"
+    module: str = DEFAULT_MODULE
+    fail_rate: float = 0.0
+    fail_step: int = -1
+    progress_steps: tuple[int, ...] = (0, 50, 100)
+    step_delay: float = 0.5
+    download: bool = True
+    verify_checksum: bool = True
+    pull: bool = False
+    rng: random.Random = field(default_factory=random.Random)
+
+
+class DownloadFailed(Exception):
+    def __init__(self, reason: str, retryable: bool = True):
+        super().__init__(reason)
+        self.retryable = retryable
+
+
+class Downloader:
+    """HTTP GETs of pushed URLs: at most `concurrency` at once, hashed while streaming."""
+
+    def __init__(self, concurrency: int = 100, timeout_s: float = 60.0):
+        self.gate = asyncio.Semaphore(max(1, concurrency))
+        limits = httpx.Limits(max_connections=max(1, concurrency), max_keepalive_connections=max(1, concurrency))
+        self.client = httpx.AsyncClient(timeout=timeout_s, limits=limits, follow_redirects=True)
+
+    async def fetch(self, url: str, sign_method: str, stats: Stats) -> tuple[str, int]:
+        """(lowercase hex digest per `sign_method`, size)."""
+        digest = hashlib.sha256() if sign_method.upper() == "SHA256" else hashlib.md5()
+        size = 0
+        async with self.gate:
+            try:
+                async with self.client.stream("GET", url) as response:
+                    if response.status_code != 200:
+                        raise DownloadFailed(f"HTTP {response.status_code}", response.status_code >= 500)
+                    async for chunk in response.aiter_bytes(64 * 1024):
+                        digest.update(chunk)
+                        size += len(chunk)
+                        stats.download_bytes += len(chunk)
+            except httpx.HTTPError as exc:
+                raise DownloadFailed(repr(exc)) from None
+        return digest.hexdigest(), size
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class SimDevice:
+    """One device: its MQTT client, its version, and at most one upgrade at a time."""
+
+    __slots__ = ("index", "product_key", "device_name", "secret", "behaviour", "stats", "downloader", "client",
+                 "version", "handled", "upgrading", "next_id", "tasks", "topics")
+
+    def __init__(self, index: int, product_key: str, device_name: str, secret: str, behaviour: Behaviour,
+                 stats: Stats, downloader: Downloader | None, tasks: set):
+        self.index = index
+        self.product_key = product_key
+        self.device_name = device_name
+        self.secret = secret
+        self.behaviour = behaviour
+        self.stats = stats
+        self.downloader = downloader
+        self.client: MqttClient | None = None
+        self.version = behaviour.version
+        self.handled: list[int] = []
+        self.upgrading: str | None = None  # the version being installed
+        self.next_id = 0
+        self.tasks = tasks  # the fleet's running upgrades (kept referenced until done)
+        pk, dn = product_key, device_name
+        self.topics = {
+            "inform": f"/ota/device/inform/{pk}/{dn}",
+            "progress": f"/ota/device/progress/{pk}/{dn}",
+            "get": f"/sys/{pk}/{dn}/thing/ota/firmware/get",
+            "upgrade": f"/ota/device/upgrade/{pk}/{dn}",
+            "get_reply": f"/sys/{pk}/{dn}/thing/ota/firmware/get_reply",
+        }
+
+    # --- upstream -------------------------------------------------------------------------------
+    def _send(self, kind: str, params: dict, qos: int = 1) -> None:
+        self.next_id += 1
+        if self.behaviour.module != DEFAULT_MODULE:
+            params = {**params, "module": self.behaviour.module}
+        payload = json.dumps({"id": str(self.next_id), "params": params}, separators=(",", ":")).encode()
+        self.client.publish(self.topics[kind], payload, qos)
+
+    def inform(self) -> None:
+        self._send("inform", {"version": self.version})
+
+    def progress(self, step: int, desc: str = "") -> None:
+        self._send("progress", {"step": str(step), "desc": desc})
+
+    # --- MQTT callbacks -------------------------------------------------------------------------------
+    def on_state(self, event: str) -> None:
+        stats = self.stats
+        if event == "connected":
+            stats.device_connected(self.index)
+        elif event == "disconnected":
+            stats.connected -= 1
+            stats.disconnects += 1
+        elif event == "refused":
+            stats.connect_refused += 1
+        elif event == "failed":
+            stats.connect_errors += 1
+
+    def on_connect(self) -> None:
+        self.inform()
+        if self.behaviour.pull:
+            self._send("get", {}, qos=0)
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        if topic == self.topics["upgrade"]:
+            pushed = True
+        elif topic == self.topics["get_reply"]:
+            pushed = False
+        else:
+            return
+        try:
+            body = json.loads(payload)
+        except ValueError:
+            log.warning("%s: a message on %s that is not JSON", self.device_name, topic)
+            return
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, dict) or not data.get("version"):
+            return  # firmware/get: nothing pending
+        if (data.get("module") or DEFAULT_MODULE) != self.behaviour.module:
+            return
+        self.stats.pushes += 1
+        message_id = body.get("id") if pushed else None
+        if message_id is not None and message_id in self.handled:
+            self.stats.duplicates += 1
+            return
+        version = str(data["version"])
+        if self.upgrading is not None:
+            if self.upgrading == version:
+                self.stats.duplicates += 1
+            return  # one upgrade at a time
+        if message_id is not None:
+            self.handled.append(message_id)
+            del self.handled[:-HANDLED_IDS_KEPT]
+        if version == self.version:
+            self.inform()  # already there: say so again
+            return
+        self.upgrading = version
+        task = asyncio.get_running_loop().create_task(self._upgrade(data))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # --- the upgrade ------------------------------------------------------------------------------------
+    async def _upgrade(self, data: dict) -> None:
+        b, stats = self.behaviour, self.stats
+        stats.upgrades_started += 1
+        stats.in_progress += 1
+        fail_at = b.fail_step if b.fail_rate > 0 and b.rng.random() < b.fail_rate else None
+        steps = list(b.progress_steps) or [100]
+        try:
+            outcome = await self._run(data, steps, fail_at)
+        except Exception:  # a bug here must not take the fleet down
+            log.exception("%s: upgrade crashed", self.device_name)
+            outcome = -1
+            self.progress(-1, FAILURE_DESC[-1])
+        finally:
+            stats.in_progress -= 1
+            self.upgrading = None
+        if outcome == 0:
+            stats.succeeded += 1
+        else:
+            stats.failed += 1
+
+    async def _fail(self, step: int, desc: str | None = None) -> int:
+        self.progress(step, desc or FAILURE_DESC[step])
+        return step
+
+    async def _download(self, url: str, method: str) -> str:
+        """The digest; a connection error or a 5xx is tried again (the SDKs resume), a 4xx is final."""
+        for attempt in range(DOWNLOAD_ATTEMPTS):
+            try:
+                digest, _ = await self.downloader.fetch(url, method, self.stats)
+                return digest
+            except DownloadFailed as exc:
+                if not exc.retryable or attempt == DOWNLOAD_ATTEMPTS - 1:
+                    raise
+                self.stats.download_retries += 1
+                log.info("%s: download failed (%s), again", self.device_name, exc)
+                await asyncio.sleep(1.0 + attempt)
+        raise AssertionError("unreachable")
+
+    async def _run(self, data: dict, steps: list[int], fail_at: int | None) -> int:
+        b, stats = self.behaviour, self.stats
+        self.progress(steps[0])
+        await asyncio.sleep(b.step_delay)
+        # download (and verify)
+        if fail_at == -2:
+            return await self._fail(-2)
+        if b.download:
+            files = data.get("files") or [{"fileUrl": data.get("url"), "fileSign": data.get("sign") or data.get("md5")}]
+            method = data.get("signMethod") or "Md5"
+            for item in files:
+                if not item.get("fileUrl"):
+                    return await self._fail(-2, "no url in the push")
+                try:
+                    digest = await self._download(item["fileUrl"], method)
+                except DownloadFailed as exc:
+                    stats.download_failures += 1
+                    log.warning("%s: download failed: %s", self.device_name, exc)
+                    return await self._fail(-2, f"download failed: {exc}"[:200])
+                stats.downloads += 1
+                expected = str(item.get("fileSign") or "").lower()
+                if b.verify_checksum and fail_at != -3 and digest != expected:
+                    stats.checksum_mismatches += 1
+                    return await self._fail(-3)
+        if fail_at == -3:
+            return await self._fail(-3)
+        # the rest of the steps; "flashing" before the last one
+        for step in steps[1:-1]:
+            self.progress(step)
+            await asyncio.sleep(b.step_delay)
+        if fail_at in (-1, -4):
+            return await self._fail(fail_at)
+        if len(steps) > 1:
+            self.progress(steps[-1])
+            await asyncio.sleep(b.step_delay)
+        self.version = str(data["version"])
+        self.inform()
+        return 0
