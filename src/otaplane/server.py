@@ -101,7 +101,9 @@ def create_app(services: Services) -> ASGIApp:
     gateway = Gateway(services)
 
     async def healthz(_request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok"})
+        dispatcher = services.dispatcher  # counters for operators and bench/rollout.py
+        return JSONResponse({"status": "ok", "dispatcher": {"tasks_dispatched": dispatcher.dispatched_total,
+                                                            "cpu_seconds": round(dispatcher.cpu_seconds, 4)}})
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):

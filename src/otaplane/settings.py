@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     # Pacing (MaximumPerMinute) always uses real minutes.
     job_minute_seconds: float = 60.0
     # How often the job dispatcher looks at the database (it is also woken by new work).
-    dispatch_interval_seconds: float = 0.05
+    dispatch_interval_seconds: float = 0.1
 
     def job_minute_ms(self) -> int:
         return max(1, int(self.job_minute_seconds * 1000))

@@ -70,6 +70,25 @@ class PendingPackage:
 
 
 @dataclass(frozen=True)
+class VersionReport:
+    """`/ota/device/inform`: the device runs `version` for `module` (None = default)."""
+
+    device_id: int
+    module: str | None
+    version: str
+
+
+@dataclass(frozen=True)
+class ProgressReport:
+    """`/ota/device/progress`: a step of -4..-1 (failure) or 0..100 (percent)."""
+
+    device_id: int
+    module: str | None
+    step: int
+    desc: str | None
+
+
+@dataclass(frozen=True)
 class PendingKey:
     """Which push: the device, its module and the push's id (a newer push has another id)."""
 
@@ -146,14 +165,16 @@ class DeviceOtaService:
                 raise errors.FirmwareNotFound()
             products = store.device_products(conn, device_ids)
             now = now_ms()
+            rows = []
             for device_id in device_ids:
                 if device_id not in products:
                     raise errors.NotExistedDevice()
                 if products[device_id] != target["product_id"]:
                     raise errors.FirmwareProductMismatch()
                 message_id = new_message_id()
-                store.upsert(conn, device_id, target["module_name"], firmware_pk, message_id, now)
+                rows.append(store.pending_row(device_id, target["module_name"], firmware_pk, message_id, now))
                 pushed.append(Pushed(device_id, target["module_name"], message_id))
+            store.upsert_many(conn, rows)
         self.notify_pushed(item.device_id for item in pushed)
         return pushed
 
@@ -258,45 +279,83 @@ class DeviceOtaService:
         """Record the module's version; True when that completes the pending package. Success of
         an upgrade task is decided here, by the DestVersion, not by a progress of 100. A version
         that matches a running dynamic job gives the device a task of it."""
-        module_name = module or DEFAULT_MODULE
-        self.devices.report_version(device_id, module_name, version)
-        now = now_ms()
-        with self.db.write_turn(), self.db.begin() as conn:
-            task = store.task_of(conn, device_id, module_name)
-            if task is not None and task["status"] in task_flow.UNFINISHED:
-                if task["dest_version"] == version:
-                    task_flow.move(conn, [task["id"]], task_flow.SUCCEEDED, actor="device", now_ms=now,
-                                   values={"progress": 100}, minute_ms=self.minute_ms)
-                elif task["status"] == task_flow.IN_PROGRESS and task["progress"] == 100:
-                    # Installed, restarted, and still on another version: the upgrade did not take.
-                    task_flow.move(conn, [task["id"]], task_flow.FAILED, actor="device", now_ms=now,
-                                   reason="report version is not conform", minute_ms=self.minute_ms)
-            completed = store.clear_installed(conn, device_id, module_name, version) > 0
-            created = jobs.dynamic_tasks_for_device(conn, device_id, module_name, version, now)
-        if created:
-            self._wake_jobs()
-        return completed
+        return self.apply_reports([VersionReport(device_id, module, version)])[0]
 
     def progress_reported(self, device_id: int, module: str | None, step: int, desc: str | None) -> bool:
         """Record a progress step (-4..-1 failure, 0..100 percent); False when nothing is pending.
         The first step starts the task's timeout; a failure step fails the task with its reason."""
-        module_name = module or DEFAULT_MODULE
+        return self.apply_reports([ProgressReport(device_id, module, step, desc)])[0]
+
+    def apply_reports(self, reports: list["VersionReport | ProgressReport"]) -> list[bool]:
+        """Several device reports in one transaction (the device channel's group commit), in
+        order. Should one fail, the batch is rolled back and each report runs alone, so a bad
+        report costs only itself (its result is then the exception, raised for a single one)."""
+        try:
+            with self.db.write_turn(), self.db.begin() as conn:
+                results, woken = self._apply(conn, reports)
+        except Exception:
+            if len(reports) == 1:
+                raise
+            results, woken = [], False
+            for report in reports:
+                try:
+                    with self.db.write_turn(), self.db.begin() as conn:
+                        [result], created = self._apply(conn, [report])
+                    woken = woken or created
+                except Exception as problem:  # noqa: BLE001 - handed back to this report's caller
+                    log.exception("device report %s failed", report)
+                    result = problem
+                results.append(result)
+        if woken:
+            self._wake_jobs()
+        return results
+
+    def _apply(self, conn, reports) -> tuple[list[bool], bool]:
         now = now_ms()
-        with self.db.write_turn(), self.db.begin() as conn:
-            known = store.record_progress(conn, device_id, module_name, step, desc, now) > 0
-            task = store.task_of(conn, device_id, module_name) if known else None
-            if task is None or task["status"] not in task_flow.UNFINISHED or task["status"] == task_flow.CONFIRM:
-                return known
-            if step < 0:
-                reason = desc or FAILURE_STEPS.get(step, f"the device reported failure step {step}")
-                task_flow.move(conn, [task["id"]], task_flow.FAILED, actor="device", now_ms=now,
-                               reason=f"{reason} (step {step})", minute_ms=self.minute_ms)
-            elif task["status"] == task_flow.IN_PROGRESS:
-                jobs.set_task_progress(conn, task["id"], step, now)
+        results: list[bool] = []
+        created = 0
+        for report in reports:
+            if isinstance(report, VersionReport):
+                done, new_tasks = self._version(conn, report, now)
+                created += new_tasks
             else:
-                deadline = now + task["timeout_minutes"] * self.minute_ms if task["timeout_minutes"] else None
-                task_flow.move(conn, [task["id"]], task_flow.IN_PROGRESS, actor="device", now_ms=now,
-                               values={"progress": step, "deadline_ms": deadline}, minute_ms=self.minute_ms)
+                done = self._progress(conn, report, now)
+            results.append(done)
+        return results, created > 0
+
+    def _version(self, conn, report: "VersionReport", now: int) -> tuple[bool, int]:
+        module_name = report.module or DEFAULT_MODULE
+        self.devices.record_version(conn, report.device_id, module_name, report.version, now)
+        task = store.task_of(conn, report.device_id, module_name)
+        if task is not None and task["status"] in task_flow.UNFINISHED:
+            if task["dest_version"] == report.version:
+                task_flow.move(conn, [task["id"]], task_flow.SUCCEEDED, actor="device", now_ms=now,
+                               values={"progress": 100}, minute_ms=self.minute_ms)
+            elif task["status"] == task_flow.IN_PROGRESS and task["progress"] == 100:
+                # Installed, restarted, and still on another version: the upgrade did not take.
+                task_flow.move(conn, [task["id"]], task_flow.FAILED, actor="device", now_ms=now,
+                               reason="report version is not conform", minute_ms=self.minute_ms)
+        completed = store.clear_installed(conn, report.device_id, module_name, report.version) > 0
+        created = jobs.dynamic_tasks_for_device(conn, report.device_id, module_name, report.version, now)
+        return completed, created
+
+    def _progress(self, conn, report: "ProgressReport", now: int) -> bool:
+        module_name = report.module or DEFAULT_MODULE
+        step = report.step
+        known = store.record_progress(conn, report.device_id, module_name, step, report.desc, now) > 0
+        task = store.task_of(conn, report.device_id, module_name) if known else None
+        if task is None or task["status"] not in task_flow.UNFINISHED or task["status"] == task_flow.CONFIRM:
+            return known
+        if step < 0:
+            reason = report.desc or FAILURE_STEPS.get(step, f"the device reported failure step {step}")
+            task_flow.move(conn, [task["id"]], task_flow.FAILED, actor="device", now_ms=now,
+                           reason=f"{reason} (step {step})", minute_ms=self.minute_ms)
+        elif task["status"] == task_flow.IN_PROGRESS:
+            jobs.set_task_progress(conn, task["id"], step, now)
+        else:
+            deadline = now + task["timeout_minutes"] * self.minute_ms if task["timeout_minutes"] else None
+            task_flow.move(conn, [task["id"]], task_flow.IN_PROGRESS, actor="device", now_ms=now,
+                           values={"progress": step, "deadline_ms": deadline}, minute_ms=self.minute_ms)
         return known
 
     # The dispatcher hears about new tasks (a dynamic job matched) through these.

@@ -239,8 +239,13 @@ class DeviceService:
     def report_version(self, device_id: int, module: str | None, version: str) -> None:
         now = now_ms()
         with self.db.begin() as conn:
-            store.set_module_version(conn, device_id, module or DEFAULT_MODULE, version, now)
-            store.update(conn, device_id, {"last_seen_ms": now})
+            self.record_version(conn, device_id, module or DEFAULT_MODULE, version, now)
+
+    @staticmethod
+    def record_version(conn, device_id: int, module: str, version: str, now: int) -> None:
+        """`report_version` inside the caller's transaction."""
+        store.set_module_version(conn, device_id, module, version, now)
+        store.mark_seen(conn, device_id, now)
 
     def mark_seen(self, device_id: int) -> None:
         """A message from the device through an external broker (which reports no connects):

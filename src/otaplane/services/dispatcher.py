@@ -32,6 +32,7 @@ from otaplane.services.device_ota import new_message_id
 from otaplane.store import Database
 from otaplane.store import device_ota as pending_store
 from otaplane.store import jobs as store
+from otaplane.store.prepared import Prepared
 from otaplane.store.schema import ota_jobs, ota_tasks
 from otaplane.timefmt import now_ms as clock_ms
 
@@ -40,6 +41,21 @@ log = logging.getLogger("otaplane.dispatcher")
 BATCH = 500  # most tasks moved per step and transaction
 MAX_PACE_BANK_US = 1_000_000  # an idle job may catch up at most one second of pushes at once
 ACTOR = "dispatcher"
+
+_RUNNING_JOBS = Prepared(sa.select(ota_jobs.c.id, ota_jobs.c.pace_next_us)
+                         .where(ota_jobs.c.status == sa.bindparam("p_status")))
+_HAS_DUE_TASK = Prepared(sa.select(sa.exists().where(
+    ota_tasks.c.job_pk == sa.bindparam("p_job"), ota_tasks.c.status == sa.bindparam("p_status"),
+    ota_tasks.c.due_ms <= sa.bindparam("p_now")).label("due")))
+
+# Claims one task (executemany): only while it is QUEUED and not yet dispatched (due_ms set).
+_CLAIM = (
+    sa.update(ota_tasks)
+    .where(ota_tasks.c.id == sa.bindparam("p_id"), ota_tasks.c.status == task_flow.QUEUED,
+           ota_tasks.c.due_ms.is_not(None))
+    .values(due_ms=None, dispatched_attempt=sa.bindparam("p_attempt"), message_id=sa.bindparam("p_message"),
+            modified_ms=sa.bindparam("p_now"))
+)
 
 
 @dataclass
@@ -74,12 +90,16 @@ class Dispatcher:
     def _tick(self, now_ms: int | None, review_every_ms: int) -> TickResult:
         now = clock_ms() if now_ms is None else now_ms
         result = TickResult()
-        result.started = self._start_planned(now)
-        result.timed_out = self._time_out(now)
-        result.retried = self._retry(now)
-        self._dispatch_all(now, result)
-        if now - self._last_review_ms >= review_every_ms:
+        # Schedules, timeouts and retries need second precision, not tick precision: they run
+        # with the review, and dispatch (which has a pace to keep) runs every tick.
+        review = now - self._last_review_ms >= review_every_ms or now < self._last_review_ms
+        if review:
             self._last_review_ms = now
+            result.started = self._start_planned(now)
+            result.timed_out = self._time_out(now)
+            result.retried = self._retry(now)
+        self._dispatch_all(now, result)
+        if review:
             result.finished = self._review_jobs(now)
         self.dispatched_total += result.dispatched
         if result.pushed_devices and self.on_pushed is not None:
@@ -88,10 +108,13 @@ class Dispatcher:
 
     # --- time-driven job changes ----------------------------------------------------------------
     def _start_planned(self, now: int) -> list[str]:
-        with self.db.write_turn(), self.db.begin() as conn:
+        with self.db.connect() as conn:
             due = conn.execute(sa.select(ota_jobs.c.id, ota_jobs.c.job_id).where(
                 ota_jobs.c.status == job_rules.PLANNED, ota_jobs.c.schedule_ms <= now)).all()
-            started = []
+        if not due:
+            return []
+        started = []
+        with self.db.write_turn(), self.db.begin() as conn:
             for job in due:
                 changed = conn.execute(
                     sa.update(ota_jobs).where(ota_jobs.c.id == job.id, ota_jobs.c.status == job_rules.PLANNED)
@@ -104,22 +127,30 @@ class Dispatcher:
         return started
 
     def _time_out(self, now: int) -> int:
+        late_query = sa.select(ota_tasks.c.id).where(ota_tasks.c.deadline_ms <= now,
+                                                     ota_tasks.c.status == task_flow.IN_PROGRESS).limit(BATCH)
+        with self.db.connect() as conn:  # the common case, nothing late, takes no write turn
+            if not conn.execute(late_query).first():
+                return 0
         with self.db.write_turn(), self.db.begin() as conn:
-            late = conn.execute(sa.select(ota_tasks.c.id).where(
-                ota_tasks.c.deadline_ms <= now, ota_tasks.c.status == task_flow.IN_PROGRESS).limit(BATCH)).scalars().all()
+            late = conn.execute(late_query).scalars().all()
             moved = task_flow.move(conn, late, task_flow.FAILED, actor=ACTOR, now_ms=now,
                                    reason="upgrade timed out", minute_ms=self.minute_ms)
         return len(moved)
 
     def _retry(self, now: int) -> int:
+        due_query = (
+            sa.select(ota_tasks.c.id, ota_tasks.c.device_id, ota_tasks.c.module_name)
+            .join(ota_jobs, ota_jobs.c.id == ota_tasks.c.job_pk)
+            .where(ota_tasks.c.status == task_flow.FAILED, ota_tasks.c.due_ms <= now,
+                   ota_tasks.c.retries_left > 0, ota_jobs.c.status == job_rules.IN_PROGRESS)
+            .limit(BATCH)
+        )
+        with self.db.connect() as conn:
+            if not conn.execute(due_query).first():
+                return 0
         with self.db.write_turn(), self.db.begin() as conn:
-            due = conn.execute(
-                sa.select(ota_tasks.c.id, ota_tasks.c.device_id, ota_tasks.c.module_name)
-                .join(ota_jobs, ota_jobs.c.id == ota_tasks.c.job_pk)
-                .where(ota_tasks.c.status == task_flow.FAILED, ota_tasks.c.due_ms <= now,
-                       ota_tasks.c.retries_left > 0, ota_jobs.c.status == job_rules.IN_PROGRESS)
-                .limit(BATCH)
-            ).all()
+            due = conn.execute(due_query).all()
             if not due:
                 return 0
             busy: set[int] = set()
@@ -140,14 +171,16 @@ class Dispatcher:
 
     # --- dispatch -------------------------------------------------------------------------------
     def _dispatch_all(self, now: int, result: TickResult) -> None:
-        with self.db.connect() as conn:
-            job_pks = conn.execute(
-                sa.select(ota_tasks.c.job_pk).join(ota_jobs, ota_jobs.c.id == ota_tasks.c.job_pk)
-                .where(ota_tasks.c.status == task_flow.QUEUED, ota_tasks.c.due_ms <= now,
-                       ota_jobs.c.status == job_rules.IN_PROGRESS)
-                .group_by(ota_tasks.c.job_pk)
-            ).scalars().all()
-        for job_pk in job_pks:
+        """Jobs with a free pace slot and a due task; only those take a write turn."""
+        now_us = now * 1000
+        with self.db.connect() as conn:  # every tick: lean statements (store/prepared.py)
+            running = _RUNNING_JOBS.all(conn, p_status=job_rules.IN_PROGRESS)
+            ready = [
+                job["id"] for job in running
+                if job["pace_next_us"] <= now_us
+                and _HAS_DUE_TASK.first(conn, p_job=job["id"], p_status=task_flow.QUEUED, p_now=now)["due"]
+            ]
+        for job_pk in ready:
             try:
                 self._dispatch_job(job_pk, now, result)
             except Exception:  # one job's trouble must not stop the others
@@ -177,25 +210,31 @@ class Dispatcher:
             if self._is_pg:
                 tasks_query = tasks_query.with_for_update(skip_locked=True)
             tasks = conn.execute(tasks_query).all()
-            claimed = []
-            for task in tasks:
-                message_id = new_message_id()
-                won = conn.execute(
-                    sa.update(ota_tasks)
-                    .where(ota_tasks.c.id == task.id, ota_tasks.c.status == task_flow.QUEUED,
-                           ota_tasks.c.due_ms.is_not(None))
-                    .values(due_ms=None, dispatched_attempt=task.attempt, message_id=message_id, modified_ms=now)
-                ).rowcount
-                if won:
-                    claimed.append((task, message_id))
-            for task, message_id in claimed:
-                pending_store.upsert(conn, task.device_id, task.module_name, job.firmware_pk, message_id, now,
-                                     task_pk=task.id, push=job.need_push)
-            conn.execute(sa.update(ota_jobs).where(ota_jobs.c.id == job_pk)
-                         .values(pace_next_us=int(cursor + len(claimed) * interval_us)))
+            claimed = self._claim(conn, tasks, now)
+            pending_store.upsert_many(conn, [
+                pending_store.pending_row(task.device_id, task.module_name, job.firmware_pk, message_id, now,
+                                          task_pk=task.id, push=job.need_push)
+                for task, message_id in claimed
+            ])
+            if claimed:
+                conn.execute(sa.update(ota_jobs).where(ota_jobs.c.id == job_pk)
+                             .values(pace_next_us=int(cursor + len(claimed) * interval_us)))
         result.dispatched += len(claimed)
         if job.need_push:
             result.pushed_devices.extend(task.device_id for task, _ in claimed)
+
+    @staticmethod
+    def _claim(conn, tasks, now: int) -> list[tuple]:
+        """Take the tasks for this attempt: each gets a fresh push id, only if still undispatched
+        (the UPDATE's guard); a task another process took meanwhile keeps that one's id."""
+        if not tasks:
+            return []
+        offered = {task.id: (task, new_message_id()) for task in tasks}
+        conn.execute(_CLAIM, [{"p_id": task.id, "p_attempt": task.attempt, "p_message": message_id, "p_now": now}
+                              for task, message_id in offered.values()])
+        won = conn.execute(sa.select(ota_tasks.c.id, ota_tasks.c.message_id)
+                           .where(ota_tasks.c.id.in_(list(offered)))).all()
+        return [offered[row.id] for row in won if row.message_id == offered[row.id][1]]
 
     # --- job completion -------------------------------------------------------------------------
     def _review_jobs(self, now: int) -> list[str]:

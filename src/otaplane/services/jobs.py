@@ -16,6 +16,7 @@ import secrets
 from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, Decimal, InvalidOperation
 from math import ceil
+from types import SimpleNamespace
 from typing import Any
 
 import sqlalchemy as sa
@@ -31,6 +32,7 @@ from otaplane.store import Database
 from otaplane.store import firmware as firmware_store
 from otaplane.store import jobs as store
 from otaplane.store import uploads as upload_store
+from otaplane.store.prepared import Prepared
 from otaplane.store.schema import devices, firmware, ota_jobs, ota_modules, ota_tasks, products
 from otaplane.timefmt import now_ms
 
@@ -554,26 +556,30 @@ def set_task_progress(conn, task_pk: int, step: int, now: int) -> None:
                  .values(progress=step, modified_ms=now))
 
 
+# Every version report asks this: a prepared statement (store/prepared.py).
+_RUNNING_DYNAMIC_JOBS = Prepared(
+    sa.select(ota_jobs.c.id, ota_jobs.c.src_versions, ota_jobs.c.overwrite_mode, ota_jobs.c.need_confirm,
+              ota_jobs.c.retry_count, ota_jobs.c.job_id, firmware.c.dest_version)
+    .join(firmware, firmware.c.id == ota_jobs.c.firmware_pk)
+    .join(devices, devices.c.product_id == ota_jobs.c.product_id)
+    .where(devices.c.id == sa.bindparam("p_device"), ota_jobs.c.status == sa.bindparam("p_status"),
+           ota_jobs.c.selection_type == sa.bindparam("p_selection"), ota_jobs.c.module_name == sa.bindparam("p_module"))
+    .order_by(ota_jobs.c.id)
+)
+
+
 def dynamic_tasks_for_device(conn, device_id: int, module: str, version: str, now: int) -> int:
     """Tasks of running dynamic jobs whose SrcVersion list has the version the device just
     reported: one per job and device, ever (a device that failed one is not retried by its
     reports; ReupgradeOTATask is). A device busy with another task is skipped this time under
     OverwriteMode 1 (its next report may match again), or has that task cancelled under 2."""
-    product_id = conn.execute(sa.select(devices.c.product_id).where(devices.c.id == device_id)).scalar()
-    if product_id is None:
-        return 0
-    running = conn.execute(
-        sa.select(ota_jobs.c.id, ota_jobs.c.src_versions, ota_jobs.c.overwrite_mode, ota_jobs.c.need_confirm,
-                  ota_jobs.c.retry_count, ota_jobs.c.job_id, firmware.c.dest_version)
-        .join(firmware, firmware.c.id == ota_jobs.c.firmware_pk)
-        .where(ota_jobs.c.product_id == product_id, ota_jobs.c.selection_type == DYNAMIC,
-               ota_jobs.c.status == IN_PROGRESS, ota_jobs.c.module_name == module)
-        .order_by(ota_jobs.c.id)
-    ).all()
+    running = _RUNNING_DYNAMIC_JOBS.all(conn, p_device=device_id, p_status=IN_PROGRESS, p_selection=DYNAMIC,
+                                        p_module=module)
     created = 0
     for job in running:
-        if version == job.dest_version or version not in (job.src_versions or []):
+        if version == job["dest_version"] or version not in (job["src_versions"] or []):
             continue
+        job = SimpleNamespace(**job)
         if store.job_has_device(conn, job.id, device_id):
             continue
         busy = store.unfinished_by_device(conn, [device_id], module).get(device_id)

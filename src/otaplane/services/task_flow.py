@@ -71,36 +71,34 @@ def move(conn: Connection, task_pks: Iterable[int], to: str, *, actor: str, now_
     """Move the tasks that may go to `to`; the others are left alone. Returns those moved.
     `values`: more columns to set on the moved rows (progress, description, deadline ...).
     `minute_ms`: how long a job "minute" is (retry intervals); shortened only in tests."""
-    allowed = ALLOWED[to]
     moved: list[Moved] = []
+    verify_jobs: set[int] = set()
     keys = sorted(set(task_pks))
+    update = {"status": to, "modified_ms": now_ms, **(values or {})}
+    if to in (SUCCEEDED, FAILED, CANCELED):
+        update.setdefault("deadline_ms", None)
+    if to == CANCELED or to == SUCCEEDED:
+        update.setdefault("due_ms", None)
+    if reason is not None and to in (FAILED, CANCELED):
+        update.setdefault("description", reason[:256])  # TaskDesc says why it ended
+    if to == SUCCEEDED:
+        update.setdefault("description", None)
+    statement, params = _update_statement(to, update)
+    select = _SELECT_FOR_UPDATE[to] if conn.dialect.name == "postgresql" else _SELECT[to]
     for start in range(0, len(keys), _CHUNK):
         chunk = keys[start:start + _CHUNK]
-        query = sa.select(ota_tasks.c.id, ota_tasks.c.job_pk, ota_tasks.c.device_id, ota_tasks.c.module_name,
-                          ota_tasks.c.status).where(ota_tasks.c.id.in_(chunk), ota_tasks.c.status.in_(allowed))
-        if conn.dialect.name == "postgresql":
-            query = query.with_for_update()
-        rows = conn.execute(query).all()
+        rows = conn.execute(select, {"p_ids": chunk}).all()
         if not rows:
             continue
-        ids = [row.id for row in rows]
-        update = {"status": to, "modified_ms": now_ms, **(values or {})}
-        if to in (SUCCEEDED, FAILED, CANCELED):
-            update.setdefault("deadline_ms", None)
-        if to == CANCELED or to == SUCCEEDED:
-            update.setdefault("due_ms", None)
-        if reason is not None and to in (FAILED, CANCELED):
-            update.setdefault("description", reason[:256])  # TaskDesc says why it ended
-        if to == SUCCEEDED:
-            update.setdefault("description", None)
-        conn.execute(sa.update(ota_tasks).where(ota_tasks.c.id.in_(ids), ota_tasks.c.status.in_(allowed))
-                     .values(**update))
-        conn.execute(sa.insert(ota_task_events), [
+        # executemany of one prepared UPDATE; it repeats the allowed-from guard for races.
+        conn.execute(statement, [{**params, "p_id": row.id} for row in rows])
+        conn.execute(_INSERT_EVENT, [
             {"task_pk": row.id, "from_status": row.status, "to_status": to, "actor": actor[:64],
              "reason": reason[:256] if reason else None, "at_ms": now_ms}
             for row in rows
         ])
         moved.extend(Moved(row.id, row.job_pk, row.device_id, row.module_name, row.status) for row in rows)
+        verify_jobs.update(row.job_pk for row in rows if row.job_type == VERIFY_JOB)
     if not moved:
         return moved
     ids = [m.task_pk for m in moved]
@@ -108,8 +106,45 @@ def move(conn: Connection, task_pks: Iterable[int], to: str, *, actor: str, now_
         _withdraw_pushes(conn, ids)
     if to == FAILED:
         _schedule_retries(conn, moved, now_ms, minute_ms)
-    refresh_verification(conn, {m.job_pk for m in moved}, now_ms)
+    if verify_jobs:
+        refresh_verification(conn, verify_jobs, now_ms)
     return moved
+
+
+def _status_in(statuses: tuple[str, ...]) -> sa.ColumnElement:
+    """`status IN ('A', 'B')` written into the SQL (constants, not parameters): executemany
+    cannot expand a list parameter."""
+    return ota_tasks.c.status.in_([sa.literal_column(f"'{status}'") for status in statuses])
+
+
+def _select(to: str) -> sa.Select:
+    return (sa.select(ota_tasks.c.id, ota_tasks.c.job_pk, ota_tasks.c.device_id, ota_tasks.c.module_name,
+                      ota_tasks.c.status, ota_jobs.c.job_type)
+            .join(ota_jobs, ota_jobs.c.id == ota_tasks.c.job_pk)
+            .where(ota_tasks.c.id.in_(sa.bindparam("p_ids", expanding=True)), _status_in(ALLOWED[to])))
+
+
+# Built once: a state change runs for every device report.
+_SELECT = {to: _select(to) for to in ALLOWED}
+_SELECT_FOR_UPDATE = {to: _select(to).with_for_update() for to in ALLOWED}
+_INSERT_EVENT = sa.insert(ota_task_events)
+_UPDATES: dict[tuple, sa.Update] = {}
+
+
+def _update_statement(to: str, update: Mapping[str, Any]) -> tuple[sa.Update, dict[str, Any]]:
+    """The UPDATE for this target state and set of columns (cached), and its parameters. Values
+    that are SQL expressions (attempt + 1) are part of the statement; the rest are parameters."""
+    expressions = {k: v for k, v in update.items() if isinstance(v, sa.ColumnElement)}
+    shape = (to, tuple(sorted(update)), tuple(sorted((k, str(v)) for k, v in expressions.items())))
+    statement = _UPDATES.get(shape)
+    if statement is None:
+        statement = (
+            sa.update(ota_tasks)
+            .where(ota_tasks.c.id == sa.bindparam("p_id"), _status_in(ALLOWED[to]))
+            .values({k: (v if k in expressions else sa.bindparam(f"v_{k}")) for k, v in update.items()})
+        )
+        _UPDATES[shape] = statement
+    return statement, {f"v_{k}": v for k, v in update.items() if k not in expressions}
 
 
 def record_created(conn: Connection, task_pks_by_status: Mapping[str, list[int]], *, actor: str, now_ms: int,

@@ -8,6 +8,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, RowMapping
 
+from otaplane.store.prepared import Prepared
 from otaplane.store.schema import device_ota_pending as pending
 from otaplane.store.schema import devices, firmware, firmware_files, ota_jobs, ota_modules, ota_tasks, products
 
@@ -91,13 +92,35 @@ def upsert(conn: Connection, device_id: int, module_name: str, firmware_pk: int,
            now_ms: int, task_pk: int | None = None, push: bool = True) -> None:
     """The device's package for the module from now on; it replaces any earlier one.
     `task_pk`: the upgrade task it belongs to; `push` False: only given when the device asks."""
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    fresh = {"firmware_pk": firmware_pk, "message_id": message_id, "progress": None, "progress_desc": None,
-             "delivered_ms": None, "modified_ms": now_ms, "task_pk": task_pk, "push": push}
-    statement = dialect.insert(pending).values(device_id=device_id, module_name=module_name, created_ms=now_ms,
-                                               **fresh)
-    conn.execute(statement.on_conflict_do_update(
-        index_elements=[pending.c.device_id, pending.c.module_name], set_=fresh))
+    upsert_many(conn, [pending_row(device_id, module_name, firmware_pk, message_id, now_ms, task_pk, push)])
+
+
+def pending_row(device_id: int, module_name: str, firmware_pk: int, message_id: int, now_ms: int,
+                task_pk: int | None = None, push: bool = True) -> dict:
+    return {"device_id": device_id, "module_name": module_name, "firmware_pk": firmware_pk,
+            "message_id": message_id, "progress": None, "progress_desc": None, "delivered_ms": None,
+            "created_ms": now_ms, "modified_ms": now_ms, "task_pk": task_pk, "push": push}
+
+
+_REPLACED = ("firmware_pk", "message_id", "progress", "progress_desc", "delivered_ms", "modified_ms", "task_pk", "push")
+
+
+def _upsert_statement(dialect_name: str):
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
+    statement = dialect.insert(pending)
+    return statement.on_conflict_do_update(
+        index_elements=[pending.c.device_id, pending.c.module_name],
+        set_={name: statement.excluded[name] for name in _REPLACED},
+    )
+
+
+_UPSERT = {name: _upsert_statement(name) for name in ("postgresql", "sqlite")}
+
+
+def upsert_many(conn: Connection, rows: list[dict]) -> None:
+    """`upsert` for many rows (pending_row dicts) in one executemany: the statement is built once."""
+    if rows:
+        conn.execute(_UPSERT["postgresql" if conn.dialect.name == "postgresql" else "sqlite"], rows)
 
 
 def offers(conn: Connection, device_id: int, module_name: str | None = None,
@@ -185,58 +208,66 @@ def mark_delivered(conn: Connection, items: Iterable[tuple[int, str, int]], now_
         )
 
 
+_RECORD_PROGRESS = Prepared(
+    sa.update(pending)
+    .where(pending.c.device_id == sa.bindparam("p_device"), pending.c.module_name == sa.bindparam("p_module"))
+    .values(progress=sa.bindparam("p_step"), progress_desc=sa.bindparam("p_desc"), modified_ms=sa.bindparam("p_now"))
+)
+
+
 def record_progress(conn: Connection, device_id: int, module_name: str, step: int, desc: str | None,
                     now_ms: int) -> int:
-    return conn.execute(
-        sa.update(pending)
-        .where(pending.c.device_id == device_id, pending.c.module_name == module_name)
-        .values(progress=step, progress_desc=desc, modified_ms=now_ms)
-    ).rowcount
+    """Inside a transaction begun on `conn` (a prepared statement: it runs for every report)."""
+    return _RECORD_PROGRESS.rowcount(conn, p_device=device_id, p_module=module_name, p_step=step, p_desc=desc,
+                                     p_now=now_ms)
+
+
+_CLEAR_INSTALLED = Prepared(
+    sa.delete(pending).where(
+        pending.c.device_id == sa.bindparam("p_device"),
+        pending.c.module_name == sa.bindparam("p_module"),
+        sa.exists().where(firmware.c.id == pending.c.firmware_pk, firmware.c.dest_version == sa.bindparam("p_version")),
+    )
+)
 
 
 def clear_installed(conn: Connection, device_id: int, module_name: str, version: str) -> int:
-    """Forget the module's package when the device reports its DestVersion."""
-    installs_it = sa.select(firmware.c.id).where(firmware.c.dest_version == version)
-    return conn.execute(
-        sa.delete(pending).where(
-            pending.c.device_id == device_id,
-            pending.c.module_name == module_name,
-            pending.c.firmware_pk.in_(installs_it),
-        )
-    ).rowcount
+    """Forget the module's package when the device reports its DestVersion (inside a
+    transaction begun on `conn`; a prepared statement: it runs for every version report)."""
+    return _CLEAR_INSTALLED.rowcount(conn, p_device=device_id, p_module=module_name, p_version=version)
 
 
 def set_firmware_md5(conn: Connection, firmware_pk: int, md5: str) -> None:
     conn.execute(sa.update(firmware).where(firmware.c.id == firmware_pk).values(md5=md5))
 
 
-def task_of(conn: Connection, device_id: int, module_name: str) -> RowMapping | None:
+_TASK_OF = Prepared(
+    sa.select(ota_tasks.c.id, ota_tasks.c.status, ota_tasks.c.progress, ota_tasks.c.job_pk,
+              firmware.c.dest_version, ota_jobs.c.timeout_minutes)
+    .select_from(pending)
+    .join(ota_tasks, ota_tasks.c.id == pending.c.task_pk)
+    .join(ota_jobs, ota_jobs.c.id == ota_tasks.c.job_pk)
+    .join(firmware, firmware.c.id == pending.c.firmware_pk)
+    .where(pending.c.device_id == sa.bindparam("p_device"), pending.c.module_name == sa.bindparam("p_module"))
+)
+
+
+def task_of(conn: Connection, device_id: int, module_name: str) -> dict | None:
     """The upgrade task behind the device's pending package for the module, with the task's
-    state and the package's DestVersion; None when there is none (or no task behind it)."""
-    row = conn.execute(
-        sa.select(ota_tasks.c.id, ota_tasks.c.status, ota_tasks.c.progress, ota_tasks.c.job_pk,
-                  firmware.c.dest_version, ota_jobs.c.timeout_minutes)
-        .select_from(pending)
-        .join(ota_tasks, ota_tasks.c.id == pending.c.task_pk)
-        .join(ota_jobs, ota_jobs.c.id == ota_tasks.c.job_pk)
-        .join(firmware, firmware.c.id == pending.c.firmware_pk)
-        .where(pending.c.device_id == device_id, pending.c.module_name == module_name)
-    ).first()
-    return row._mapping if row else None
+    state and the package's DestVersion; None when there is none (or no task behind it).
+    Runs for every device report: a prepared statement."""
+    return _TASK_OF.first(conn, p_device=device_id, p_module=module_name)
 
 
 def tasks_of_pushes(conn: Connection, items: Iterable[tuple[int, str, int]]) -> list[int]:
     """Task ids behind these pushes (device_id, module_name, message_id), if still pending."""
+    wanted = set(items)
+    devices_of = sorted({device_id for device_id, _, _ in wanted})
     found: list[int] = []
-    items = list(items)
-    for start in range(0, len(items), 300):
-        chunk = items[start:start + 300]
+    for start in range(0, len(devices_of), 500):
         rows = conn.execute(
-            sa.select(pending.c.task_pk).where(
-                pending.c.task_pk.is_not(None),
-                sa.or_(*[sa.and_(pending.c.device_id == d, pending.c.module_name == m, pending.c.message_id == i)
-                         for d, m, i in chunk]),
-            )
+            sa.select(pending.c.device_id, pending.c.module_name, pending.c.message_id, pending.c.task_pk)
+            .where(pending.c.device_id.in_(devices_of[start:start + 500]), pending.c.task_pk.is_not(None))
         )
-        found.extend(rows.scalars())
+        found.extend(row.task_pk for row in rows if (row.device_id, row.module_name, row.message_id) in wanted)
     return found

@@ -8,6 +8,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, RowMapping
 
+from otaplane.store.prepared import Prepared
 from otaplane.store.schema import device_applies, device_modules, devices, products
 
 _DETAIL = sa.select(
@@ -81,15 +82,32 @@ def update(conn: Connection, device_id: int, values: dict[str, Any]) -> None:
     conn.execute(sa.update(devices).where(devices.c.id == device_id).values(**values))
 
 
-def set_module_version(conn: Connection, device_id: int, module: str, version: str, now_ms: int) -> None:
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+def _set_module_version(dialect) -> Prepared:
     statement = dialect.insert(device_modules).values(
-        device_id=device_id, module_name=module, version=version, modified_ms=now_ms
+        device_id=sa.bindparam("p_device"), module_name=sa.bindparam("p_module"),
+        version=sa.bindparam("p_version"), modified_ms=sa.bindparam("p_now"),
     )
-    conn.execute(statement.on_conflict_do_update(
+    return Prepared(statement.on_conflict_do_update(
         index_elements=[device_modules.c.device_id, device_modules.c.module_name],
-        set_={"version": version, "modified_ms": now_ms},
+        set_={"version": statement.excluded.version, "modified_ms": statement.excluded.modified_ms},
     ))
+
+
+# Every version report runs these: prepared statements (store/prepared.py).
+_SET_MODULE_VERSION = {"postgresql": _set_module_version(postgresql), "sqlite": _set_module_version(sqlite)}
+_SEEN = Prepared(sa.update(devices).where(devices.c.id == sa.bindparam("p_device"))
+                 .values(last_seen_ms=sa.bindparam("p_now")))
+
+
+def set_module_version(conn: Connection, device_id: int, module: str, version: str, now_ms: int) -> None:
+    """Inside a transaction begun on `conn`."""
+    prepared = _SET_MODULE_VERSION["postgresql" if conn.dialect.name == "postgresql" else "sqlite"]
+    prepared.rowcount(conn, p_device=device_id, p_module=module, p_version=version, p_now=now_ms)
+
+
+def mark_seen(conn: Connection, device_id: int, now_ms: int) -> None:
+    """Inside a transaction begun on `conn`."""
+    _SEEN.rowcount(conn, p_device=device_id, p_now=now_ms)
 
 
 def module_versions(conn: Connection, device_id: int) -> list[RowMapping]:

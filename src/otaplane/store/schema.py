@@ -283,7 +283,7 @@ ota_tasks = sa.Table(
     sa.Column("deadline_ms", sa.BigInteger, nullable=True),  # IN_PROGRESS: fails as timed out after
     sa.Column("created_ms", sa.BigInteger, nullable=False),
     sa.Column("modified_ms", sa.BigInteger, nullable=False),
-    sa.Index("ix_ota_tasks_job_status", "job_pk", "status", "id"),
+    sa.Index("ix_ota_tasks_job_status", "job_pk", "status", "due_ms"),
     sa.Index("ix_ota_tasks_device", "device_id", "module_name", "status"),
     sa.Index("ix_ota_tasks_status_due", "status", "due_ms"),
     sa.Index("ix_ota_tasks_deadline", "deadline_ms"),

@@ -86,7 +86,7 @@ def upgrade() -> None:
     with op.batch_alter_table('ota_tasks', schema=None) as batch_op:
         batch_op.create_index('ix_ota_tasks_deadline', ['deadline_ms'], unique=False)
         batch_op.create_index('ix_ota_tasks_device', ['device_id', 'module_name', 'status'], unique=False)
-        batch_op.create_index('ix_ota_tasks_job_status', ['job_pk', 'status', 'id'], unique=False)
+        batch_op.create_index('ix_ota_tasks_job_status', ['job_pk', 'status', 'due_ms'], unique=False)
         batch_op.create_index('ix_ota_tasks_status_due', ['status', 'due_ms'], unique=False)
         batch_op.create_index('uq_ota_tasks_device_module_unfinished', ['device_id', 'module_name'], unique=True, sqlite_where=sa.text("status IN ('CONFIRM', 'QUEUED', 'NOTIFIED', 'IN_PROGRESS')"), postgresql_where=sa.text("status IN ('CONFIRM', 'QUEUED', 'NOTIFIED', 'IN_PROGRESS')"))
 
