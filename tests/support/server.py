@@ -61,12 +61,15 @@ class ServerProcess:
     def log_path(self) -> Path:
         return self.data_dir / "server.log"
 
-    def start(self, timeout_s: float = 60) -> "ServerProcess":
+    def start(self, timeout_s: float = 60, keep_ports: bool = False) -> "ServerProcess":
+        """Start the server; `keep_ports`: on the ports of its previous run (a restart that
+        clients, e.g. devices reconnecting, find where they left it)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.mqtt_port = free_port()
-        while self.mqtt_port == self.port:
+        if not (keep_ports and self.port and self.mqtt_port):
+            self.port = free_port()
             self.mqtt_port = free_port()
+            while self.mqtt_port == self.port:
+                self.mqtt_port = free_port()
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "otaplane", "serve", "--port", str(self.port), "--mqtt-port", str(self.mqtt_port),
@@ -95,6 +98,12 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+    def kill(self) -> None:
+        """kill -9: no shutdown code runs, as when a machine dies."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

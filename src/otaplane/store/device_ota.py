@@ -123,12 +123,19 @@ def upsert_many(conn: Connection, rows: list[dict]) -> None:
         conn.execute(_UPSERT["postgresql" if conn.dialect.name == "postgresql" else "sqlite"], rows)
 
 
+# What a connecting device is pushed: packages it may be pushed (not NeedPush=false ones), and of
+# an upgrade task's only one it has not taken yet: an attempt is pushed once (the device asks with
+# firmware/get if it lost it; a retry is a new attempt). A push without a task goes again.
+_PUSH_ON_CONNECT = sa.and_(pending.c.push.is_(True),
+                           sa.or_(pending.c.task_pk.is_(None), pending.c.delivered_ms.is_(None)))
+
+
 def offers(conn: Connection, device_id: int, module_name: str | None = None,
            pushed_only: bool = False) -> list[RowMapping]:
-    """The device's packages; `pushed_only`: not those it only gets by asking (NeedPush=false)."""
+    """The device's packages; `pushed_only`: what it is pushed when it connects."""
     query = _PACKAGE.where(pending.c.device_id == device_id, _OFFERABLE)
     if pushed_only:
-        query = query.where(pending.c.push.is_(True))
+        query = query.where(_PUSH_ON_CONNECT)
     if module_name is not None:
         query = query.where(pending.c.module_name == module_name)
     return [row._mapping for row in conn.execute(query.order_by(pending.c.module_name))]
@@ -171,11 +178,11 @@ def _undelivered(conn: Connection, limit: int, after: tuple[int, str] | None, *w
 
 
 def for_devices(conn: Connection, device_ids: list[int]) -> list[RowMapping]:
-    """The packages to push to these devices (not those they only get by asking)."""
+    """The packages to push to these devices when they connect (see _PUSH_ON_CONNECT)."""
     found: list[RowMapping] = []
     for start in range(0, len(device_ids), 500):
         query = _PACKAGE.where(pending.c.device_id.in_(device_ids[start:start + 500]), _OFFERABLE,
-                               pending.c.push.is_(True))
+                               _PUSH_ON_CONNECT)
         found.extend(row._mapping for row in conn.execute(query))
     return found
 
