@@ -10,16 +10,16 @@ through the services against the server's database (same data dir: `batch_regist
   at most --window CONNECTs outstanding: connects/s over the whole ramp, and the server's RSS
   (VmRSS of the process and its children) after minus before, per device;
 - burst: `DeviceOtaService.push_many` of the package to all N in one call from this process;
-  the server finds the rows with its poll (every second) and delivers them: time until every
-  device has its push, latency trigger -> receipt p50/p99 (one clock: CLOCK_MONOTONIC);
+  the server finds the rows with its poll (every PENDING_POLL_INTERVAL_S) and delivers them:
+  time until every device has its push, latency trigger -> receipt p50/p99 (one clock: CLOCK_MONOTONIC);
 - paced: --paced-rate pushes per minute (10,000 = the platform's maximum) for --paced-seconds,
   one `push_many` of rate/60 devices each second: latency p50/p99 of each push.
 
 The same N again with the pusher in the channel's process ("in-process push": DeviceChannel
 started as `serve` starts it, minus HTTP, and push_many in a worker thread of that process, so
 the push listener wakes the channel at once: the path of an upgrade-job worker in the server);
-`--no-inprocess` skips it. Experiments: `--undelivered-batch N` (pushes per poll in that
-variant), `--tracemalloc` (where the connections' Python memory goes), `--profile DIR` (py-spy).
+`--no-inprocess` skips it. Experiments: `--undelivered-batch N` (page size of the undelivered
+sweep in that variant), `--tracemalloc` (where the connections' Python memory goes), `--profile DIR` (py-spy).
 
 The baseline, in the same run: stock amqtt (`amqtt.broker.Broker`, default plugins, anonymous)
 in its own process; the devices SUBSCRIBE to their upgrade topic after CONNACK (stock amqtt has
@@ -331,11 +331,9 @@ async def channel_process(data_dir: str, port: int, undelivered_batch: int = 0) 
     logging.basicConfig(level=logging.WARNING)
     services = Services.build(Settings(data_dir=Path(data_dir)))
     prepare(services)
-    if undelivered_batch:  # experiment: more pushes per poll cycle (the service default is 2,000)
-        from functools import partial
-
-        services.device_ota.undelivered = partial(services.device_ota.undelivered, undelivered_batch)
     channel = DeviceChannel(services, LOOPBACK, port)
+    if undelivered_batch:  # experiment: another page size of the undelivered sweep (default 2,000)
+        channel.undelivered_batch = undelivered_batch
     await channel.start()
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
@@ -432,7 +430,7 @@ def latency_of(receipts, sent: dict[tuple[int, int], float]) -> tuple[list[float
 
 def paced_schedule(n: int, per_minute: int, seconds: int, ticks_per_second: int = 10) -> list[tuple[float, list[int]]]:
     """(offset s, device indexes) of each push batch: per_minute/60 a second, spread over
-    ticks_per_second batches (so pushes fall at every phase of the server's 1 s poll), cycling
+    ticks_per_second batches (so pushes fall at every phase of the server's poll), cycling
     through the N devices."""
     batches, cursor, owed = [], 0, 0.0
     for tick in range(seconds * ticks_per_second):
@@ -738,7 +736,7 @@ def parse_args(argv):
     parser.add_argument("--burst-timeout", type=float, default=45, help="max wait for deliveries [45]")
     parser.add_argument("--connect-timeout", type=float, default=180, help="max connect ramp [180]")
     parser.add_argument("--undelivered-batch", type=int, default=0,
-                        help="experiment: pushes the in-process channel takes per poll (service default 2,000)")
+                        help="experiment: page size of the in-process channel's undelivered sweep (default 2,000)")
     parser.add_argument("--tracemalloc", action="store_true",
                         help="in-process variant: print where the connections' Python memory goes (slow)")
     parser.add_argument("--inprocess-only", action="store_true", help="only the in-process variant")

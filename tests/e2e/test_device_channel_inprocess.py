@@ -83,3 +83,43 @@ def test_an_in_process_push_is_delivered_without_waiting_for_the_poll(running, t
         assert elapsed < 2, elapsed  # the poll would take 60 s
     finally:
         client.close()
+
+
+def test_a_burst_bigger_than_a_page_is_delivered_in_one_sweep(running):
+    """Pages follow each other at once (keyset paging), not one page per poll interval."""
+    services, channel = running
+    channel.undelivered_batch = 2  # 5 pushes: 3 pages
+    services.accounts.create_key("burst")
+    tenant = services.accounts.tenant_by_name("burst")
+    product = services.products.create(tenant, NewProduct(product_name="burst", node_type=0))
+    names = [f"burst-{i}" for i in range(5)]
+    secrets = {name: services.devices.register(tenant, product.product_key, name, None).device_secret
+               for name in names}
+    key = f"ota/{tenant.instance_id}/burst.bin"
+    path = services.blobs.root / key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"burst firmware")
+    with services.db.begin() as conn:
+        uploads.record(conn, key, tenant.instance_pk, int(time.time() * 1000))
+    firmware = services.firmware.create(tenant, NewFirmware(
+        product_key=product.product_key, name="burst", dest_version="3.0.0",
+        firmware_url=services.blobs.object_url(key)))
+    ids = [services.devices.credentials(product.product_key, name).device_id for name in names]
+    from otaplane.store import device_ota as store
+
+    with services.db.connect() as conn:
+        firmware_pk = store.firmware_row(conn, None, firmware.firmware_id)["id"]
+
+    clients = [connect(channel.port, product.product_key, name, secrets[name]) for name in names]
+    try:
+        deadline = time.monotonic() + 10
+        while not all(channel.is_online(i) for i in ids):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        pushed = services.device_ota.push_many(firmware_pk, ids)  # one wake for the five
+        for client, push in zip(clients, pushed):
+            body = client.expect(client.upgrade_topic, timeout=5).json()  # the poll would take 60 s
+            assert body["id"] == push.message_id
+    finally:
+        for client in clients:
+            client.close()

@@ -9,7 +9,8 @@ What it does:
   `.../firmware/get_reply` topics from CONNACK on, without sending SUBSCRIBE (`_ss=1`).
 - Upstream: version reports, progress and firmware/get go to DeviceOtaService.
 - Downstream: the pending packages of DeviceOtaService, on connect, at once when this process
-  pushes, and within a poll interval when another process (CLI, another replica) pushes.
+  pushes, and within a poll interval (PENDING_POLL_INTERVAL_S) when another process (CLI,
+  another replica) pushes; a burst is read page after page, without waiting between pages.
 
 Delivery is exact-topic: a device's connection is found by its device id
 (`DeviceChannel._by_device`) and the PUBLISH goes straight to its protocol handler. amqtt's
@@ -48,11 +49,17 @@ from amqtt.utils import gen_client_id
 
 from otaplane.devices import auth, messages, topics
 from otaplane.devices.upstream import handle as handle_upstream
-from otaplane.services.device_ota import PendingKey, PendingPackage
+from otaplane.services.device_ota import UNDELIVERED_BATCH, PendingKey, PendingPackage
 
 log = logging.getLogger("otaplane.devices")
 
-PENDING_POLL_INTERVAL_S = 1.0
+# How often the channel looks for pushes made by another process (CLI, another replica): the
+# bound on their delivery latency. Pushes of this process wake it at once. An idle look is one
+# indexed query (no undelivered row).
+PENDING_POLL_INTERVAL_S = 0.25
+# While deliveries are in flight a sweep reads on from where the previous one ended; a sweep from
+# the first undelivered row runs at least this often all the same (see _deliver_undelivered).
+FULL_SWEEP_INTERVAL_S = 1.0
 # Any single read of a packet body larger than this closes the connection (a PUBLISH payload
 # over the limit never reaches memory whole).
 MAX_PACKET_BODY = messages.MAX_PAYLOAD_BYTES
@@ -113,6 +120,10 @@ class DeviceChannel:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._limiter = anyio.CapacityLimiter(DB_THREADS)
         self._stopping = False
+        self.undelivered_batch = UNDELIVERED_BATCH  # undelivered pushes read per query (page)
+        self._in_flight = 0  # _deliver calls running
+        self._swept_to: PendingKey | None = None  # the last key the latest sweep read
+        self._full_sweep_at = -math.inf  # loop time of the latest sweep from the first row
         # Connect bursts: the lookups and state writes of all CONNECTs that arrive while one batch
         # runs go to the database together, as one query or one transaction.
         self._credentials = _Batched(self, self._credentials_batch)
@@ -302,14 +313,37 @@ class DeviceChannel:
                 log.exception("pending package poll failed")
 
     async def _deliver_undelivered(self) -> None:
-        keys: list[PendingKey] = await self._db(self.services.device_ota.undelivered)
-        wanted = [k for k in keys if self._deliverable(k)]
-        if not wanted:
-            return
-        packages = await self._db(self.services.device_ota.packages, wanted)
-        pairs = [(self._by_device[p.device_id], p) for p in packages if self._deliverable(p)]
-        if pairs:
-            self._spawn(self._deliver(pairs))
+        """One sweep over the undelivered pushes, page after page (keyset: a page starts after
+        the last key of the one before, so the rows just handed to `_deliver` are not read
+        again): a burst is not paced by the poll interval. Each page's deliveries run in their
+        own task while the next page is read. While deliveries of earlier sweeps are in flight,
+        a sweep starts where the last one ended (at most FULL_SWEEP_INTERVAL_S apart, one starts
+        from the beginning: rows that showed up behind that point, a push committed late or by
+        a process whose clock is behind, or a row re-pushed since); pushes in flight that a
+        sweep does read are skipped by `_deliverable` (no package is loaded for them)."""
+        assert self._loop is not None
+        now = self._loop.time()
+        after: PendingKey | None = None
+        if self._in_flight and self._swept_to is not None and now - self._full_sweep_at < FULL_SWEEP_INTERVAL_S:
+            # Deliveries of earlier sweeps still run (a burst): read on from where the last
+            # sweep ended instead of reading the rows in flight again, every poll.
+            after = self._swept_to
+        else:
+            self._full_sweep_at = now
+        while not self._stopping and self._by_device:
+            keys: list[PendingKey] = await self._db(
+                partial(self.services.device_ota.undelivered, limit=self.undelivered_batch, after=after))
+            if keys:
+                self._swept_to = keys[-1]
+            wanted = [k for k in keys if self._deliverable(k)]
+            if wanted:
+                packages = await self._db(self.services.device_ota.packages, wanted)
+                pairs = [(self._by_device[p.device_id], p) for p in packages if self._deliverable(p)]
+                if pairs:
+                    self._spawn(self._deliver(pairs))
+            if len(keys) < self.undelivered_batch:
+                return
+            after = keys[-1]
 
     def _deliverable(self, item: PendingKey | PendingPackage) -> bool:
         conn = self._by_device.get(item.device_id)
@@ -325,14 +359,18 @@ class DeviceChannel:
             todo.append((conn, package))
         if not todo:
             return
-        results = await asyncio.gather(*(
-            self._send(conn, topics.upgrade_topic(package.product_key, package.device_name),
-                       messages.upgrade_push(package))
-            for conn, package in todo
-        ))
-        acked = [(p.device_id, p.module_name, p.message_id) for (_, p), ok in zip(todo, results) if ok]
-        if acked and not self._stopping:
-            await self._db(self.services.device_ota.mark_delivered, acked)
+        self._in_flight += 1
+        try:
+            results = await asyncio.gather(*(
+                self._send(conn, topics.upgrade_topic(package.product_key, package.device_name),
+                           messages.upgrade_push(package))
+                for conn, package in todo
+            ))
+            acked = [(p.device_id, p.module_name, p.message_id) for (_, p), ok in zip(todo, results) if ok]
+            if acked and not self._stopping:
+                await self._db(self.services.device_ota.mark_delivered, acked)
+        finally:
+            self._in_flight -= 1
 
     async def _send(self, conn: Connection, topic: str, payload: bytes) -> bool:
         """PUBLISH at QoS 1 straight to the device's handler; True once it is acknowledged."""

@@ -47,12 +47,14 @@ import anyio
 
 from otaplane.devices import messages, topics
 from otaplane.devices.upstream import handle as handle_upstream
-from otaplane.services.device_ota import PendingKey, PendingPackage
+from otaplane.services.device_ota import UNDELIVERED_BATCH, PendingKey, PendingPackage
 
 log = logging.getLogger("otaplane.devices")
 
 UPSTREAM_FILTERS = ("/ota/device/inform/+/+", "/ota/device/progress/+/+", "/sys/+/+/thing/ota/firmware/get")
-PENDING_POLL_INTERVAL_S = 1.0
+# How often pushes made by another process (CLI, another replica) are looked for: the bound on
+# their publish latency. Pushes of this process wake the channel at once.
+PENDING_POLL_INTERVAL_S = 0.25
 RETRY_MIN_S, RETRY_MAX_S = 1.0, 60.0  # a failed push publish is retried with this backoff
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1.0, 30.0
 RE_OFFER_INTERVAL_S = 30.0  # an `inform` re-publishes a device's pending push at most this often
@@ -113,6 +115,7 @@ class ExternalChannel:
         self._re_offered: dict[tuple[int, int], float] = {}
         self._seen: dict[int, float] = {}
         self._stopping = False
+        self.undelivered_batch = UNDELIVERED_BATCH  # undelivered pushes read per query (page)
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -267,18 +270,29 @@ class ExternalChannel:
                 log.exception("pending package poll failed")
 
     async def _deliver_undelivered(self) -> None:
-        keys: list[PendingKey] = await self._db(self.services.device_ota.undelivered, online_only=False)
-        now = time.monotonic()
-        live = set(keys)
-        self._retry = {k: v for k, v in self._retry.items() if k in live}  # delivered or replaced: forget
-        wanted = [k for k in keys if self._retry.get(k, (0.0, 0.0))[0] <= now]
-        if not wanted:
-            return
-        for key in wanted:  # not again before this attempt ends (or its backoff runs out)
-            delay = self._retry.get(key, (0.0, 0.0))[1]
-            self._retry[key] = (now + PUBLISH_TIMEOUT_S + RETRY_MIN_S, delay)
-        packages = await self._db(self.services.device_ota.packages, wanted)
-        await self._deliver(packages)
+        """One sweep over the undelivered pushes, page after page (keyset: a page starts after
+        the last key of the one before): a burst is not paced by the poll interval. Each page
+        is published in its own task while the next page is read; pushes in flight or backing
+        off are skipped (`_retry`)."""
+        after: PendingKey | None = None
+        live: set[PendingKey] = set()
+        while not self._stopping and self._client is not None:
+            keys: list[PendingKey] = await self._db(
+                partial(self.services.device_ota.undelivered, limit=self.undelivered_batch, online_only=False,
+                        after=after))
+            live.update(keys)
+            now = time.monotonic()
+            wanted = [k for k in keys if self._retry.get(k, (0.0, 0.0))[0] <= now]
+            for key in wanted:  # not again before this attempt ends (or its backoff runs out)
+                delay = self._retry.get(key, (0.0, 0.0))[1]
+                self._retry[key] = (now + PUBLISH_TIMEOUT_S + RETRY_MIN_S, delay)
+            if wanted:
+                packages = await self._db(self.services.device_ota.packages, wanted)
+                self._spawn(self._deliver(packages))
+            if len(keys) < self.undelivered_batch:  # the whole sweep seen: forget delivered or replaced
+                self._retry = {k: v for k, v in self._retry.items() if k in live}
+                return
+            after = keys[-1]
 
     async def _deliver(self, packages: list[PendingPackage]) -> None:
         if not packages:
