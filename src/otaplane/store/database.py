@@ -57,7 +57,9 @@ class Database:
             )
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
-            self.engine = sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+            # Kept open for as many worker threads as anyio runs (40), plus the nonce writer's and
+            # a few more: an overflow connection is opened per use (~5 ms) and closed after.
+            self.engine = sa.create_engine(url, pool_size=40, max_overflow=10, pool_pre_ping=True)
         self._loop_connections: dict[int, Connection] = {}  # thread id -> its loop_reads() connection
         self._loop_turns: dict[int, _ReadTurn] = {}  # SQLite: thread id -> that connection's read turn
 
@@ -92,6 +94,21 @@ class Database:
             if self.is_sqlite:
                 self._loop_turns[thread] = _ReadTurn(conn.connection.driver_connection)
         return _LoopReads(conn, self._loop_turns.get(thread))
+
+    @contextlib.contextmanager
+    def autocommit_reads(self):
+        """`with db.autocommit_reads():` around short reads in a worker thread (the gateway's
+        quick_read actions on PostgreSQL): inside, `connect()` hands out one pooled connection
+        in autocommit mode, so no transaction is left to roll back (a round trip) when it goes
+        back to the pool. Each statement still sees what was committed before it began, as in
+        a READ COMMITTED transaction. Nothing may write inside the block."""
+        with self.engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+            token = _PINNED.set(conn)
+            try:
+                yield conn
+            finally:
+                _PINNED.reset(token)
 
     @contextlib.contextmanager
     def write_turn(self):
