@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="pre-signed requests per timed round of (b) [0 = sized from the warm-up]")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--check", action="store_true",
-                        help=f"exit 1 when (b)/(a) is below the target ({TARGET_RATIO:.0%})")
+                        help=f"exit 1 when (b)/(a) is below the target ({TARGET_RATIO:.0%}%)")
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.warmup < 0 or min(args.connections, args.threads, args.rounds) < 1:
         parser.error("--duration must be > 0, --warmup >= 0, --connections, --threads and --rounds >= 1")
