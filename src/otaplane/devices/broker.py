@@ -21,7 +21,7 @@ session's). Devices are never routed to each other, and retained messages are no
 
 CONNECT bursts (every device reconnecting after a restart): the credential lookups, the
 ONLINE/OFFLINE writes and the pending-package reads of connections arriving together go to the
-database in batches (`_Batched`, a group commit), and the listen backlog is large.
+database in batches (`Batched`, a group commit), and the listen backlog is large.
 
 Built on amqtt 0.12's Broker internals (the overridden methods below); pyproject pins it.
 """
@@ -48,6 +48,7 @@ from amqtt.session import Session
 from amqtt.utils import gen_client_id
 
 from otaplane.devices import auth, messages, topics
+from otaplane.devices.batching import Batched
 from otaplane.devices.upstream import handle as handle_upstream
 from otaplane.services.device_ota import UNDELIVERED_BATCH, PendingKey, PendingPackage
 
@@ -126,10 +127,12 @@ class DeviceChannel:
         self._full_sweep_at = -math.inf  # loop time of the latest sweep from the first row
         # Connect bursts: the lookups and state writes of all CONNECTs that arrive while one batch
         # runs go to the database together, as one query or one transaction.
-        self._credentials = _Batched(self, self._credentials_batch)
-        self._mark_connected = _Batched(self, self._mark_connected_batch)
-        self._mark_disconnected = _Batched(self, self._mark_disconnected_batch)
-        self._offers = _Batched(self, self._offers_batch)
+        self._credentials = Batched(self, self._credentials_batch)
+        self._mark_connected = Batched(self, self._mark_connected_batch)
+        self._mark_disconnected = Batched(self, self._mark_disconnected_batch)
+        self._offers = Batched(self, self._offers_batch)
+        # Device reports (inform, progress): one transaction per batch.
+        self._reports = Batched(self, self._apply_reports)
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -290,8 +293,8 @@ class DeviceChannel:
 
     async def _handle(self, conn: Connection, upstream: topics.UpstreamTopic, data: bytes) -> None:
         identity = conn.identity
-        await handle_upstream(self.services, self._db, self._device_turn, identity.device_id, identity.product_key,
-                              identity.device_name, upstream, data, partial(self._send, conn))
+        await handle_upstream(self.services, self._db, self._reports, self._device_turn, identity.device_id,
+                              identity.product_key, identity.device_name, upstream, data, partial(self._send, conn))
 
     # --- downstream -----------------------------------------------------------------------------
     def _pushed(self, device_id: int) -> None:
@@ -407,6 +410,9 @@ class DeviceChannel:
         return [found.get(device_id, []) for device_id in device_ids]
 
     # --- helpers --------------------------------------------------------------------------------
+    def _apply_reports(self, reports: list) -> list:
+        return self.services.device_ota.apply_reports(reports)
+
     async def _db(self, function, *args):
         return await anyio.to_thread.run_sync(partial(function, *args), limiter=self._limiter)
 
@@ -432,50 +438,6 @@ class DeviceChannel:
         return task
 
 
-class _Batched:
-    """`await batched(item)`: `function(items) -> results` runs in a worker thread with every item
-    submitted while the previous call ran (group commit: no added latency when idle, one query or
-    transaction per batch under load)."""
-
-    def __init__(self, channel: DeviceChannel, function, limit: int = 500):
-        self._channel = channel
-        self._function = function
-        self._limit = limit
-        self._waiting: list[tuple[Any, asyncio.Future]] = []
-        self._busy = False
-
-    async def __call__(self, item):
-        future = asyncio.get_running_loop().create_future()
-        self._waiting.append((item, future))
-        if not self._busy:
-            self._busy = True
-            self._channel._spawn(self._drain())  # noqa: SLF001
-        return await future
-
-    async def _drain(self) -> None:
-        batch: list[tuple[Any, asyncio.Future]] = []
-        try:
-            while self._waiting:
-                batch, self._waiting = self._waiting[:self._limit], self._waiting[self._limit:]
-                try:
-                    results = await self._channel._db(self._function, [item for item, _ in batch])  # noqa: SLF001
-                except asyncio.CancelledError:
-                    raise
-                except Exception as problem:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(problem)
-                    continue
-                for (_, future), result in zip(batch, results):
-                    if not future.done():
-                        future.set_result(result)
-                batch = []
-        finally:
-            self._busy = False
-            for _, future in batch + self._waiting:  # cancelled (the channel stops): nobody waits forever
-                if not future.done():
-                    future.cancel()
-            self._waiting = []
 
 
 def _bind(host: str, port: int) -> str:

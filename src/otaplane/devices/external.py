@@ -46,6 +46,7 @@ import aiomqtt
 import anyio
 
 from otaplane.devices import messages, topics
+from otaplane.devices.batching import Batched
 from otaplane.devices.upstream import handle as handle_upstream
 from otaplane.services.device_ota import UNDELIVERED_BATCH, PendingKey, PendingPackage
 
@@ -115,6 +116,7 @@ class ExternalChannel:
         self._re_offered: dict[tuple[int, int], float] = {}
         self._seen: dict[int, float] = {}
         self._stopping = False
+        self._reports = Batched(self, self._apply_reports)  # one transaction per batch
         self.undelivered_batch = UNDELIVERED_BATCH  # undelivered pushes read per query (page)
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -214,8 +216,8 @@ class ExternalChannel:
             return
         device_id = credentials.device_id
         await self._saw(device_id)
-        handled = await handle_upstream(self.services, self._db, self._device_turn, device_id, pk, dn, upstream,
-                                        data, self._publish)
+        handled = await handle_upstream(self.services, self._db, self._reports, self._device_turn, device_id, pk,
+                                        dn, upstream, data, self._publish)
         if handled is not None and handled.kind is topics.Upstream.INFORM and not handled.completed:
             await self._re_offer(device_id, handled.module, handled.version)
 
@@ -235,7 +237,7 @@ class ExternalChannel:
         """The device reported a version (it just connected, most likely): if its pending package
         for that module is another version, publish it again."""
         try:
-            package = await self._db(self.services.device_ota.offer, device_id, module)
+            package = await self._db(self.services.device_ota.pushable, device_id, module)
         except Exception:
             log.exception("re-offer to device %d failed", device_id)
             return
@@ -333,6 +335,9 @@ class ExternalChannel:
             return False
 
     # --- helpers --------------------------------------------------------------------------------
+    def _apply_reports(self, reports: list) -> list:
+        return self.services.device_ota.apply_reports(reports)
+
     async def _db(self, function, *args, **kwargs):
         return await anyio.to_thread.run_sync(partial(function, *args, **kwargs), limiter=self._limiter)
 

@@ -2,7 +2,8 @@
 it: the embedded broker (broker.py) or an external one (external.py).
 
 `handle` parses one message and calls DeviceOtaService; the channel supplies how to run database
-work, how to serialise one device's state changes, and how to send the firmware/get answer.
+work, how to record a device report (a group commit: `Batched(channel, apply_reports)`), how to
+serialise one device's state changes, and how to send the firmware/get answer.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from otaplane.devices import messages, topics
+from otaplane.services.device_ota import ProgressReport, VersionReport
 
 log = logging.getLogger("otaplane.devices")
 
@@ -31,6 +33,7 @@ class Handled:
 async def handle(
     services: Any,
     run_db: Callable[..., Awaitable[Any]],
+    report: Callable[[VersionReport | ProgressReport], Awaitable[bool]],
     turn: Callable[[int], AbstractAsyncContextManager],
     device_id: int,
     product_key: str,
@@ -44,17 +47,16 @@ async def handle(
     who = f"{product_key}/{device_name}"
     try:
         if upstream.kind is topics.Upstream.INFORM:
-            report = messages.parse_inform(data)
+            inform = messages.parse_inform(data)
             async with turn(device_id):
-                done = await run_db(device_ota.version_reported, device_id, report.module, report.version)
-            log.debug("%s runs %s %s%s", who, report.module or "default", report.version,
+                done = await report(VersionReport(device_id, inform.module, inform.version))
+            log.debug("%s runs %s %s%s", who, inform.module or "default", inform.version,
                       " (upgrade complete)" if done else "")
-            return Handled(upstream.kind, report.module, report.version, bool(done))
+            return Handled(upstream.kind, inform.module, inform.version, bool(done))
         if upstream.kind is topics.Upstream.PROGRESS:
             progress = messages.parse_progress(data)
             async with turn(device_id):
-                known = await run_db(device_ota.progress_reported, device_id, progress.module, progress.step,
-                                     progress.desc)
+                known = await report(ProgressReport(device_id, progress.module, progress.step, progress.desc))
             if not known:
                 log.info("progress %d from %s for module %s, which has no pending package", progress.step, who,
                          progress.module or "default")

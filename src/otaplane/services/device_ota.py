@@ -206,6 +206,15 @@ class DeviceOtaService:
             self.mark_delivered([(package.device_id, package.module_name, package.message_id)])
         return package
 
+    def pushable(self, device_id: int, module: str | None) -> PendingPackage | None:
+        """The module's package the device should be pushed again now that it is back (an
+        external broker learns that from its version report): as `offers`, not as `offer`
+        (nothing the device only gets by asking, no task attempt it already took)."""
+        with self.db.connect() as conn:
+            rows = store.offers(conn, device_id, module or DEFAULT_MODULE, pushed_only=True)
+            packages = self._packages(conn, rows)
+        return packages[0] if packages else None
+
     def undelivered(self, limit: int = UNDELIVERED_BATCH, online_only: bool = True,
                     after: PendingKey | None = None) -> list[PendingKey]:
         """Pushes that no process delivered yet, to devices some process has online, oldest

@@ -1,0 +1,57 @@
+"""Group commit for the device channels: many small database calls made as one."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+
+class Batched:
+    """`await batched(item)`: `function(items) -> results` runs in a worker thread with every item
+    submitted while the previous call ran (group commit: no added latency when idle, one query or
+    transaction per batch under load). A result that is an Exception is raised to its own caller.
+    `channel` supplies `_db(function, *args)` (a worker thread) and `_spawn(coroutine)`."""
+
+    def __init__(self, channel, function, limit: int = 500):
+        self._channel = channel
+        self._function = function
+        self._limit = limit
+        self._waiting: list[tuple[Any, asyncio.Future]] = []
+        self._busy = False
+
+    async def __call__(self, item):
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        if not self._busy:
+            self._busy = True
+            self._channel._spawn(self._drain())  # noqa: SLF001
+        return await future
+
+    async def _drain(self) -> None:
+        batch: list[tuple[Any, asyncio.Future]] = []
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting[:self._limit], self._waiting[self._limit:]
+                try:
+                    results = await self._channel._db(self._function, [item for item, _ in batch])  # noqa: SLF001
+                except asyncio.CancelledError:
+                    raise
+                except Exception as problem:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(problem)
+                    continue
+                for (_, future), result in zip(batch, results):
+                    if future.done():
+                        continue
+                    if isinstance(result, Exception):  # that item failed alone (the others did not)
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+                batch = []
+        finally:
+            self._busy = False
+            for _, future in batch + self._waiting:  # cancelled (the channel stops): nobody waits forever
+                if not future.done():
+                    future.cancel()
+            self._waiting = []
