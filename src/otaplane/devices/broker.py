@@ -371,7 +371,10 @@ class DeviceChannel:
             ))
             acked = [(p.device_id, p.module_name, p.message_id) for (_, p), ok in zip(todo, results) if ok]
             if acked and not self._stopping:
-                await self._db(self.services.device_ota.mark_delivered, acked)
+                try:
+                    await self._db(self.services.device_ota.mark_delivered, acked)
+                except Exception:  # the rows stay undelivered: pushed again at the device's next connect
+                    log.exception("recording %d delivered pushes failed", len(acked))
         finally:
             self._in_flight -= 1
 

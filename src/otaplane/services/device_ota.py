@@ -24,6 +24,7 @@ from otaplane.services.devices import DEFAULT_MODULE, DeviceRef, DeviceService
 from otaplane.services.firmware import FirmwareService
 from otaplane.services.tenancy import Tenant
 from otaplane.store import Database
+from otaplane.store.database import retry_on_deadlock
 from otaplane.store import device_ota as store
 from otaplane.timefmt import now_ms
 
@@ -235,6 +236,7 @@ class DeviceOtaService:
             rows = [r for r in rows if (r["device_id"], r["module_name"], r["message_id"]) in wanted]
             return self._packages(conn, rows)
 
+    @retry_on_deadlock
     def mark_delivered(self, items: Iterable[tuple[int, str, int]]) -> None:
         """(device_id, module_name, message_id) of pushes the devices acknowledged."""
         items = list(items)

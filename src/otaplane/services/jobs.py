@@ -29,6 +29,7 @@ from otaplane.services.devices import DeviceRef
 from otaplane.services.modules import product_row
 from otaplane.services.tenancy import Tenant
 from otaplane.store import Database
+from otaplane.store.database import retry_on_deadlock
 from otaplane.store import firmware as firmware_store
 from otaplane.store import jobs as store
 from otaplane.store import uploads as upload_store
@@ -145,6 +146,7 @@ class JobService:
             listener()
 
     # --- creating -------------------------------------------------------------------------------
+    @retry_on_deadlock
     def create(self, tenant: Tenant, spec: JobSpec) -> tuple[str, int]:
         """Create the job and its first tasks in one transaction; returns (JobId, created_ms)."""
         now = now_ms()
@@ -410,6 +412,7 @@ class JobService:
         return device_id
 
     # --- changing -------------------------------------------------------------------------------
+    @retry_on_deadlock
     def update(self, tenant: Tenant, job_id: str, max_per_minute: int, target_selection: str, upgrade_type: str,
                timeout_minutes: int | None, src_versions: list[str] | None, tags: list[Tag] | None) -> None:
         with self.db.write_turn(), self.db.begin() as conn:
@@ -432,6 +435,7 @@ class JobService:
             store.update_job(conn, job["id"], values)
         self._notify()
 
+    @retry_on_deadlock
     def cancel_strategy(self, tenant: Tenant, job_id: str) -> None:
         """CancelOTAStrategyByJob: a dynamic job stops taking new devices (its tasks go on)."""
         with self.db.write_turn(), self.db.begin() as conn:
@@ -445,6 +449,7 @@ class JobService:
             now = now_ms()
             store.update_job(conn, job["id"], {"status": CANCELED, "ended_ms": now, "modified_ms": now})
 
+    @retry_on_deadlock
     def cancel_by_job(self, tenant: Tenant, job_id: str, *, scheduled: bool, queued: bool, in_progress: bool,
                       notified: bool, unconfirmed: bool | None) -> int:
         """CancelOTATaskByJob. QUEUED also takes CONFIRM tasks unless CancelUnconfirmedTask was
@@ -475,6 +480,7 @@ class JobService:
         self._notify()
         return len(moved)
 
+    @retry_on_deadlock
     def cancel_by_device(self, tenant: Tenant, product_key: str, firmware_id: str, device_names: list[str],
                          job_id: str | None) -> int:
         with self.db.write_turn(), self.db.begin() as conn:
@@ -501,6 +507,7 @@ class JobService:
         self._notify()
         return len(moved)
 
+    @retry_on_deadlock
     def confirm(self, tenant: Tenant, task_ids: list[str]) -> int:
         with self.db.write_turn(), self.db.begin() as conn:
             tasks = self._tasks(conn, tenant, task_ids)
@@ -510,6 +517,7 @@ class JobService:
         self._notify()
         return len(moved)
 
+    @retry_on_deadlock
     def reupgrade(self, tenant: Tenant, job_id: str, task_ids: list[str]) -> int:
         """ReupgradeOTATask: FAILED/CANCELED tasks run again (as a new attempt); a job that
         needs confirmation waits for it again. A finished job goes back to IN_PROGRESS."""

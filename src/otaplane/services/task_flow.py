@@ -84,9 +84,14 @@ def move(conn: Connection, task_pks: Iterable[int], to: str, *, actor: str, now_
     if to == SUCCEEDED:
         update.setdefault("description", None)
     statement, params = _update_statement(to, update)
-    select = _SELECT_FOR_UPDATE[to] if conn.dialect.name == "postgresql" else _SELECT[to]
+    postgres = conn.dialect.name == "postgresql"
+    select = _SELECT_FOR_UPDATE[to] if postgres else _SELECT[to]
     for start in range(0, len(keys), _CHUNK):
         chunk = keys[start:start + _CHUNK]
+        if postgres and to in (FAILED, CANCELED):
+            # Lock order everywhere: a device's push row, then its task (device reports lock the
+            # push row first); this move deletes the push rows below.
+            conn.execute(_LOCK_PUSHES, {"p_ids": chunk}).all()
         rows = conn.execute(select, {"p_ids": chunk}).all()
         if not rows:
             continue
@@ -128,6 +133,8 @@ def _select(to: str) -> sa.Select:
 _SELECT = {to: _select(to) for to in ALLOWED}
 _SELECT_FOR_UPDATE = {to: _select(to).with_for_update() for to in ALLOWED}
 _INSERT_EVENT = sa.insert(ota_task_events)
+_LOCK_PUSHES = (sa.select(pending.c.device_id).where(pending.c.task_pk.in_(sa.bindparam("p_ids", expanding=True)))
+                .order_by(pending.c.device_id, pending.c.module_name).with_for_update())
 _UPDATES: dict[tuple, sa.Update] = {}
 
 

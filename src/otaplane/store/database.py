@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 from contextvars import ContextVar
 from pathlib import Path
@@ -192,3 +193,25 @@ class _ReadTurn:
         self.open = False
         if self.driver.in_transaction:
             self.driver.rollback()  # read-only: nothing to keep
+
+
+DEADLOCK_ATTEMPTS = 3
+_RETRYABLE_SQLSTATES = ("40P01", "40001")  # deadlock detected, serialization failure
+
+
+def retry_on_deadlock(function):
+    """Run a function that makes one write transaction again when PostgreSQL chose it as the
+    victim of a deadlock (or a serialization failure), up to DEADLOCK_ATTEMPTS times. The code
+    takes locks in one order (a device's push row, then its task), so this is the safety net."""
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+            try:
+                return function(*args, **kwargs)
+            except sa.exc.OperationalError as exc:
+                if getattr(exc.orig, "sqlstate", None) not in _RETRYABLE_SQLSTATES or attempt == DEADLOCK_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
+
+    return run

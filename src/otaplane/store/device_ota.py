@@ -256,6 +256,9 @@ _TASK_OF = Prepared(
     .join(ota_jobs, ota_jobs.c.id == ota_tasks.c.job_pk)
     .join(firmware, firmware.c.id == pending.c.firmware_pk)
     .where(pending.c.device_id == sa.bindparam("p_device"), pending.c.module_name == sa.bindparam("p_module"))
+    # PostgreSQL: the push row is locked first, then (by the state change) the task, the order
+    # every path takes; SQLite ignores FOR UPDATE (one writer at a time anyway).
+    .with_for_update(of=pending)
 )
 
 
