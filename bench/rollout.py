@@ -181,6 +181,7 @@ def run_backend(name: str, database_url: str, args, workdir: Path) -> Result:
 
         # The job.
         spy = start_profile(args, name, server.process.pid)
+        sim_spy = start_profile(args, name, sim.pid, "sim")
         cpu_before = cpu_seconds(server.process.pid)
         sim_cpu_before = cpu_seconds(sim.pid)
         dispatcher_before = api.http.get(server.base_url + "/healthz").json()["dispatcher"]
@@ -192,6 +193,7 @@ def run_backend(name: str, database_url: str, args, workdir: Path) -> Result:
         result.sim_cpu_ms_per_1000 = (cpu_seconds(sim.pid) - sim_cpu_before) * 1000 / args.devices * 1000
         dispatcher_after = api.http.get(server.base_url + "/healthz").json()["dispatcher"]
         stop_profile(spy)
+        stop_profile(sim_spy)
         result.duplicates = read_stats(stats_path).get("duplicates", 0)
         measure_job(engine, job_id, result)
         dispatched = dispatcher_after["tasks_dispatched"] - dispatcher_before["tasks_dispatched"]
@@ -210,12 +212,12 @@ def run_backend(name: str, database_url: str, args, workdir: Path) -> Result:
     return result
 
 
-def start_profile(args, name: str, pid: int):
-    """--profile DIR: py-spy samples the server during the job (collapsed stacks, for flame graphs)."""
+def start_profile(args, name: str, pid: int, what: str = "server"):
+    """--profile DIR: py-spy samples a process during the job (collapsed stacks, for flame graphs)."""
     if not args.profile:
         return None
     Path(args.profile).mkdir(parents=True, exist_ok=True)
-    out = Path(args.profile) / f"server-{name}.collapsed"
+    out = Path(args.profile) / f"{what}-{name}.collapsed"
     return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "100", "--format", "raw",
                              "--threads", "--output", str(out), "--nonblocking"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -298,7 +300,8 @@ def main(argv=None) -> int:
     parser.add_argument("--database-url", default="", help="also run on this PostgreSQL server (loopback)")
     parser.add_argument("--skip-sqlite", action="store_true")
     parser.add_argument("--timeout", type=float, default=300, help="seconds for each wait")
-    parser.add_argument("--profile", default="", help="directory for py-spy samples of the server during the job")
+    parser.add_argument("--profile", default="", help="directory for py-spy samples of the server and the sim "
+                                                      "during the job")
     args = parser.parse_args(argv)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the children inherit it
