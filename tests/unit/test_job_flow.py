@@ -433,3 +433,57 @@ def test_firmware_with_a_running_job_cannot_be_deleted(fleet):
     with pytest.raises(errors.ApiError) as refused:
         fleet.services.firmware.delete(fleet.tenant, fleet.firmware_id)
     assert refused.value.code == "iot.ota.FirmwareHasRunningJob"
+
+
+def test_two_dispatchers_on_one_postgresql_never_dispatch_a_task_twice(settings):
+    """Two dispatchers (two Services, two connection pools: as two replicas) tick the same job
+    at once for two seconds: no task is claimed by both, and together they keep one pace."""
+    if not settings.resolved_database_url().startswith("postgresql"):
+        pytest.skip("replicas share PostgreSQL; SQLite is one process")
+    import threading
+
+    first = Services.build(settings)
+    prepare(first)
+    second = Services.build(settings)
+    fleet = Fleet(first, devices=400)
+    job_id = fleet.job(target_selection="ALL", max_per_minute=6000)  # 100 per second
+    claims: dict[str, list[int]] = {"first": [], "second": []}
+
+    def recording(name, dispatcher):
+        original = dispatcher._claim
+
+        def claim(conn, tasks, now):
+            won = original(conn, tasks, now)
+            claims[name].extend(task.id for task, _ in won)
+            return won
+        dispatcher._claim = claim
+
+    recording("first", first.dispatcher)
+    recording("second", second.dispatcher)
+    started = time.monotonic()
+
+    def run(services):
+        while time.monotonic() - started < 2.0:
+            services.dispatcher.tick(review_every_ms=1000)
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in (first, second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    elapsed = time.monotonic() - started
+    try:
+        both = claims["first"] + claims["second"]
+        assert claims["first"] and claims["second"], claims  # both took part
+        assert len(both) == len(set(both))  # never the same task twice
+        # One shared pace: about 100/s in total, not 100/s each. Allowed on top: the one second an
+        # idle job may catch up (MAX_PACE_BANK_US: the job was created before the clock started).
+        assert len(both) <= 100 * (elapsed + 1) + 20, (len(both), elapsed)
+        with first.db.connect() as conn:
+            pushes = conn.execute(sa.select(sa.func.count()).select_from(device_ota_pending)).scalar()
+        assert pushes == len(both)
+        assert {t["status"] for t in fleet.tasks(job_id).values()} == {"QUEUED"}
+    finally:
+        second.close()
+        first.close()
