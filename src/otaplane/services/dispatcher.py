@@ -139,11 +139,13 @@ class Dispatcher:
         return len(moved)
 
     def _retry(self, now: int) -> int:
+        # Driven from the running jobs: the (job_pk, status, due_ms) index finds their due retries.
         due_query = (
             sa.select(ota_tasks.c.id, ota_tasks.c.device_id, ota_tasks.c.module_name)
-            .join(ota_jobs, ota_jobs.c.id == ota_tasks.c.job_pk)
-            .where(ota_tasks.c.status == task_flow.FAILED, ota_tasks.c.due_ms <= now,
-                   ota_tasks.c.retries_left > 0, ota_jobs.c.status == job_rules.IN_PROGRESS)
+            .select_from(ota_jobs)
+            .join(ota_tasks, ota_tasks.c.job_pk == ota_jobs.c.id)
+            .where(ota_jobs.c.status == job_rules.IN_PROGRESS, ota_tasks.c.status == task_flow.FAILED,
+                   ota_tasks.c.due_ms <= now, ota_tasks.c.retries_left > 0)
             .limit(BATCH)
         )
         with self.db.connect() as conn:

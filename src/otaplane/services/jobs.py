@@ -557,11 +557,17 @@ class JobService:
 
 
 # --- called from device reports (services/device_ota.py), inside its transaction -------------
+_SET_PROGRESS = Prepared(
+    sa.update(ota_tasks)
+    .where(ota_tasks.c.id == sa.bindparam("p_task"), ota_tasks.c.status == sa.bindparam("p_status"))
+    .values(progress=sa.bindparam("p_step"), modified_ms=sa.bindparam("p_now"))
+)
+
+
 def set_task_progress(conn, task_pk: int, step: int, now: int) -> None:
-    """A progress step of a task already IN_PROGRESS: a value, not a state change."""
-    conn.execute(sa.update(ota_tasks).where(ota_tasks.c.id == task_pk,
-                                            ota_tasks.c.status == task_flow.IN_PROGRESS)
-                 .values(progress=step, modified_ms=now))
+    """A progress step of a task already IN_PROGRESS: a value, not a state change (inside a
+    transaction begun on `conn`; a prepared statement: it runs for every progress report)."""
+    _SET_PROGRESS.rowcount(conn, p_task=task_pk, p_status=task_flow.IN_PROGRESS, p_step=step, p_now=now)
 
 
 # Every version report asks this: a prepared statement (store/prepared.py).

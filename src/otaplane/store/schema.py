@@ -285,7 +285,6 @@ ota_tasks = sa.Table(
     sa.Column("modified_ms", sa.BigInteger, nullable=False),
     sa.Index("ix_ota_tasks_job_status", "job_pk", "status", "due_ms"),
     sa.Index("ix_ota_tasks_device", "device_id", "module_name", "status"),
-    sa.Index("ix_ota_tasks_status_due", "status", "due_ms"),
     sa.Index("ix_ota_tasks_deadline", "deadline_ms"),
 )
 

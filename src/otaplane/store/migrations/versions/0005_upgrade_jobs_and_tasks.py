@@ -87,7 +87,6 @@ def upgrade() -> None:
         batch_op.create_index('ix_ota_tasks_deadline', ['deadline_ms'], unique=False)
         batch_op.create_index('ix_ota_tasks_device', ['device_id', 'module_name', 'status'], unique=False)
         batch_op.create_index('ix_ota_tasks_job_status', ['job_pk', 'status', 'due_ms'], unique=False)
-        batch_op.create_index('ix_ota_tasks_status_due', ['status', 'due_ms'], unique=False)
         batch_op.create_index('uq_ota_tasks_device_module_unfinished', ['device_id', 'module_name'], unique=True, sqlite_where=sa.text("status IN ('CONFIRM', 'QUEUED', 'NOTIFIED', 'IN_PROGRESS')"), postgresql_where=sa.text("status IN ('CONFIRM', 'QUEUED', 'NOTIFIED', 'IN_PROGRESS')"))
 
     op.create_table('ota_task_events',
@@ -123,7 +122,6 @@ def downgrade() -> None:
     op.drop_table('ota_task_events')
     with op.batch_alter_table('ota_tasks', schema=None) as batch_op:
         batch_op.drop_index('uq_ota_tasks_device_module_unfinished', sqlite_where=sa.text("status IN ('CONFIRM', 'QUEUED', 'NOTIFIED', 'IN_PROGRESS')"), postgresql_where=sa.text("status IN ('CONFIRM', 'QUEUED', 'NOTIFIED', 'IN_PROGRESS')"))
-        batch_op.drop_index('ix_ota_tasks_status_due')
         batch_op.drop_index('ix_ota_tasks_job_status')
         batch_op.drop_index('ix_ota_tasks_device')
         batch_op.drop_index('ix_ota_tasks_deadline')
