@@ -35,19 +35,7 @@ def instance_id() -> str:
     return "iot-" + secrets.token_hex(4)
 
 
-_random = threading.local()  # per thread: `pool` (bytes from os.urandom) and `offset` in it
-
-
-def _random_16() -> bytes:
-    """16 bytes from os.urandom, fetched 4 KiB at a time: one system call per 256 requests
-    instead of one per request (each costs several microseconds on a VM)."""
-    pool = getattr(_random, "pool", b"")
-    offset = getattr(_random, "offset", 0)
-    if offset + 16 > len(pool):
-        pool = _random.pool = os.urandom(4096)
-        offset = 0
-    _random.offset = offset + 16
-    return pool[offset:offset + 16]
+_random = threading.local()  # per thread: `hex_pool` (os.urandom bytes in hex) and `hex_offset` in it
 
 
 def _forget_random_pool() -> None:  # a forked child must not repeat its parent's bytes
@@ -58,10 +46,24 @@ def _forget_random_pool() -> None:  # a forked child must not repeat its parent'
 os.register_at_fork(after_in_child=_forget_random_pool)
 
 
+# The request id's 13th hex digit is the version (4); the 17th carries the RFC 4122 variant in
+# its top two bits (10xx): the random digit with those bits forced, as uuid4() does.
+_VARIANT_DIGIT = {f"{n:X}": f"{(n & 0x3) | 0x8:X}" for n in range(16)}
+
+
+def _random_hex_32() -> str:
+    """32 upper-case hex digits (16 random bytes), cut from a pool of 4 KiB of os.urandom put in
+    hex once: one system call and one hex conversion per 256 requests."""
+    pool = getattr(_random, "hex_pool", "")
+    offset = getattr(_random, "hex_offset", 0)
+    if offset + 32 > len(pool):
+        pool = _random.hex_pool = os.urandom(4096).hex().upper()
+        offset = 0
+    _random.hex_offset = offset + 32
+    return pool[offset:offset + 32]
+
+
 def request_id() -> str:
     """`str(uuid.uuid4()).upper()`, built without the UUID object (every request makes one)."""
-    raw = bytearray(_random_16())
-    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
-    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
-    h = raw.hex().upper()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    h = _random_hex_32()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT_DIGIT[h[16]]}{h[17:20]}-{h[20:]}"

@@ -174,13 +174,14 @@ def parse_query(text: str) -> list[tuple[str, str]]:
     same pairs, but only fields holding a `+` or a `%` are decoded, ASCII escapes by a table."""
     pairs = []
     for field in text.split("&"):
-        if not field:
-            continue
         name, _, value = field.partition("=")
-        if "+" in name or "%" in name:
-            name = _unquote(name.replace("+", " "))
-        if "+" in value or "%" in value:
-            value = _unquote(value.replace("+", " "))
+        if "%" in field or "+" in field:  # most fields need no decoding: one test for both sides
+            if "+" in name or "%" in name:
+                name = _unquote(name.replace("+", " "))
+            if "+" in value or "%" in value:
+                value = _unquote(value.replace("+", " "))
+        elif not field:
+            continue
         pairs.append((name, value))
     return pairs
 

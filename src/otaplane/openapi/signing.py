@@ -58,13 +58,27 @@ def canonical_query(params: Iterable[tuple[str, str]]) -> str:
 # --- V1 ----------------------------------------------------------------------------------------
 def v1_string_to_sign(method: str, params: Mapping[str, str]) -> str:
     """METHOD&%2F&percentEncode(canonical query of every parameter but Signature)."""
-    query = canonical_query([(k, v) for k, v in params.items() if k != "Signature"])
+    if "Signature" in params:  # a copy without it: cheaper than filtering item by item
+        params = dict(params)
+        del params["Signature"]
+    query = canonical_query(params.items())
     return f"{method.upper()}&%2F&{_encode_canonical_query(query)}"
 
 
+@functools.lru_cache(maxsize=1024)
+def _v1_pads(secret: str) -> tuple:
+    """_hmac_pads of a V1 signing key (`secret&`), cached by the secret itself: the key cache
+    hands out the same str object each time, whose hash is computed once."""
+    return _hmac_pads((secret + "&").encode(), "sha1")
+
+
 def v1_signature(secret: str, string_to_sign: str) -> str:
-    digest = hmac_digest((secret + "&").encode(), string_to_sign.encode(), "sha1")
-    return base64.b64encode(digest).decode()
+    inner_start, outer_start = _v1_pads(secret)  # hmac_digest((secret + "&").encode(), ..., "sha1")
+    inner = inner_start.copy()
+    inner.update(string_to_sign.encode())
+    outer = outer_start.copy()
+    outer.update(inner.digest())
+    return base64.b64encode(outer.digest()).decode()
 
 
 # --- V3 ----------------------------------------------------------------------------------------

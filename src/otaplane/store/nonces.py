@@ -62,10 +62,14 @@ def _insert_rows_sqlite(count: int, returning: bool) -> Prepared:
     return Prepared(insert)
 
 
+_ROW_PARAMS = [(f"k{i}", f"n{i}", f"e{i}") for i in range(_SQLITE_MAX_ROWS)]  # names built once
+
+
 def _numbered(rows: list[dict]) -> dict:
     params = {}
-    for i, row in enumerate(rows):
-        params[f"k{i}"], params[f"n{i}"], params[f"e{i}"] = row["p_key_id"], row["p_nonce"], row["p_expires_ms"]
+    assert len(rows) <= _SQLITE_MAX_ROWS
+    for (k, n, e), row in zip(_ROW_PARAMS, rows):
+        params[k], params[n], params[e] = row["p_key_id"], row["p_nonce"], row["p_expires_ms"]
     return params
 
 
@@ -106,16 +110,18 @@ def remember_many(conn: Connection, uses: Sequence[NonceUse], expect_fresh: bool
     for use in uses:
         first.setdefault((use.key_id, use.nonce), use)
     fresh: set[tuple[str, str]] = set()
+    ordered = sorted(first.items())
     rows = [
         {"p_key_id": use.key_id, "p_nonce": use.nonce, "p_expires_ms": use.now_ms + use.ttl_ms}
-        for _, use in sorted(first.items())
+        for _, use in ordered
     ]
     if conn.dialect.name == "sqlite" and expect_fresh and 0 < len(rows) <= _SQLITE_MAX_ROWS:
         try:
             _insert_rows_sqlite(len(rows), False).rowcount(conn, **_numbered(rows))
         except conn.dialect.dbapi.IntegrityError:  # the statement failed as a whole: nothing went in
             raise SomeNonceUsed() from None
-        fresh.update(first)
+        # Every row went in: each use is fresh, but a repeat of an earlier use in `uses`.
+        return [first[(use.key_id, use.nonce)] is use for use in uses]
     elif conn.dialect.name == "sqlite":
         for start in range(0, len(rows), _SQLITE_MAX_ROWS):
             chunk = rows[start:start + _SQLITE_MAX_ROWS]
@@ -123,7 +129,7 @@ def remember_many(conn: Connection, uses: Sequence[NonceUse], expect_fresh: bool
             fresh.update((row["access_key_id"], row["nonce"]) for row in returned)
     elif rows:
         fresh.update((row.access_key_id, row.nonce) for row in conn.execute(_INSERT_NEW["postgresql"], rows))
-    for pair, use in sorted(first.items()):
+    for pair, use in ordered:
         if pair in fresh:
             continue
         # Used before: accept again only once the old record has expired (taken over atomically).

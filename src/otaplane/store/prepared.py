@@ -36,6 +36,9 @@ class Prepared:
     def __init__(self, statement: ReturnsRows):
         self.statement = statement
         self._compiled: dict[str, _Compiled] = {}
+        # The dialect seen last and its compiled form: a process talks to one database, so this
+        # is a hit on every call but the first (the dict above still serves a second dialect).
+        self._last: tuple[Dialect | None, _Compiled | None] = (None, None)
 
     def _compile(self, dialect: Dialect) -> _Compiled:
         compiled = self.statement.compile(dialect=dialect)
@@ -55,9 +58,14 @@ class Prepared:
         return result
 
     def _run(self, conn: Connection, params: dict[str, Any], fetch):
-        compiled = self._compiled.get(conn.dialect.name) or self._compile(conn.dialect)
+        dialect = conn.dialect
+        last_dialect, compiled = self._last
+        if last_dialect is not dialect:
+            compiled = self._compiled.get(dialect.name) or self._compile(dialect)
+            self._last = (dialect, compiled)
         values = tuple([params[name] for name in compiled.names]) if compiled.positional else params
-        cursor = conn.connection.cursor()
+        # The driver's own cursor: the pool's proxy (`conn.connection`) would only forward the call.
+        cursor = conn.connection.dbapi_connection.cursor()
         try:
             cursor.execute(compiled.sql, values)
             return compiled, fetch(cursor)
@@ -91,6 +99,7 @@ def _rowcount(cursor):
 
 def _mapping(compiled: _Compiled, row) -> dict[str, Any]:
     mapping = dict(zip(compiled.keys, row))
+    keys = compiled.keys
     for index, processor in compiled.processors:
-        mapping[compiled.keys[index]] = processor(row[index])
+        mapping[keys[index]] = processor(row[index])
     return mapping
