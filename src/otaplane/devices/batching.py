@@ -1,8 +1,10 @@
-"""Group commit for the device channels: many small database calls made as one."""
+"""What both device channels (broker.py, external.py) need for concurrency: group commit of
+small database calls (`Batched`) and one state change at a time per device (`DeviceTurns`)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 
@@ -55,3 +57,26 @@ class Batched:
                 if not future.done():
                     future.cancel()
             self._waiting = []
+
+
+class DeviceTurns:
+    """`async with turns(device_id):` one device's state changes and reports run one at a time
+    (connect, disconnect and messages update the same rows). A device's lock lives only while
+    someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._turns: dict[int, list] = {}  # device_id -> [Lock, users]
+
+    @contextlib.asynccontextmanager
+    async def __call__(self, device_id: int):
+        turn = self._turns.get(device_id)
+        if turn is None:
+            turn = self._turns[device_id] = [asyncio.Lock(), 0]
+        turn[1] += 1
+        try:
+            async with turn[0]:
+                yield
+        finally:
+            turn[1] -= 1
+            if turn[1] == 0:
+                del self._turns[device_id]

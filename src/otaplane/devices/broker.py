@@ -29,7 +29,6 @@ Built on amqtt 0.12's Broker internals (the overridden methods below); pyproject
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ from amqtt.session import Session
 from amqtt.utils import gen_client_id
 
 from otaplane.devices import auth, messages, topics
-from otaplane.devices.batching import Batched
+from otaplane.devices.batching import Batched, DeviceTurns
 from otaplane.devices.upstream import handle as handle_upstream
 from otaplane.services.device_ota import UNDELIVERED_BATCH, PendingKey, PendingPackage
 
@@ -115,7 +114,7 @@ class DeviceChannel:
         self.keyfile = keyfile
         self.broker: DeviceBroker | None = None
         self._by_device: dict[int, Connection] = {}
-        self._turns: dict[int, list] = {}  # device_id -> [Lock, users]: one state change at a time
+        self._device_turn = DeviceTurns()  # one state change per device at a time
         self._tasks: set[asyncio.Task] = set()
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -418,21 +417,6 @@ class DeviceChannel:
 
     async def _db(self, function, *args):
         return await anyio.to_thread.run_sync(partial(function, *args), limiter=self._limiter)
-
-    @contextlib.asynccontextmanager
-    async def _device_turn(self, device_id: int):
-        """Serialise one device's state changes and reports (connect, disconnect, messages)."""
-        turn = self._turns.get(device_id)
-        if turn is None:
-            turn = self._turns[device_id] = [asyncio.Lock(), 0]
-        turn[1] += 1
-        try:
-            async with turn[0]:
-                yield
-        finally:
-            turn[1] -= 1
-            if turn[1] == 0:
-                del self._turns[device_id]
 
     def _spawn(self, coroutine) -> asyncio.Task:
         task = asyncio.ensure_future(coroutine)

@@ -30,7 +30,6 @@ answers with the pending package as always.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -46,7 +45,7 @@ import aiomqtt
 import anyio
 
 from otaplane.devices import messages, topics
-from otaplane.devices.batching import Batched
+from otaplane.devices.batching import Batched, DeviceTurns
 from otaplane.devices.upstream import handle as handle_upstream
 from otaplane.services.device_ota import UNDELIVERED_BATCH, PendingKey, PendingPackage
 
@@ -109,7 +108,7 @@ class ExternalChannel:
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task] = set()
-        self._turns: dict[int, list] = {}
+        self._device_turn = DeviceTurns()  # one state change per device at a time
         self._limiter = anyio.CapacityLimiter(DB_THREADS)
         self._identities: dict[tuple[str, str], tuple[float, Any]] = {}
         self._retry: dict[PendingKey, tuple[float, float]] = {}  # key -> (next attempt, delay)
@@ -340,21 +339,6 @@ class ExternalChannel:
 
     async def _db(self, function, *args, **kwargs):
         return await anyio.to_thread.run_sync(partial(function, *args, **kwargs), limiter=self._limiter)
-
-    @contextlib.asynccontextmanager
-    async def _device_turn(self, device_id: int):
-        """Serialise one device's reports (they update the same rows)."""
-        turn = self._turns.get(device_id)
-        if turn is None:
-            turn = self._turns[device_id] = [asyncio.Lock(), 0]
-        turn[1] += 1
-        try:
-            async with turn[0]:
-                yield
-        finally:
-            turn[1] -= 1
-            if turn[1] == 0:
-                del self._turns[device_id]
 
     def _spawn(self, coroutine) -> asyncio.Task:
         task = asyncio.ensure_future(coroutine)
