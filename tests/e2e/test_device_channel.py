@@ -22,6 +22,7 @@ from tests.support.clients import SdkCaller
 from tests.support.devices import ConnectRefused, Device, connect, device_password, raw_connect
 from tests.support.server import ServerProcess
 from tests.support.uploads import post_upload
+from tests.support.waiting import eventually
 
 ACCOUNT = "device-channel-tests"
 
@@ -30,20 +31,6 @@ def unique(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:10]}"
 
 
-def eventually(check, timeout: float = 10, interval: float = 0.1):
-    """Retry `check` (an assert or a value) until it holds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = check()
-            if result is not False and result is not None:
-                return result
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,10 @@ import pytest
 from otaplane.services.container import Services
 from otaplane.services.devices import DeviceRef
 from otaplane.settings import Settings
-from tests.e2e.test_device_channel import ACCOUNT, Fleet, eventually, unique
+from tests.e2e.test_device_channel import ACCOUNT, Fleet, unique
 from tests.support.clients import SdkCaller
 from tests.support.devices import Device, connect, device_password
+from tests.support.waiting import eventually
 
 _HOST, _, _PORT = os.environ.get("OTAPLANE_TEST_MOSQUITTO_ADDRESS", "127.0.0.1:1883").rpartition(":")
 MOSQUITTO = (_HOST, int(_PORT))  # the shared broker (CI: the system Mosquitto)

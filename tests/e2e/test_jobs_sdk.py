@@ -36,6 +36,7 @@ from tests.e2e.test_products_sdk import assert_shape
 from tests.support.clients import RawSigner, SdkCaller, iot_models, legacy_call, legacy_client, tea_client
 from tests.support.devices import Device, connect
 from tests.support.uploads import post_upload
+from tests.support.waiting import eventually
 
 # --- the contract ------------------------------------------------------------------------------
 # Response trees of the shared contract for the job actions ("scalar" = any non-container value,
@@ -218,20 +219,6 @@ def unique(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:10]}"
 
 
-def eventually(check, timeout: float = 10, interval: float = 0.05):
-    """Poll `check` (an assert, or a value that must be truthy) until it holds or time runs out."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = check()
-            if result is not False and result is not None:
-                return result
-            failure: BaseException = AssertionError(f"condition not met within {timeout} s")
-        except AssertionError as exc:
-            failure = exc
-        if time.monotonic() > deadline:
-            raise failure
-        time.sleep(interval)
 
 
 class Lab:

@@ -14,9 +14,10 @@ import pytest
 from otaplane.services.container import Services
 from otaplane.services.devices import DeviceRef
 from otaplane.settings import Settings
-from tests.e2e.test_device_channel import Fleet, eventually
+from tests.e2e.test_device_channel import Fleet
 from tests.support.clients import SdkCaller
 from tests.support.linkkit_venv import Driver, linkkit_python
+from tests.support.waiting import eventually
 
 ACCOUNT = "linkkit-tests"
 

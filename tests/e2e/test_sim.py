@@ -19,7 +19,14 @@ from otaplane.services.container import Services
 from otaplane.services.devices import DeviceRef
 from otaplane.settings import Settings
 from tests.support.clients import SdkCaller
+from tests.support import waiting
 from tests.support.uploads import post_upload
+
+
+def eventually(check, timeout: float = 20, interval: float = 0.2):
+    """The shared poll, tolerant of a stats file read while the simulator writes it."""
+    return waiting.eventually(check, timeout, interval, retry_on=(AssertionError, OSError, ValueError))
+
 
 ACCOUNT = "sim-tests"
 
@@ -28,18 +35,6 @@ def unique(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:10]}"
 
 
-def eventually(check, timeout: float = 20, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = check()
-            if result:
-                return result
-        except (AssertionError, OSError, ValueError):
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
 
 
 @pytest.fixture(scope="module")
