@@ -35,8 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import json
 import os
 import resource
@@ -50,6 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
+from otaplane.sim import mqtt  # noqa: E402
 
 LOOPBACK = common.LOOPBACK
 PRODUCT_NAME = "bench-devices"
@@ -89,39 +88,12 @@ def pct(values: list[float], p: float) -> float:
 
 
 # --- the load process: N raw MQTT 3.1.1 devices in one asyncio loop ---------------------------
-def _string(value: str) -> bytes:
-    raw = value.encode()
-    return len(raw).to_bytes(2, "big") + raw
-
-
-def _remaining(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def connect_packet(pk: str, dn: str, secret: str) -> bytes:
-    timestamp = str(int(time.time() * 1000))
-    bare = f"{pk}&{dn}"
-    client_id = f"{bare}|securemode=3,signmethod=hmacsha1,_ss=1,timestamp={timestamp}|"
-    content = f"clientId{bare}deviceName{dn}productKey{pk}timestamp{timestamp}"
-    password = hmac.new(secret.encode(), content.encode(), hashlib.sha1).hexdigest()
-    body = (_string("MQTT") + bytes([4, 0xC2]) + KEEPALIVE.to_bytes(2, "big") + _string(client_id)
-            + _string(f"{dn}&{pk}") + _string(password))
-    return b"\x10" + _remaining(len(body)) + body
+    return mqtt.connect_packet(*mqtt.aliyun_login(pk, dn, secret), KEEPALIVE)
 
 
 def anonymous_connect_packet(client_id: str) -> bytes:
-    body = _string("MQTT") + bytes([4, 0x02]) + KEEPALIVE.to_bytes(2, "big") + _string(client_id)
-    return b"\x10" + _remaining(len(body)) + body
-
-
-def subscribe_packet(topic: str) -> bytes:
-    body = (1).to_bytes(2, "big") + _string(topic) + b"\x01"
-    return b"\x82" + _remaining(len(body)) + body
+    return mqtt.connect_packet(client_id, None, None, KEEPALIVE)
 
 
 async def load_worker(devices_file: str, port: int, mode: str, window: int) -> None:
@@ -168,7 +140,7 @@ async def load_worker(devices_file: str, port: int, mode: str, window: int) -> N
                     if body[1] != 0:
                         self._done(f"CONNACK {body[1]}")
                     elif mode == "stock":
-                        self.transport.write(subscribe_packet(f"/ota/device/upgrade/{devices[0][0]}/dev{self.index}"))
+                        self.transport.write(mqtt.subscribe_packet(f"/ota/device/upgrade/{devices[0][0]}/dev{self.index}"))
                     else:
                         self._done(None)
                 elif kind == 0x90:  # SUBACK

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
 
+from otaplane.sim import mqtt as mqtt_codec
+
 SIGN = {"hmacmd5": hashlib.md5, "hmacsha1": hashlib.sha1, "hmacsha256": hashlib.sha256}
 
 
@@ -181,24 +183,8 @@ def connect(port: int, product_key: str, device_name: str, secret: str, *, form:
     return device
 
 
-def _mqtt_string(value: str) -> bytes:
-    raw = value.encode()
-    return len(raw).to_bytes(2, "big") + raw
-
-
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def raw_connect(port: int, client_id: str, username: str, password: str, keepalive: int) -> tuple[socket.socket, bytes]:
     """A bare socket that sends one CONNECT (clean session) and then nothing: (socket, CONNACK)."""
-    variable = _mqtt_string("MQTT") + bytes([4, 0b11000010]) + keepalive.to_bytes(2, "big")
-    body = variable + _mqtt_string(client_id) + _mqtt_string(username) + _mqtt_string(password)
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(bytes([0x10]) + _remaining_length(len(body)) + body)
+    sock.sendall(mqtt_codec.connect_packet(client_id, username, password, keepalive))
     return sock, sock.recv(4)

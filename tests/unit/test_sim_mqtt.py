@@ -35,6 +35,12 @@ def test_connect_packet_bytes():
     assert anonymous == b"\x10\x0d\x00\x04MQTT\x04\x00\x00\x00\x00\x01c"
 
 
+def test_subscribe_packet_bytes():
+    # MQTT 3.1.1, 3.8: fixed header 0x82 (reserved bits 0010), packet id, filter, requested QoS.
+    assert mqtt.subscribe_packet("a/#", packet_id=10) == b"\x82\x08\x00\x0a\x00\x03a/#\x01"
+    assert mqtt.subscribe_packet("t", qos=0)[-1] == 0
+
+
 def test_publish_packets_and_parse_round_trip():
     qos0 = mqtt.publish_packet("a/b", b"hi")
     assert qos0 == b"\x30\x07\x00\x03a/bhi"

@@ -105,6 +105,11 @@ def publish_packet(topic: str, payload: bytes, qos: int = 0, packet_id: int = 0,
     return packet(first, body)
 
 
+def subscribe_packet(topic_filter: str, packet_id: int = 1, qos: int = 1) -> bytes:
+    """One SUBSCRIBE (the simulator never sends it; the load benchmark's stock-broker mode does)."""
+    return packet(SUBSCRIBE | 0x02, packet_id.to_bytes(2, "big") + encode_string(topic_filter) + bytes([qos]))
+
+
 def puback_packet(packet_id: int) -> bytes:
     return b"\x40\x02" + packet_id.to_bytes(2, "big")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from otaplane.openapi.actions.common import PRODUCT_KEY, paging
-from otaplane.openapi.params import Bool, Enum, Int, ListOf, Param, Str, StructList
+from otaplane.openapi.params import Bool, Enum, Int, Param, Str, StructList
 from otaplane.openapi.registry import action
 from otaplane.services.firmware import MAX_FILE_BYTES, FileSpec, Firmware, NewFirmware, SIGN_METHODS
 from otaplane.timefmt import utc_iso_ms
