@@ -239,7 +239,7 @@ class DeviceOtaService:
     @retry_on_deadlock
     def mark_delivered(self, items: Iterable[tuple[int, str, int]]) -> None:
         """(device_id, module_name, message_id) of pushes the devices acknowledged."""
-        items = list(items)
+        items = sorted(items)  # device order: the lock order of concurrent report batches
         if items:
             now = now_ms()
             with self.db.write_turn(), self.db.begin() as conn:
@@ -323,15 +323,18 @@ class DeviceOtaService:
 
     def _apply(self, conn, reports) -> tuple[list[bool], bool]:
         now = now_ms()
-        results: list[bool] = []
+        results: list[bool] = [False] * len(reports)
         created = 0
-        for report in reports:
+        # In device order (a device's own reports keep theirs: the sort is stable), so that
+        # concurrent batches on PostgreSQL lock push rows in one order, as mark_delivered does.
+        for index in sorted(range(len(reports)), key=lambda i: reports[i].device_id):
+            report = reports[index]
             if isinstance(report, VersionReport):
                 done, new_tasks = self._version(conn, report, now)
                 created += new_tasks
             else:
                 done = self._progress(conn, report, now)
-            results.append(done)
+            results[index] = done
         return results, created > 0
 
     def _version(self, conn, report: "VersionReport", now: int) -> tuple[bool, int]:

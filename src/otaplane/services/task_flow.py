@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from otaplane.store.prepared import Prepared
 from otaplane.store.schema import UNFINISHED_TASK_STATUSES
 from otaplane.store.schema import device_ota_pending as pending
 from otaplane.store.schema import firmware, ota_jobs, ota_task_events, ota_tasks
@@ -86,6 +87,17 @@ def move(conn: Connection, task_pks: Iterable[int], to: str, *, actor: str, now_
     statement, params = _update_statement(to, update)
     postgres = conn.dialect.name == "postgresql"
     select = _SELECT_FOR_UPDATE[to] if postgres else _SELECT[to]
+    if len(keys) == 1 and len(params) == len(update) and conn.in_transaction():
+        # One task (a device report): the same three statements, prepared (store/prepared.py):
+        # SQLAlchemy's per-execution work, an IN list expanded and an executemany cost more than
+        # running them. Prepared writes need the caller's transaction, and take parameters only
+        # (no SQL expressions among the values, such as attempt + 1), hence the checks.
+        row = _move_one(conn, keys[0], to, statement, params, postgres, actor, reason, now_ms)
+        if row is not None:
+            moved.append(Moved(row.id, row.job_pk, row.device_id, row.module_name, row.status))
+            if row.job_type == VERIFY_JOB:
+                verify_jobs.add(row.job_pk)
+        keys = []  # the chunked path below has nothing left to do
     for start in range(0, len(keys), _CHUNK):
         chunk = keys[start:start + _CHUNK]
         if postgres and to in (FAILED, CANCELED):
@@ -116,26 +128,68 @@ def move(conn: Connection, task_pks: Iterable[int], to: str, *, actor: str, now_
     return moved
 
 
+class _TaskRow(NamedTuple):
+    id: int
+    job_pk: int
+    device_id: int
+    module_name: str
+    status: str
+    job_type: str
+
+
+def _move_one(conn: Connection, task_pk: int, to: str, statement: sa.Update, params: dict[str, Any],
+              postgres: bool, actor: str, reason: str | None, now_ms: int) -> _TaskRow | None:
+    """`move`'s select, update and history row for one task; the task as it was, or None."""
+    if postgres and to in (FAILED, CANCELED):
+        _LOCK_PUSH_OF_ONE.all(conn, p_id=task_pk)  # the lock order, as in the chunked path
+    found = (_SELECT_ONE_FOR_UPDATE if postgres else _SELECT_ONE)[to].first(conn, p_id=task_pk)
+    if found is None:
+        return None
+    row = _TaskRow(**found)
+    prepared = _PREPARED_UPDATES.get(statement)
+    if prepared is None:
+        prepared = _PREPARED_UPDATES[statement] = Prepared(statement)
+    prepared.rowcount(conn, **params, p_id=row.id)
+    _INSERT_ONE_EVENT.rowcount(conn, p_task=row.id, p_from=row.status, p_to=to, p_actor=actor[:64],
+                               p_reason=reason[:256] if reason else None, p_at=now_ms)
+    return row
+
+
 def _status_in(statuses: tuple[str, ...]) -> sa.ColumnElement:
     """`status IN ('A', 'B')` written into the SQL (constants, not parameters): executemany
     cannot expand a list parameter."""
     return ota_tasks.c.status.in_([sa.literal_column(f"'{status}'") for status in statuses])
 
 
-def _select(to: str) -> sa.Select:
+def _select(to: str, which: sa.ColumnElement | None = None) -> sa.Select:
+    """The tasks (`which`: by default those of the list `p_ids`) that may move to `to`."""
+    if which is None:
+        which = ota_tasks.c.id.in_(sa.bindparam("p_ids", expanding=True))
     return (sa.select(ota_tasks.c.id, ota_tasks.c.job_pk, ota_tasks.c.device_id, ota_tasks.c.module_name,
                       ota_tasks.c.status, ota_jobs.c.job_type)
             .join(ota_jobs, ota_jobs.c.id == ota_tasks.c.job_pk)
-            .where(ota_tasks.c.id.in_(sa.bindparam("p_ids", expanding=True)), _status_in(ALLOWED[to])))
+            .where(which, _status_in(ALLOWED[to])))
 
 
 # Built once: a state change runs for every device report.
 _SELECT = {to: _select(to) for to in ALLOWED}
-_SELECT_FOR_UPDATE = {to: _select(to).with_for_update() for to in ALLOWED}
+# FOR UPDATE OF the tasks only: the join's job row must stay free (the dispatcher takes it with
+# SKIP LOCKED, and would skip the job while any device report held it).
+_SELECT_FOR_UPDATE = {to: _select(to).with_for_update(of=ota_tasks) for to in ALLOWED}
 _INSERT_EVENT = sa.insert(ota_task_events)
 _LOCK_PUSHES = (sa.select(pending.c.device_id).where(pending.c.task_pk.in_(sa.bindparam("p_ids", expanding=True)))
                 .order_by(pending.c.device_id, pending.c.module_name).with_for_update())
 _UPDATES: dict[tuple, sa.Update] = {}
+# The one-task forms (_move_one).
+_ONE = ota_tasks.c.id == sa.bindparam("p_id")
+_SELECT_ONE = {to: Prepared(_select(to, _ONE)) for to in ALLOWED}
+_SELECT_ONE_FOR_UPDATE = {to: Prepared(_select(to, _ONE).with_for_update(of=ota_tasks)) for to in ALLOWED}
+_LOCK_PUSH_OF_ONE = Prepared(sa.select(pending.c.device_id).where(pending.c.task_pk == sa.bindparam("p_id"))
+                             .order_by(pending.c.device_id, pending.c.module_name).with_for_update())
+_INSERT_ONE_EVENT = Prepared(sa.insert(ota_task_events).values(
+    task_pk=sa.bindparam("p_task"), from_status=sa.bindparam("p_from"), to_status=sa.bindparam("p_to"),
+    actor=sa.bindparam("p_actor"), reason=sa.bindparam("p_reason"), at_ms=sa.bindparam("p_at")))
+_PREPARED_UPDATES: dict[sa.Update, Prepared] = {}
 
 
 def _update_statement(to: str, update: Mapping[str, Any]) -> tuple[sa.Update, dict[str, Any]]:
