@@ -67,3 +67,8 @@ def request_id() -> str:
     """`str(uuid.uuid4()).upper()`, built without the UUID object (every request makes one)."""
     h = _random_hex_32()
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT_DIGIT[h[16]]}{h[17:20]}-{h[20:]}"
+
+
+def oss_request_id() -> str:
+    """24 upper-case hex digits, the shape of OSS's `x-oss-request-id` (every download makes one)."""
+    return _random_hex_32()[:24]

@@ -13,7 +13,7 @@ import pytest
 
 from otaplane.blobs import BlobStore
 from otaplane.blobs.local import ACCESS_KEY_ID, BUCKET, LocalBlobStore, is_valid_key
-from otaplane.blobs.oss_signing import sign_policy, verify_post, verify_presigned
+from otaplane.blobs.oss_signing import OssError, sign_policy, verify_post, verify_presigned
 from otaplane.timefmt import parse_utc_seconds
 
 SECRET = "unit-secret"
@@ -181,3 +181,23 @@ def test_symlinks_out_of_root_are_not_followed(store, tmp_path):
     assert store.digest("ota/link.bin") is None
     store.delete("ota/link.bin")
     assert outside.read_text() == "secret"
+
+
+def test_downloads_refuse_a_symlinked_file_or_folder(store, tmp_path):
+    """The GET path's own check (_open_object): a folder resolved once, the file with O_NOFOLLOW."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.bin").write_bytes(b"secret")
+    (store.root / "ota" / "real").mkdir(parents=True)
+    (store.root / "ota" / "real" / "fw.bin").write_bytes(b"firmware")
+    (store.root / "ota" / "real" / "link.bin").symlink_to(outside / "secret.bin")
+    (store.root / "ota" / "linked").symlink_to(outside)
+
+    path, st, content = store._open_object("ota/real/fw.bin", True)  # noqa: SLF001
+    assert (content, st.st_size, path) == (b"firmware", 8, store.root / "ota" / "real" / "fw.bin")
+    assert store._open_object("ota/real/fw.bin", False)[2] is None  # noqa: SLF001
+    for key in ("ota/real/link.bin", "ota/linked/secret.bin"):
+        with pytest.raises(OssError):
+            store._open_object(key, True)  # noqa: SLF001
+    with pytest.raises(FileNotFoundError):
+        store._open_object("ota/real/missing.bin", True)  # noqa: SLF001

@@ -4,7 +4,6 @@ small database calls (`Batched`) and one state change at a time per device (`Dev
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 
@@ -62,21 +61,41 @@ class Batched:
 class DeviceTurns:
     """`async with turns(device_id):` one device's state changes and reports run one at a time
     (connect, disconnect and messages update the same rows). A device's lock lives only while
-    someone holds or waits for it."""
+    someone holds or waits for it. (A plain class, not @asynccontextmanager: every device
+    message takes a turn, and a generator per message was a few percent of a busy server.)"""
 
     def __init__(self) -> None:
         self._turns: dict[int, list] = {}  # device_id -> [Lock, users]
 
-    @contextlib.asynccontextmanager
-    async def __call__(self, device_id: int):
-        turn = self._turns.get(device_id)
-        if turn is None:
-            turn = self._turns[device_id] = [asyncio.Lock(), 0]
-        turn[1] += 1
+    def __call__(self, device_id: int) -> "_Turn":
+        return _Turn(self._turns, device_id)
+
+
+class _Turn:
+    __slots__ = ("_turns", "_device_id", "_entry")
+
+    def __init__(self, turns: dict[int, list], device_id: int):
+        self._turns = turns
+        self._device_id = device_id
+
+    async def __aenter__(self) -> None:
+        entry = self._turns.get(self._device_id)
+        if entry is None:
+            entry = self._turns[self._device_id] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        self._entry = entry
         try:
-            async with turn[0]:
-                yield
-        finally:
-            turn[1] -= 1
-            if turn[1] == 0:
-                del self._turns[device_id]
+            await entry[0].acquire()
+        except BaseException:  # cancelled while waiting: not a user any more
+            self._leave()
+            raise
+
+    async def __aexit__(self, *exc_info) -> None:
+        self._entry[0].release()
+        self._leave()
+
+    def _leave(self) -> None:
+        entry = self._entry
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._turns[self._device_id]
