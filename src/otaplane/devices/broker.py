@@ -132,6 +132,8 @@ class DeviceChannel:
         self._offers = Batched(self, self._offers_batch)
         # Device reports (inform, progress): one transaction per batch.
         self._reports = Batched(self, self._apply_reports)
+        # Acknowledged pushes: one transaction per batch.
+        self._delivered = Batched(self, self._mark_delivered_batch)
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -363,19 +365,22 @@ class DeviceChannel:
             return
         self._in_flight += 1
         try:
-            results = await asyncio.gather(*(
-                self._send(conn, topics.upgrade_topic(package.product_key, package.device_name),
-                           messages.upgrade_push(package))
-                for conn, package in todo
-            ))
-            acked = [(p.device_id, p.module_name, p.message_id) for (_, p), ok in zip(todo, results) if ok]
-            if acked and not self._stopping:
-                try:
-                    await self._db(self.services.device_ota.mark_delivered, acked)
-                except Exception:  # the rows stay undelivered: pushed again at the device's next connect
-                    log.exception("recording %d delivered pushes failed", len(acked))
+            await asyncio.gather(*(self._push(conn, package) for conn, package in todo))
         finally:
             self._in_flight -= 1
+
+    async def _push(self, conn: Connection, package: PendingPackage) -> None:
+        """One push; once the device acknowledges it, its task is NOTIFIED (group-committed with
+        the other acknowledgements of the moment, not held back until the slowest device of the
+        batch has answered: by then the fast ones are already reporting progress)."""
+        topic = topics.upgrade_topic(package.product_key, package.device_name)
+        if not await self._send(conn, topic, messages.upgrade_push(package)) or self._stopping:
+            return
+        try:
+            await self._delivered((package.device_id, package.module_name, package.message_id))
+        except Exception:  # the row stays undelivered: pushed again at the device's next connect
+            log.exception("recording the delivered push %d to device %d failed", package.message_id,
+                          package.device_id)
 
     async def _send(self, conn: Connection, topic: str, payload: bytes) -> bool:
         """PUBLISH at QoS 1 straight to the device's handler; True once it is acknowledged."""
@@ -410,6 +415,10 @@ class DeviceChannel:
     def _offers_batch(self, device_ids: list[int]) -> list[list[PendingPackage]]:
         found = self.services.device_ota.offers_many(device_ids)
         return [found.get(device_id, []) for device_id in device_ids]
+
+    def _mark_delivered_batch(self, items: list[tuple[int, str, int]]) -> list[None]:
+        self.services.device_ota.mark_delivered(items)
+        return [None] * len(items)
 
     # --- helpers --------------------------------------------------------------------------------
     def _apply_reports(self, reports: list) -> list:
