@@ -142,7 +142,11 @@ def _move_one(conn: Connection, task_pk: int, to: str, statement: sa.Update, par
     """`move`'s select, update and history row for one task; the task as it was, or None."""
     if postgres and to in (FAILED, CANCELED):
         _LOCK_PUSH_OF_ONE.all(conn, p_id=task_pk)  # the lock order, as in the chunked path
-    found = (_SELECT_ONE_FOR_UPDATE if postgres else _SELECT_ONE)[to].first(conn, p_id=task_pk)
+    if postgres:  # select, update and history row in one round trip
+        found = _pg_move_one(to, params).first(conn, **params, p_id=task_pk, p_to=to, p_actor=actor[:64],
+                                                p_reason=reason[:256] if reason else None, p_at=now_ms)
+        return None if found is None else _TaskRow(**found)
+    found = _SELECT_ONE[to].first(conn, p_id=task_pk)
     if found is None:
         return None
     row = _TaskRow(**found)
@@ -153,6 +157,33 @@ def _move_one(conn: Connection, task_pk: int, to: str, statement: sa.Update, par
     _INSERT_ONE_EVENT.rowcount(conn, p_task=row.id, p_from=row.status, p_to=to, p_actor=actor[:64],
                                p_reason=reason[:256] if reason else None, p_at=now_ms)
     return row
+
+
+_PG_MOVES_ONE: dict[tuple, Prepared] = {}
+
+
+def _pg_move_one(to: str, params: Mapping[str, Any]) -> Prepared:
+    """PostgreSQL: `_move_one` as one statement (data-modifying CTEs run once, referenced or
+    not): lock the task if it may move, update it, write its history row, and return it as it
+    was, with its job's type. Built once per target state and set of updated columns."""
+    shape = (to, tuple(sorted(params)))
+    prepared = _PG_MOVES_ONE.get(shape)
+    if prepared is None:
+        allowed = ", ".join(f"'{status}'" for status in ALLOWED[to])
+        assignments = ", ".join(f"{name.removeprefix('v_')} = :{name}" for name in shape[1])
+        sql = (
+            f"WITH old AS (SELECT id, status FROM ota_tasks WHERE id = :p_id AND status IN ({allowed}) FOR UPDATE), "
+            f"moved AS (UPDATE ota_tasks SET {assignments} FROM old WHERE ota_tasks.id = old.id "
+            "RETURNING ota_tasks.id, ota_tasks.job_pk, ota_tasks.device_id, ota_tasks.module_name, "
+            "old.status AS from_status), "
+            "history AS (INSERT INTO ota_task_events (task_pk, from_status, to_status, actor, reason, at_ms) "
+            "SELECT id, from_status, :p_to, :p_actor, :p_reason, :p_at FROM moved) "
+            "SELECT moved.id, moved.job_pk, moved.device_id, moved.module_name, moved.from_status AS status, "
+            "ota_jobs.job_type FROM moved JOIN ota_jobs ON ota_jobs.id = moved.job_pk"
+        )
+        columns = [sa.column(name) for name in _TaskRow._fields]
+        prepared = _PG_MOVES_ONE[shape] = Prepared(sa.text(sql).columns(*columns))
+    return prepared
 
 
 def _status_in(statuses: tuple[str, ...]) -> sa.ColumnElement:
@@ -183,7 +214,6 @@ _UPDATES: dict[tuple, sa.Update] = {}
 # The one-task forms (_move_one).
 _ONE = ota_tasks.c.id == sa.bindparam("p_id")
 _SELECT_ONE = {to: Prepared(_select(to, _ONE)) for to in ALLOWED}
-_SELECT_ONE_FOR_UPDATE = {to: Prepared(_select(to, _ONE).with_for_update(of=ota_tasks)) for to in ALLOWED}
 _LOCK_PUSH_OF_ONE = Prepared(sa.select(pending.c.device_id).where(pending.c.task_pk == sa.bindparam("p_id"))
                              .order_by(pending.c.device_id, pending.c.module_name).with_for_update())
 _INSERT_ONE_EVENT = Prepared(sa.insert(ota_task_events).values(
