@@ -356,8 +356,7 @@ class DeviceOtaService:
     def _progress(self, conn, report: "ProgressReport", now: int) -> bool:
         module_name = report.module or DEFAULT_MODULE
         step = report.step
-        known = store.record_progress(conn, report.device_id, module_name, step, report.desc, now) > 0
-        task = store.task_of(conn, report.device_id, module_name) if known else None
+        known, task = store.progress_and_task(conn, report.device_id, module_name, step, report.desc, now)
         if task is None or task["status"] not in task_flow.UNFINISHED or task["status"] == task_flow.CONFIRM:
             return known
         if step < 0:

@@ -269,6 +269,35 @@ def task_of(conn: Connection, device_id: int, module_name: str) -> dict | None:
     return _TASK_OF.first(conn, p_device=device_id, p_module=module_name)
 
 
+# PostgreSQL: record_progress and task_of in one round trip. The UPDATE locks the push row, as
+# task_of's FOR UPDATE OF does; a push row without a task gives one row of NULL task columns.
+_PROGRESS_AND_TASK_PG = Prepared(sa.text(
+    "WITH pushed AS (UPDATE device_ota_pending SET progress = :p_step, progress_desc = :p_desc, "
+    "modified_ms = :p_now WHERE device_id = :p_device AND module_name = :p_module "
+    "RETURNING task_pk, firmware_pk) "
+    "SELECT ota_tasks.id, ota_tasks.status, ota_tasks.progress, ota_tasks.job_pk, firmware.dest_version, "
+    "ota_jobs.timeout_minutes FROM pushed "
+    "LEFT JOIN ota_tasks ON ota_tasks.id = pushed.task_pk "
+    "LEFT JOIN ota_jobs ON ota_jobs.id = ota_tasks.job_pk "
+    "LEFT JOIN firmware ON firmware.id = pushed.firmware_pk"
+).columns(*(sa.column(name) for name in ("id", "status", "progress", "job_pk", "dest_version", "timeout_minutes"))))
+
+
+def progress_and_task(conn: Connection, device_id: int, module_name: str, step: int, desc: str | None,
+                      now_ms: int) -> tuple[bool, dict | None]:
+    """`record_progress`, then `task_of` when the device has a push for the module: (whether it
+    has one, the task behind it or None). Inside a transaction begun on `conn`."""
+    if conn.dialect.name != "postgresql":
+        if record_progress(conn, device_id, module_name, step, desc, now_ms) == 0:
+            return False, None
+        return True, task_of(conn, device_id, module_name)
+    row = _PROGRESS_AND_TASK_PG.first(conn, p_device=device_id, p_module=module_name, p_step=step, p_desc=desc,
+                                      p_now=now_ms)
+    if row is None:
+        return False, None
+    return True, (row if row["id"] is not None and row["job_pk"] is not None else None)
+
+
 def tasks_of_pushes(conn: Connection, items: Iterable[tuple[int, str, int]]) -> list[int]:
     """Task ids behind these pushes (device_id, module_name, message_id), if still pending."""
     wanted = set(items)
