@@ -244,8 +244,7 @@ class DeviceService:
     @staticmethod
     def record_version(conn, device_id: int, module: str, version: str, now: int) -> None:
         """`report_version` inside the caller's transaction."""
-        store.set_module_version(conn, device_id, module, version, now)
-        store.mark_seen(conn, device_id, now)
+        store.set_module_version_and_seen(conn, device_id, module, version, now)
 
     def mark_seen(self, device_id: int) -> None:
         """A message from the device through an external broker (which reports no connects):
