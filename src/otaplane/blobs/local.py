@@ -212,8 +212,6 @@ class LocalBlobStore:
         methods = ("HEAD", "GET") if request.method == "HEAD" else ("GET",)
         try:
             verify_presigned(request.query_params, BUCKET, key, ACCESS_KEY_ID, self._secret, time.time(), methods)
-            if not is_valid_key(key):
-                raise _invalid_name()
             whole = request.method == "GET" and not any(h in request.headers for h in _CONDITIONAL_HEADERS)
             try:
                 path, st, content = await anyio.to_thread.run_sync(self._open_object, key, whole)

@@ -271,16 +271,15 @@ def task_of(conn: Connection, device_id: int, module_name: str) -> dict | None:
 
 # PostgreSQL: record_progress and task_of in one round trip. The UPDATE locks the push row, as
 # task_of's FOR UPDATE OF does; a push row without a task gives one row of NULL task columns.
-_PROGRESS_AND_TASK_PG = Prepared(sa.text(
-    "WITH pushed AS (UPDATE device_ota_pending SET progress = :p_step, progress_desc = :p_desc, "
-    "modified_ms = :p_now WHERE device_id = :p_device AND module_name = :p_module "
-    "RETURNING task_pk, firmware_pk) "
-    "SELECT ota_tasks.id, ota_tasks.status, ota_tasks.progress, ota_tasks.job_pk, firmware.dest_version, "
-    "ota_jobs.timeout_minutes FROM pushed "
-    "LEFT JOIN ota_tasks ON ota_tasks.id = pushed.task_pk "
-    "LEFT JOIN ota_jobs ON ota_jobs.id = ota_tasks.job_pk "
-    "LEFT JOIN firmware ON firmware.id = pushed.firmware_pk"
-).columns(*(sa.column(name) for name in ("id", "status", "progress", "job_pk", "dest_version", "timeout_minutes"))))
+_PUSHED = _RECORD_PROGRESS.statement.returning(pending.c.task_pk, pending.c.firmware_pk).cte("pushed")
+_PROGRESS_AND_TASK_PG = Prepared(
+    sa.select(ota_tasks.c.id, ota_tasks.c.status, ota_tasks.c.progress, ota_tasks.c.job_pk,
+              firmware.c.dest_version, ota_jobs.c.timeout_minutes)
+    .select_from(_PUSHED)
+    .outerjoin(ota_tasks, ota_tasks.c.id == _PUSHED.c.task_pk)
+    .outerjoin(ota_jobs, ota_jobs.c.id == ota_tasks.c.job_pk)
+    .outerjoin(firmware, firmware.c.id == _PUSHED.c.firmware_pk)
+)
 
 
 def progress_and_task(conn: Connection, device_id: int, module_name: str, step: int, desc: str | None,

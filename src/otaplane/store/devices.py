@@ -105,14 +105,9 @@ def set_module_version(conn: Connection, device_id: int, module: str, version: s
     prepared.rowcount(conn, p_device=device_id, p_module=module, p_version=version, p_now=now_ms)
 
 
-# PostgreSQL: the version and last_seen_ms of a version report in one round trip (a data-modifying
-# CTE runs once, referenced or not).
-_VERSION_AND_SEEN_PG = Prepared(sa.text(
-    "WITH seen AS (UPDATE devices SET last_seen_ms = :p_now WHERE id = :p_device) "
-    "INSERT INTO device_modules (device_id, module_name, version, modified_ms) "
-    "VALUES (:p_device, :p_module, :p_version, :p_now) ON CONFLICT (device_id, module_name) "
-    "DO UPDATE SET version = excluded.version, modified_ms = excluded.modified_ms"
-).columns())
+# PostgreSQL: the two statements above in one round trip (a data-modifying CTE runs once,
+# referenced or not).
+_VERSION_AND_SEEN_PG = Prepared(_SET_MODULE_VERSION["postgresql"].statement.add_cte(_SEEN.statement.cte("seen")))
 
 
 def set_module_version_and_seen(conn: Connection, device_id: int, module: str, version: str, now_ms: int) -> None:
