@@ -18,6 +18,7 @@ class Batched:
         self._function = function
         self._limit = limit
         self._waiting: list[tuple[Any, asyncio.Future]] = []
+        self._batch: list[tuple[Any, asyncio.Future]] = []  # the one in the worker thread
         self._busy = False
 
     async def __call__(self, item):
@@ -25,37 +26,44 @@ class Batched:
         self._waiting.append((item, future))
         if not self._busy:
             self._busy = True
-            self._channel._spawn(self._drain())  # noqa: SLF001
+            self._channel._spawn(self._drain()).add_done_callback(self._drained)  # noqa: SLF001
         return await future
 
     async def _drain(self) -> None:
-        batch: list[tuple[Any, asyncio.Future]] = []
         try:
             while self._waiting:
-                batch, self._waiting = self._waiting[:self._limit], self._waiting[self._limit:]
+                self._batch, self._waiting = self._waiting[:self._limit], self._waiting[self._limit:]
                 try:
-                    results = await self._channel._db(self._function, [item for item, _ in batch])  # noqa: SLF001
+                    results = await self._channel._db(self._function, [item for item, _ in self._batch])  # noqa: SLF001
                 except asyncio.CancelledError:
                     raise
                 except Exception as problem:
-                    for _, future in batch:
+                    for _, future in self._batch:
                         if not future.done():
                             future.set_exception(problem)
                     continue
-                for (_, future), result in zip(batch, results):
+                for (_, future), result in zip(self._batch, results):
                     if future.done():
                         continue
                     if isinstance(result, Exception):  # that item failed alone (the others did not)
                         future.set_exception(result)
                     else:
                         future.set_result(result)
-                batch = []
         finally:
-            self._busy = False
-            for _, future in batch + self._waiting:  # cancelled (the channel stops): nobody waits forever
-                if not future.done():
-                    future.cancel()
-            self._waiting = []
+            self._give_up()
+
+    def _drained(self, task: asyncio.Task) -> None:
+        # A drain cancelled before its first step (the channel stops at once) never ran its
+        # `finally`: without this its callers would wait forever.
+        if task.cancelled():
+            self._give_up()
+
+    def _give_up(self) -> None:
+        self._busy = False
+        for _, future in self._batch + self._waiting:  # cancelled (the channel stops): nobody waits forever
+            if not future.done():
+                future.cancel()
+        self._batch, self._waiting = [], []
 
 
 class DeviceTurns:
