@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from otaplane.store import Database
 from otaplane.store import nonces
-from otaplane.store.nonces import NonceUse, NonceWriter, remember_many
+from otaplane.store.nonces import NonceUse, NonceWriter, digest, remember_many
 from otaplane.store.schema import signature_nonces
 
 TTL_MS = 900_000
@@ -29,9 +29,13 @@ def _nonce() -> str:
     return uuid.uuid4().hex
 
 
-def _recorded(db: Database) -> set[tuple[str, str]]:
+def _recorded(db: Database) -> set[int]:
     with db.connect() as conn:
-        return {(r.access_key_id, r.nonce) for r in conn.execute(sa.select(signature_nonces))}
+        return {r.digest for r in conn.execute(sa.select(signature_nonces))}
+
+
+def _digests(pairs) -> set[int]:
+    return {digest(key_id, nonce) for key_id, nonce in pairs}
 
 
 @pytest.mark.parametrize("expect_fresh", [False, True])
@@ -52,7 +56,21 @@ def test_remember_many_new_used_and_repeated(db, expect_fresh):
         with conn.begin():
             assert remember_many(conn, [NonceUse("k", a, 3000, TTL_MS), NonceUse("k", fresh, 3000, TTL_MS)]) == [
                 False, True]
-    assert {("k", a), ("k", b), ("other", b), ("k", fresh)} == _recorded(db)
+    assert _digests({("k", a), ("k", b), ("other", b), ("k", fresh)}) == _recorded(db)
+
+
+def test_the_digest_separates_key_and_nonce():
+    """Length-prefixed: moving characters between the key and the nonce changes the digest."""
+    assert digest("ab", "c") != digest("a", "bc")
+    assert digest("k", "n") == digest("k", "n")
+    assert -2**63 <= digest("k", "n" * 128) < 2**63  # fits a signed BIGINT
+
+
+def test_on_sqlite_the_digest_is_the_rowid(db):
+    """INTEGER PRIMARY KEY: no separate primary-key index to write on every insert."""
+    with db.connect() as conn:
+        indexes = conn.exec_driver_sql("PRAGMA index_list('signature_nonce_digests')").all()
+    assert [row[1] for row in indexes] == ["ix_signature_nonce_digests_expires_ms"]
 
 
 def test_an_expired_nonce_is_taken_over(db):
@@ -87,7 +105,7 @@ def test_writer_group_commits_and_answers_each_request(db):
     finally:
         writer.close()
     # Committed, and seen by another connection (another replica would see them the same way).
-    assert {("k", used)} | {("k", n) for n in fresh} == _recorded(db)
+    assert _digests({("k", used)} | {("k", n) for n in fresh}) == _recorded(db)
 
 
 def test_writer_refuses_once_closed(db):
@@ -125,7 +143,7 @@ def test_a_failed_batch_fails_its_requests_and_the_writer_goes_on(db, monkeypatc
 def test_loop_reads_see_writes_committed_before_the_turn(db):
     """The reads of one loop turn share a snapshot; the next turn sees what was committed since."""
     with db.begin() as conn:
-        conn.execute(sa.insert(signature_nonces).values(access_key_id="k", nonce="1", expires_ms=1))
+        conn.execute(sa.insert(signature_nonces).values(digest=1, expires_ms=1))
 
     def count() -> int:
         with db.loop_reads():
@@ -135,7 +153,7 @@ def test_loop_reads_see_writes_committed_before_the_turn(db):
     async def scenario():
         assert count() == 1
         with db.begin() as conn:  # another connection commits during the turn
-            conn.execute(sa.insert(signature_nonces).values(access_key_id="k", nonce="2", expires_ms=1))
+            conn.execute(sa.insert(signature_nonces).values(digest=2, expires_ms=1))
         await asyncio.sleep(0)  # next turn
         assert count() == 2
 

@@ -44,7 +44,7 @@ def _check_clock(timestamp: str | None, window_s: int, now_s: float) -> None:
         raise errors.InvalidTimeStampExpired()
 
 
-# The nonce column is VARCHAR(128): PostgreSQL refuses longer values (SDKs send 32 hex / a UUID).
+# SDKs send 32 hex digits or a UUID; anything past 128 characters is not a nonce but garbage.
 MAX_NONCE_LENGTH = 128
 
 

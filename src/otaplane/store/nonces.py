@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from hashlib import blake2b
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -27,14 +28,22 @@ from otaplane.store.schema import signature_nonces as nonces
 log = logging.getLogger("otaplane.nonces")
 
 
+def digest(access_key_id: str, nonce: str) -> int:
+    """The row key of a nonce in use: a signed 64-bit BLAKE2b digest of (AccessKeyId, nonce),
+    length-prefixed so that no two pairs share an input. Two different nonces of one key land on
+    one digest with a chance of about n / 2**64 for n nonces in use (1 in 10**12 at ten million):
+    the second would be refused as a replay, and the client signs it again with a fresh nonce."""
+    data = f"{len(access_key_id)}:{access_key_id}{nonce}".encode("utf-8", "surrogatepass")
+    return int.from_bytes(blake2b(data, digest_size=8).digest(), "big", signed=True)
+
+
 def _insert_new(dialect):
     return (
         dialect.insert(nonces)
-        .values(access_key_id=sa.bindparam("p_key_id"), nonce=sa.bindparam("p_nonce"),
-                expires_ms=sa.bindparam("p_expires_ms"))
+        .values(digest=sa.bindparam("p_digest"), expires_ms=sa.bindparam("p_expires_ms"))
         .on_conflict_do_nothing()
         # Which rows went in (rowcount is not reliable here with psycopg 3, nor for many rows).
-        .returning(nonces.c.access_key_id, nonces.c.nonce)
+        .returning(nonces.c.digest)
     )
 
 
@@ -45,31 +54,28 @@ _INSERT_NEW = {"postgresql": _insert_new(postgresql), "sqlite": _insert_new(sqli
 # (store.prepared). The writer thread gives up the GIL for every call into SQLite (and for each
 # row of RETURNING) and must win it back from the busy event loop each time: so the usual case,
 # where every nonce is new, is one plain INSERT that commits itself (see NonceWriter._write).
-_SQLITE_MAX_ROWS = 300  # 900 parameters, under the oldest SQLite limit (999)
+_SQLITE_MAX_ROWS = 400  # 800 parameters, under the oldest SQLite limit (999)
 
 
 @functools.lru_cache(maxsize=128)
 def _insert_rows_sqlite(count: int, returning: bool) -> Prepared:
     """INSERT of `count` rows: plain (any row already there fails it all), or skipping the rows
     already there and RETURNING the others."""
-    rows = [
-        {"access_key_id": sa.bindparam(f"k{i}"), "nonce": sa.bindparam(f"n{i}"), "expires_ms": sa.bindparam(f"e{i}")}
-        for i in range(count)
-    ]
+    rows = [{"digest": sa.bindparam(f"d{i}"), "expires_ms": sa.bindparam(f"e{i}")} for i in range(count)]
     insert = sqlite.insert(nonces).values(rows)
     if returning:
-        return Prepared(insert.on_conflict_do_nothing().returning(nonces.c.access_key_id, nonces.c.nonce))
+        return Prepared(insert.on_conflict_do_nothing().returning(nonces.c.digest))
     return Prepared(insert)
 
 
-_ROW_PARAMS = [(f"k{i}", f"n{i}", f"e{i}") for i in range(_SQLITE_MAX_ROWS)]  # names built once
+_ROW_PARAMS = [(f"d{i}", f"e{i}") for i in range(_SQLITE_MAX_ROWS)]  # names built once
 
 
 def _numbered(rows: list[dict]) -> dict:
     params = {}
     assert len(rows) <= _SQLITE_MAX_ROWS
-    for (k, n, e), row in zip(_ROW_PARAMS, rows):
-        params[k], params[n], params[e] = row["p_key_id"], row["p_nonce"], row["p_expires_ms"]
+    for (d, e), row in zip(_ROW_PARAMS, rows):
+        params[d], params[e] = row["p_digest"], row["p_expires_ms"]
     return params
 
 
@@ -79,10 +85,9 @@ class SomeNonceUsed(Exception):
 
 _TAKE_OVER_EXPIRED = (
     sa.update(nonces)
-    .where(nonces.c.access_key_id == sa.bindparam("p_key_id"), nonces.c.nonce == sa.bindparam("p_nonce"),
-           nonces.c.expires_ms < sa.bindparam("p_now_ms"))
+    .where(nonces.c.digest == sa.bindparam("p_digest"), nonces.c.expires_ms < sa.bindparam("p_now_ms"))
     .values(expires_ms=sa.bindparam("p_expires_ms"))
-    .returning(nonces.c.nonce)
+    .returning(nonces.c.digest)
 )
 
 
@@ -106,42 +111,34 @@ def remember_many(conn: Connection, uses: Sequence[NonceUse], expect_fresh: bool
     fails as a whole, recording nothing, when one of them is there already: then SomeNonceUsed
     is raised, and the caller calls again without `expect_fresh` to learn which.
     """
-    first: dict[tuple[str, str], NonceUse] = {}
-    for use in uses:
-        first.setdefault((use.key_id, use.nonce), use)
-    fresh: set[tuple[str, str]] = set()
+    keys = [digest(use.key_id, use.nonce) for use in uses]
+    first: dict[int, NonceUse] = {}
+    for key, use in zip(keys, uses):
+        first.setdefault(key, use)
+    fresh: set[int] = set()
     ordered = sorted(first.items())
-    rows = [
-        {"p_key_id": use.key_id, "p_nonce": use.nonce, "p_expires_ms": use.now_ms + use.ttl_ms}
-        for _, use in ordered
-    ]
+    rows = [{"p_digest": key, "p_expires_ms": use.now_ms + use.ttl_ms} for key, use in ordered]
     if conn.dialect.name == "sqlite" and expect_fresh and 0 < len(rows) <= _SQLITE_MAX_ROWS:
         try:
             _insert_rows_sqlite(len(rows), False).rowcount(conn, **_numbered(rows))
         except conn.dialect.dbapi.IntegrityError:  # the statement failed as a whole: nothing went in
             raise SomeNonceUsed() from None
         # Every row went in: each use is fresh, but a repeat of an earlier use in `uses`.
-        return [first[(use.key_id, use.nonce)] is use for use in uses]
+        return [first[key] is use for key, use in zip(keys, uses)]
     elif conn.dialect.name == "sqlite":
         for start in range(0, len(rows), _SQLITE_MAX_ROWS):
             chunk = rows[start:start + _SQLITE_MAX_ROWS]
-            returned = _insert_rows_sqlite(len(chunk), True).all(conn, **_numbered(chunk))
-            fresh.update((row["access_key_id"], row["nonce"]) for row in returned)
+            fresh.update(row["digest"] for row in _insert_rows_sqlite(len(chunk), True).all(conn, **_numbered(chunk)))
     elif rows:
-        fresh.update((row.access_key_id, row.nonce) for row in conn.execute(_INSERT_NEW["postgresql"], rows))
-    for pair, use in ordered:
-        if pair in fresh:
+        fresh.update(row.digest for row in conn.execute(_INSERT_NEW["postgresql"], rows))
+    for key, use in ordered:
+        if key in fresh:
             continue
         # Used before: accept again only once the old record has expired (taken over atomically).
-        values = {"p_key_id": use.key_id, "p_nonce": use.nonce, "p_now_ms": use.now_ms,
-                  "p_expires_ms": use.now_ms + use.ttl_ms}
+        values = {"p_digest": key, "p_now_ms": use.now_ms, "p_expires_ms": use.now_ms + use.ttl_ms}
         if conn.execute(_TAKE_OVER_EXPIRED, values).first() is not None:
-            fresh.add(pair)
-    outcomes = []
-    for use in uses:
-        pair = (use.key_id, use.nonce)
-        outcomes.append(first[pair] is use and pair in fresh)
-    return outcomes
+            fresh.add(key)
+    return [first[key] is use and key in fresh for key, use in zip(keys, uses)]
 
 
 def purge_expired(conn: Connection, now_ms: int) -> int:
@@ -166,7 +163,7 @@ class NonceWriter:
     """
 
     MAX_BATCH = 500  # nonces per transaction, at most (soft: a loop turn's nonces stay together)
-    CHECKPOINT_EVERY = 500  # SQLite: nonces written between checkpoints (~750 WAL pages)
+    CHECKPOINT_EVERY = 500  # SQLite: nonces written between checkpoints (a WAL page or so each)
 
     def __init__(self, db: Database):
         self.db = db
