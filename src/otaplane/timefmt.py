@@ -11,12 +11,15 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+# Memoized: a resource's timestamps are formatted on every query of it (strftime is ~2 us).
+@functools.lru_cache(maxsize=4096)
 def utc_iso_ms(ms: int) -> str:
     """`2019-11-04T06:21:54.607Z`, the format of every Utc* field."""
     dt = datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
 
 
+@functools.lru_cache(maxsize=4096)
 def gmt_rfc(ms: int) -> str:
     """`Wed, 20-Feb-2019 02:16:09 GMT`, the format of module Gmt* fields."""
     dt = datetime.fromtimestamp(ms / 1000, tz=timezone.utc)

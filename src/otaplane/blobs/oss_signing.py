@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import json
@@ -153,6 +154,9 @@ def quote_key(key: str) -> str:
     return quote(key, safe="/")
 
 
+# Memoized: QueryOTAFirmware signs its package's URL on every call, and the calls of one second
+# (one `expires`) share it; signing and quoting cost ~5 us.
+@functools.lru_cache(maxsize=4096)
 def presigned_url(
     base_url: str, bucket: str, key: str, access_key_id: str, secret: str, expires: int, method: str = "GET"
 ) -> str:
