@@ -84,7 +84,7 @@ def move(conn: Connection, task_pks: Iterable[int], to: str, *, actor: str, now_
         update.setdefault("description", reason[:256])  # TaskDesc says why it ended
     if to == SUCCEEDED:
         update.setdefault("description", None)
-    statement, params = _update_statement(to, update)
+    statement, prepared_update, params = _update_statement(to, update)
     postgres = conn.dialect.name == "postgresql"
     select = _SELECT_FOR_UPDATE[to] if postgres else _SELECT[to]
     if len(keys) == 1 and len(params) == len(update) and conn.in_transaction():
@@ -92,7 +92,7 @@ def move(conn: Connection, task_pks: Iterable[int], to: str, *, actor: str, now_
         # SQLAlchemy's per-execution work, an IN list expanded and an executemany cost more than
         # running them. Prepared writes need the caller's transaction, and take parameters only
         # (no SQL expressions among the values, such as attempt + 1), hence the checks.
-        row = _move_one(conn, keys[0], to, statement, params, postgres, actor, reason, now_ms)
+        row = _move_one(conn, keys[0], to, prepared_update, params, postgres, actor, reason, now_ms)
         if row is not None:
             moved.append(Moved(row.id, row.job_pk, row.device_id, row.module_name, row.status))
             if row.job_type == VERIFY_JOB:
@@ -137,7 +137,7 @@ class _TaskRow(NamedTuple):
     job_type: str
 
 
-def _move_one(conn: Connection, task_pk: int, to: str, statement: sa.Update, params: dict[str, Any],
+def _move_one(conn: Connection, task_pk: int, to: str, update: Prepared, params: dict[str, Any],
               postgres: bool, actor: str, reason: str | None, now_ms: int) -> _TaskRow | None:
     """`move`'s select, update and history row for one task; the task as it was, or None."""
     if postgres and to in (FAILED, CANCELED):
@@ -150,10 +150,7 @@ def _move_one(conn: Connection, task_pk: int, to: str, statement: sa.Update, par
     if found is None:
         return None
     row = _TaskRow(**found)
-    prepared = _PREPARED_UPDATES.get(statement)
-    if prepared is None:
-        prepared = _PREPARED_UPDATES[statement] = Prepared(statement)
-    prepared.rowcount(conn, **params, p_id=row.id)
+    update.rowcount(conn, **params, p_id=row.id)
     _INSERT_ONE_EVENT.rowcount(conn, p_task=row.id, p_from=row.status, p_to=to, p_actor=actor[:64],
                                p_reason=reason[:256] if reason else None, p_at=now_ms)
     return row
@@ -210,7 +207,8 @@ _SELECT_FOR_UPDATE = {to: _select(to).with_for_update(of=ota_tasks) for to in AL
 _INSERT_EVENT = sa.insert(ota_task_events)
 _LOCK_PUSHES = (sa.select(pending.c.device_id).where(pending.c.task_pk.in_(sa.bindparam("p_ids", expanding=True)))
                 .order_by(pending.c.device_id, pending.c.module_name).with_for_update())
-_UPDATES: dict[tuple, sa.Update] = {}
+# (to, columns, expressions) -> the UPDATE, and its prepared form (for one task)
+_UPDATES: dict[tuple, tuple[sa.Update, Prepared]] = {}
 # The one-task forms (_move_one).
 _ONE = ota_tasks.c.id == sa.bindparam("p_id")
 _SELECT_ONE = {to: Prepared(_select(to, _ONE)) for to in ALLOWED}
@@ -219,23 +217,23 @@ _LOCK_PUSH_OF_ONE = Prepared(sa.select(pending.c.device_id).where(pending.c.task
 _INSERT_ONE_EVENT = Prepared(sa.insert(ota_task_events).values(
     task_pk=sa.bindparam("p_task"), from_status=sa.bindparam("p_from"), to_status=sa.bindparam("p_to"),
     actor=sa.bindparam("p_actor"), reason=sa.bindparam("p_reason"), at_ms=sa.bindparam("p_at")))
-_PREPARED_UPDATES: dict[sa.Update, Prepared] = {}
 
 
-def _update_statement(to: str, update: Mapping[str, Any]) -> tuple[sa.Update, dict[str, Any]]:
-    """The UPDATE for this target state and set of columns (cached), and its parameters. Values
-    that are SQL expressions (attempt + 1) are part of the statement; the rest are parameters."""
+def _update_statement(to: str, update: Mapping[str, Any]) -> tuple[sa.Update, Prepared, dict[str, Any]]:
+    """The UPDATE for this target state and set of columns (cached, with its prepared form), and
+    its parameters. Values that are SQL expressions (attempt + 1) are part of the statement; the
+    rest are parameters."""
     expressions = {k: v for k, v in update.items() if isinstance(v, sa.ColumnElement)}
     shape = (to, tuple(sorted(update)), tuple(sorted((k, str(v)) for k, v in expressions.items())))
-    statement = _UPDATES.get(shape)
-    if statement is None:
+    cached = _UPDATES.get(shape)
+    if cached is None:
         statement = (
             sa.update(ota_tasks)
             .where(ota_tasks.c.id == sa.bindparam("p_id"), _status_in(ALLOWED[to]))
             .values({k: (v if k in expressions else sa.bindparam(f"v_{k}")) for k, v in update.items()})
         )
-        _UPDATES[shape] = statement
-    return statement, {f"v_{k}": v for k, v in update.items() if k not in expressions}
+        cached = _UPDATES[shape] = (statement, Prepared(statement))
+    return *cached, {f"v_{k}": v for k, v in update.items() if k not in expressions}
 
 
 def record_created(conn: Connection, task_pks_by_status: Mapping[str, list[int]], *, actor: str, now_ms: int,
