@@ -84,7 +84,7 @@ def move(conn: Connection, task_pks: Iterable[int], to: str, *, actor: str, now_
         update.setdefault("description", reason[:256])  # TaskDesc says why it ended
     if to == SUCCEEDED:
         update.setdefault("description", None)
-    statement, prepared_update, params = _update_statement(to, update)
+    cached_update, params = _update_statement(to, update)
     postgres = conn.dialect.name == "postgresql"
     select = _SELECT_FOR_UPDATE[to] if postgres else _SELECT[to]
     if len(keys) == 1 and len(params) == len(update) and conn.in_transaction():
@@ -92,7 +92,7 @@ def move(conn: Connection, task_pks: Iterable[int], to: str, *, actor: str, now_
         # SQLAlchemy's per-execution work, an IN list expanded and an executemany cost more than
         # running them. Prepared writes need the caller's transaction, and take parameters only
         # (no SQL expressions among the values, such as attempt + 1), hence the checks.
-        row = _move_one(conn, keys[0], to, prepared_update, params, postgres, actor, reason, now_ms)
+        row = _move_one(conn, keys[0], to, cached_update, params, postgres, actor, reason, now_ms)
         if row is not None:
             moved.append(Moved(row.id, row.job_pk, row.device_id, row.module_name, row.status))
             if row.job_type == VERIFY_JOB:
@@ -108,7 +108,7 @@ def move(conn: Connection, task_pks: Iterable[int], to: str, *, actor: str, now_
         if not rows:
             continue
         # executemany of one prepared UPDATE; it repeats the allowed-from guard for races.
-        conn.execute(statement, [{**params, "p_id": row.id} for row in rows])
+        conn.execute(cached_update.statement, [{**params, "p_id": row.id} for row in rows])
         conn.execute(_INSERT_EVENT, [
             {"task_pk": row.id, "from_status": row.status, "to_status": to, "actor": actor[:64],
              "reason": reason[:256] if reason else None, "at_ms": now_ms}
@@ -137,50 +137,50 @@ class _TaskRow(NamedTuple):
     job_type: str
 
 
-def _move_one(conn: Connection, task_pk: int, to: str, update: Prepared, params: dict[str, Any],
+def _move_one(conn: Connection, task_pk: int, to: str, update: _Update, params: dict[str, Any],
               postgres: bool, actor: str, reason: str | None, now_ms: int) -> _TaskRow | None:
     """`move`'s select, update and history row for one task; the task as it was, or None."""
     if postgres and to in (FAILED, CANCELED):
         _LOCK_PUSH_OF_ONE.all(conn, p_id=task_pk)  # the lock order, as in the chunked path
     if postgres:  # select, update and history row in one round trip
-        found = _pg_move_one(to, params).first(conn, **params, p_id=task_pk, p_to=to, p_actor=actor[:64],
-                                                p_reason=reason[:256] if reason else None, p_at=now_ms)
+        found = update.pg_one.first(conn, **params, p_id=task_pk, p_to=to, p_actor=actor[:64],
+                                    p_reason=reason[:256] if reason else None, p_at=now_ms)
         return None if found is None else _TaskRow(**found)
     found = _SELECT_ONE[to].first(conn, p_id=task_pk)
     if found is None:
         return None
     row = _TaskRow(**found)
-    update.rowcount(conn, **params, p_id=row.id)
+    update.one.rowcount(conn, **params, p_id=row.id)
     _INSERT_ONE_EVENT.rowcount(conn, p_task=row.id, p_from=row.status, p_to=to, p_actor=actor[:64],
                                p_reason=reason[:256] if reason else None, p_at=now_ms)
     return row
 
 
-_PG_MOVES_ONE: dict[tuple, Prepared] = {}
-
-
-def _pg_move_one(to: str, params: Mapping[str, Any]) -> Prepared:
-    """PostgreSQL: `_move_one` as one statement (data-modifying CTEs run once, referenced or
-    not): lock the task if it may move, update it, write its history row, and return it as it
-    was, with its job's type. Built once per target state and set of updated columns."""
-    shape = (to, tuple(sorted(params)))
-    prepared = _PG_MOVES_ONE.get(shape)
-    if prepared is None:
-        allowed = ", ".join(f"'{status}'" for status in ALLOWED[to])
-        assignments = ", ".join(f"{name.removeprefix('v_')} = :{name}" for name in shape[1])
-        sql = (
-            f"WITH old AS (SELECT id, status FROM ota_tasks WHERE id = :p_id AND status IN ({allowed}) FOR UPDATE), "
-            f"moved AS (UPDATE ota_tasks SET {assignments} FROM old WHERE ota_tasks.id = old.id "
-            "RETURNING ota_tasks.id, ota_tasks.job_pk, ota_tasks.device_id, ota_tasks.module_name, "
-            "old.status AS from_status), "
-            "history AS (INSERT INTO ota_task_events (task_pk, from_status, to_status, actor, reason, at_ms) "
-            "SELECT id, from_status, :p_to, :p_actor, :p_reason, :p_at FROM moved) "
-            "SELECT moved.id, moved.job_pk, moved.device_id, moved.module_name, moved.from_status AS status, "
-            "ota_jobs.job_type FROM moved JOIN ota_jobs ON ota_jobs.id = moved.job_pk"
-        )
-        columns = [sa.column(name) for name in _TaskRow._fields]
-        prepared = _PG_MOVES_ONE[shape] = Prepared(sa.text(sql).columns(*columns))
-    return prepared
+def _pg_move_one(to: str, update: sa.Update) -> Prepared:
+    """PostgreSQL: `_move_one` as one statement, built from the statements it merges: data-
+    modifying CTEs (run once, referenced or not) lock the task if it may move, run `update` on
+    it, write its history row, and return it as it was, with its job's type."""
+    old = (sa.select(ota_tasks.c.id, ota_tasks.c.status)
+           .where(_ONE, _status_in(ALLOWED[to]))
+           .with_for_update()
+           .cte("old"))
+    moved = (update.where(ota_tasks.c.id == old.c.id)
+             .returning(ota_tasks.c.id, ota_tasks.c.job_pk, ota_tasks.c.device_id, ota_tasks.c.module_name,
+                        old.c.status.label("from_status"))
+             .cte("moved"))
+    events = ota_task_events.c
+    history = sa.insert(ota_task_events).from_select(
+        ["task_pk", "from_status", "to_status", "actor", "reason", "at_ms"],
+        sa.select(moved.c.id, moved.c.from_status, sa.bindparam("p_to", type_=events.to_status.type),
+                  sa.bindparam("p_actor", type_=events.actor.type), sa.bindparam("p_reason", type_=events.reason.type),
+                  sa.bindparam("p_at", type_=events.at_ms.type)),
+    ).cte("history")
+    return Prepared(
+        sa.select(moved.c.id, moved.c.job_pk, moved.c.device_id, moved.c.module_name,
+                  moved.c.from_status.label("status"), ota_jobs.c.job_type)
+        .join_from(moved, ota_jobs, ota_jobs.c.id == moved.c.job_pk)
+        .add_cte(history)
+    )
 
 
 def _status_in(statuses: tuple[str, ...]) -> sa.ColumnElement:
@@ -207,8 +207,17 @@ _SELECT_FOR_UPDATE = {to: _select(to).with_for_update(of=ota_tasks) for to in AL
 _INSERT_EVENT = sa.insert(ota_task_events)
 _LOCK_PUSHES = (sa.select(pending.c.device_id).where(pending.c.task_pk.in_(sa.bindparam("p_ids", expanding=True)))
                 .order_by(pending.c.device_id, pending.c.module_name).with_for_update())
-# (to, columns, expressions) -> the UPDATE, and its prepared form (for one task)
-_UPDATES: dict[tuple, tuple[sa.Update, Prepared]] = {}
+
+
+class _Update(NamedTuple):
+    """A task UPDATE for one target state and set of columns, in the forms `move` runs."""
+
+    statement: sa.Update  # executemany, by p_id
+    one: Prepared  # the same, for one task
+    pg_one: Prepared  # PostgreSQL: select, update and history row of one task in one statement
+
+
+_UPDATES: dict[tuple, _Update] = {}  # by (to, columns, expressions)
 # The one-task forms (_move_one).
 _ONE = ota_tasks.c.id == sa.bindparam("p_id")
 _SELECT_ONE = {to: Prepared(_select(to, _ONE)) for to in ALLOWED}
@@ -219,21 +228,22 @@ _INSERT_ONE_EVENT = Prepared(sa.insert(ota_task_events).values(
     actor=sa.bindparam("p_actor"), reason=sa.bindparam("p_reason"), at_ms=sa.bindparam("p_at")))
 
 
-def _update_statement(to: str, update: Mapping[str, Any]) -> tuple[sa.Update, Prepared, dict[str, Any]]:
-    """The UPDATE for this target state and set of columns (cached, with its prepared form), and
-    its parameters. Values that are SQL expressions (attempt + 1) are part of the statement; the
-    rest are parameters."""
+def _update_statement(to: str, update: Mapping[str, Any]) -> tuple[_Update, dict[str, Any]]:
+    """The UPDATE for this target state and set of columns (cached), and its parameters. Values
+    that are SQL expressions (attempt + 1) are part of the statement; the rest are parameters."""
     expressions = {k: v for k, v in update.items() if isinstance(v, sa.ColumnElement)}
     shape = (to, tuple(sorted(update)), tuple(sorted((k, str(v)) for k, v in expressions.items())))
     cached = _UPDATES.get(shape)
     if cached is None:
-        statement = (
-            sa.update(ota_tasks)
-            .where(ota_tasks.c.id == sa.bindparam("p_id"), _status_in(ALLOWED[to]))
-            .values({k: (v if k in expressions else sa.bindparam(f"v_{k}")) for k, v in update.items()})
-        )
-        cached = _UPDATES[shape] = (statement, Prepared(statement))
-    return *cached, {f"v_{k}": v for k, v in update.items() if k not in expressions}
+        def build() -> sa.Update:  # a fresh one per use: a statement compiled once keeps stale memos
+            return (
+                sa.update(ota_tasks)
+                .where(ota_tasks.c.id == sa.bindparam("p_id"), _status_in(ALLOWED[to]))
+                .values({k: (v if k in expressions else sa.bindparam(f"v_{k}")) for k, v in update.items()})
+            )
+        statement = build()
+        cached = _UPDATES[shape] = _Update(statement, Prepared(statement), _pg_move_one(to, build()))
+    return cached, {f"v_{k}": v for k, v in update.items() if k not in expressions}
 
 
 def record_created(conn: Connection, task_pks_by_status: Mapping[str, list[int]], *, actor: str, now_ms: int,
