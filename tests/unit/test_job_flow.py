@@ -39,7 +39,7 @@ class Fleet:
             services.device_ota.version_reported(self.ids[name], None, "1.0.0")
         self.firmware_id = self.new_firmware("fw2", "2.0.0", need_to_verify)
 
-    def new_firmware(self, name: str, version: str, need_to_verify: bool = False) -> str:
+    def new_firmware(self, name: str, version: str, need_to_verify: bool = False, module: str = "default") -> str:
         key = f"ota/{self.tenant.instance_id}/{name}.bin"
         path = self.services.blobs.root / key
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,7 +48,7 @@ class Fleet:
             uploads.record(conn, key, self.tenant.instance_pk, int(time.time() * 1000))
         fw = self.services.firmware.create(self.tenant, NewFirmware(
             product_key=self.pk, name=name, dest_version=version, firmware_url=self.services.blobs.object_url(key),
-            need_to_verify=need_to_verify))
+            need_to_verify=need_to_verify, module_name=module))
         return fw.firmware_id
 
     def job(self, **kw) -> str:
@@ -295,6 +295,29 @@ def test_overwrite_modes(fleet):
                             overwrite_mode=2)
     assert fleet.statuses(first)["dev-001"] == "CANCELED"
     assert fleet.statuses(overwritten)["dev-001"] == "QUEUED"
+
+
+def test_multi_module_mode(fleet):
+    """A device upgrades one module at a time, unless both jobs allow several modules at once."""
+    fleet.services.modules.create(fleet.tenant, fleet.pk, "mcu", None, None)
+    fleet.services.modules.create(fleet.tenant, fleet.pk, "wifi", None, None)
+    mcu = fleet.new_firmware("fwmcu", "5.0.0", module="mcu")
+    wifi = fleet.new_firmware("fwwifi", "6.0.0", module="wifi")
+    # dev-000: a single-module job holds it, so a job for another module cannot take it...
+    default = fleet.job(target_selection="SPECIFIC", device_names=["dev-000", "dev-001"])
+    refused = fleet.job(firmware_id=mcu, target_selection="SPECIFIC", device_names=["dev-000"], multi_module=True)
+    task = fleet.tasks(refused)["dev-000"]
+    assert task["status"] == "FAILED" and default in task["description"]
+    # ...and OverwriteMode 2 (single-module) takes it over, cancelling the other module's task.
+    fleet.job(firmware_id=mcu, target_selection="SPECIFIC", device_names=["dev-001"], overwrite_mode=2)
+    assert fleet.statuses(default)["dev-001"] == "CANCELED"
+    # dev-002: two multi-module jobs for different modules run side by side...
+    first = fleet.job(firmware_id=mcu, target_selection="SPECIFIC", device_names=["dev-002"], multi_module=True)
+    second = fleet.job(firmware_id=wifi, target_selection="SPECIFIC", device_names=["dev-002"], multi_module=True)
+    assert fleet.statuses(first)["dev-002"] == "QUEUED" and fleet.statuses(second)["dev-002"] == "QUEUED"
+    # ...but a single-module job for a third module still waits for the device to be free.
+    third = fleet.job(target_selection="SPECIFIC", device_names=["dev-002"])
+    assert fleet.statuses(third)["dev-002"] == "FAILED"
 
 
 def test_gray_rounds_down_but_takes_one_device(fleet):

@@ -141,7 +141,7 @@ class Dispatcher:
     def _retry(self, now: int) -> int:
         # Driven from the running jobs: the (job_pk, status, due_ms) index finds their due retries.
         due_query = (
-            sa.select(ota_tasks.c.id, ota_tasks.c.device_id, ota_tasks.c.module_name)
+            sa.select(ota_tasks.c.id, ota_tasks.c.device_id, ota_tasks.c.module_name, ota_jobs.c.multi_module)
             .select_from(ota_jobs)
             .join(ota_tasks, ota_tasks.c.job_pk == ota_jobs.c.id)
             .where(ota_jobs.c.status == job_rules.IN_PROGRESS, ota_tasks.c.status == task_flow.FAILED,
@@ -155,16 +155,17 @@ class Dispatcher:
             due = conn.execute(due_query).all()
             if not due:
                 return 0
-            busy: set[int] = set()
-            for module in {row.module_name for row in due}:
-                busy |= set(store.unfinished_by_device(conn, [r.device_id for r in due if r.module_name == module],
-                                                       module))
-            blocked = [row.id for row in due if row.device_id in busy]
+            busy: set[int] = set()  # ids of the due tasks whose device took another task meanwhile
+            for module, multi in {(row.module_name, row.multi_module) for row in due}:
+                rows = [r for r in due if (r.module_name, r.multi_module) == (module, multi)]
+                taken = store.unfinished_by_device(conn, [r.device_id for r in rows], module, multi)
+                busy |= {r.id for r in rows if r.device_id in taken}
+            blocked = [row.id for row in due if row.id in busy]
             if blocked:  # another job took the device meanwhile: no retry
                 conn.execute(sa.update(ota_tasks).where(ota_tasks.c.id.in_(blocked))
                              .values(due_ms=None, description="retry skipped: the device has another task"))
             moved = task_flow.move(
-                conn, [row.id for row in due if row.device_id not in busy], task_flow.QUEUED, actor=ACTOR,
+                conn, [row.id for row in due if row.id not in busy], task_flow.QUEUED, actor=ACTOR,
                 now_ms=now, reason="retry", minute_ms=self.minute_ms,
                 values={"attempt": ota_tasks.c.attempt + 1, "retries_left": ota_tasks.c.retries_left - 1,
                         "due_ms": now, "progress": 0},

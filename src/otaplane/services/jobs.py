@@ -284,22 +284,23 @@ class JobService:
 
     def _create_tasks(self, conn, job_pk: int, spec: JobSpec, module: str, targets: list[Target], now: int,
                       actor: str) -> list[int]:
-        """Tasks for the targets. A device that already has an unfinished task for the module
-        keeps it and gets a FAILED task here (OverwriteMode 1), or loses it (2). A verify job
-        refuses such devices instead: a verification must run on every device it names."""
-        busy = store.unfinished_by_device(conn, [t.device_id for t in targets], module)
+        """Tasks for the targets. A device busy with an unfinished task (of any module, unless both
+        jobs have MultiModuleMode: store.unfinished_by_device) keeps it and gets a FAILED task
+        here (OverwriteMode 1), or loses it (2). A verify job refuses such devices instead: a
+        verification must run on every device it names."""
+        busy = store.unfinished_by_device(conn, [t.device_id for t in targets], module, spec.multi_module)
         if busy and spec.job_type == VERIFY:
             first = next(t for t in targets if t.device_id in busy)
-            raise errors.DeviceHasUnfinishedTask(device=first.device_name, job=busy[first.device_id]["job_id"])
+            raise errors.DeviceHasUnfinishedTask(device=first.device_name, job=busy[first.device_id][0]["job_id"])
         if busy and spec.overwrite_mode == 2:
-            task_flow.move(conn, [b["id"] for b in busy.values()], task_flow.CANCELED, actor=actor, now_ms=now,
-                           reason="overwritten by a newer job", minute_ms=self.minute_ms)
+            task_flow.move(conn, [b["id"] for tasks in busy.values() for b in tasks], task_flow.CANCELED,
+                           actor=actor, now_ms=now, reason="overwritten by a newer job", minute_ms=self.minute_ms)
             busy = {}
         first_status = task_flow.CONFIRM if spec.need_confirm else task_flow.QUEUED
         due = spec.schedule_ms if spec.schedule_ms and spec.schedule_ms > now else now
         rows = []
         for target in targets:
-            refused = busy.get(target.device_id)
+            refused = busy[target.device_id][0] if target.device_id in busy else None
             rows.append({
                 "task_id": new_task_id(), "job_pk": job_pk, "device_id": target.device_id, "module_name": module,
                 "status": task_flow.FAILED if refused else first_status, "src_version": target.version,
@@ -532,10 +533,11 @@ class JobService:
             wrong = [t["task_id"] for t in tasks if t["status"] not in (task_flow.FAILED, task_flow.CANCELED)]
             if wrong:
                 raise errors.TaskNotReupgradable(task=wrong[0])
-            busy = store.unfinished_by_device(conn, [t["device_id"] for t in tasks], job["module_name"])
+            busy = store.unfinished_by_device(conn, [t["device_id"] for t in tasks], job["module_name"],
+                                              job["multi_module"])
             if busy:
                 raise errors.DeviceHasUnfinishedTask(device="a device of these tasks",
-                                                     job=next(iter(busy.values()))["job_id"])
+                                                     job=next(iter(busy.values()))[0]["job_id"])
             to = task_flow.CONFIRM if job["need_confirm"] else task_flow.QUEUED
             moved = task_flow.move(
                 conn, [t["id"] for t in tasks], to, actor="api:ReupgradeOTATask", now_ms=now,
@@ -573,7 +575,7 @@ def set_task_progress(conn, task_pk: int, step: int, now: int) -> None:
 # Every version report asks this: a prepared statement (store/prepared.py).
 _RUNNING_DYNAMIC_JOBS = Prepared(
     sa.select(ota_jobs.c.id, ota_jobs.c.src_versions, ota_jobs.c.overwrite_mode, ota_jobs.c.need_confirm,
-              ota_jobs.c.retry_count, ota_jobs.c.job_id, firmware.c.dest_version)
+              ota_jobs.c.retry_count, ota_jobs.c.job_id, ota_jobs.c.multi_module, firmware.c.dest_version)
     .join(firmware, firmware.c.id == ota_jobs.c.firmware_pk)
     .join(devices, devices.c.product_id == ota_jobs.c.product_id)
     .where(devices.c.id == sa.bindparam("p_device"), ota_jobs.c.status == sa.bindparam("p_status"),
@@ -596,11 +598,11 @@ def dynamic_tasks_for_device(conn, device_id: int, module: str, version: str, no
         job = SimpleNamespace(**job)
         if store.job_has_device(conn, job.id, device_id):
             continue
-        busy = store.unfinished_by_device(conn, [device_id], module).get(device_id)
-        if busy is not None:
+        busy = store.unfinished_by_device(conn, [device_id], module, job.multi_module).get(device_id)
+        if busy:
             if job.overwrite_mode != 2:
                 continue
-            task_flow.move(conn, [busy["id"]], task_flow.CANCELED, actor="dispatcher", now_ms=now,
+            task_flow.move(conn, [b["id"] for b in busy], task_flow.CANCELED, actor="dispatcher", now_ms=now,
                            reason=f"overwritten by dynamic job {job.job_id}")
         status = task_flow.CONFIRM if job.need_confirm else task_flow.QUEUED
         [task_pk] = store.insert_tasks(conn, [{

@@ -94,18 +94,26 @@ def devices_by_name(conn: Connection, product_id: int, module_name: str, names: 
     return found
 
 
-def unfinished_by_device(conn: Connection, device_ids: Iterable[int], module_name: str) -> dict[int, RowMapping]:
-    """device id -> its unfinished task for the module (at most one, by the unique index)."""
+def unfinished_by_device(conn: Connection, device_ids: Iterable[int], module_name: str,
+                         multi_module: bool) -> dict[int, list[RowMapping]]:
+    """device id -> the unfinished tasks that keep it from taking a new task for `module_name`
+    (in a job with MultiModuleMode `multi_module`): a device upgrades one module at a time,
+    unless both jobs allow several modules at once; then only the module's own task counts
+    (one at most, by the unique index)."""
     keys = sorted(set(device_ids))
-    found: dict[int, RowMapping] = {}
+    found: dict[int, list[RowMapping]] = {}
+    conflict = ota_tasks.c.status.in_(UNFINISHED)
+    if multi_module:
+        conflict = sa.and_(conflict, sa.or_(ota_tasks.c.module_name == module_name, ota_jobs.c.multi_module.is_(False)))
     for start in range(0, len(keys), _CHUNK):
         rows = conn.execute(
-            sa.select(ota_tasks.c.id, ota_tasks.c.device_id, ota_jobs.c.job_id)
+            sa.select(ota_tasks.c.id, ota_tasks.c.device_id, ota_tasks.c.module_name, ota_jobs.c.job_id)
             .join(ota_jobs, ota_jobs.c.id == ota_tasks.c.job_pk)
-            .where(ota_tasks.c.device_id.in_(keys[start:start + _CHUNK]), ota_tasks.c.module_name == module_name,
-                   ota_tasks.c.status.in_(UNFINISHED))
+            .where(ota_tasks.c.device_id.in_(keys[start:start + _CHUNK]), conflict)
+            .order_by(ota_tasks.c.id)
         )
-        found.update({row.device_id: row._mapping for row in rows})
+        for row in rows:
+            found.setdefault(row.device_id, []).append(row._mapping)
     return found
 
 
