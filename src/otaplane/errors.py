@@ -217,9 +217,6 @@ NoDeviceToUpgrade = _business(
 DeviceHasUnfinishedTask = _business(
     "iot.ota.DeviceHasUnfinishedTask", "Device {device} already has an unfinished upgrade task (job {job})."
 )
-DownloadProtocolNotSupported = _business(
-    "iot.ota.DownloadProtocolNotSupported", "DownloadProtocol {protocol} is not supported yet; use HTTPS."
-)
 GroupTargetNotSupported = _business(
     "iot.ota.GroupNotSupported", "TargetSelection GROUP is not supported: otaplane has no device groups yet."
 )

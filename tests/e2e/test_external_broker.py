@@ -157,6 +157,32 @@ def test_push_reaches_the_device_with_the_exact_payload_and_firmware_get_answers
     eventually(lambda: local.device_ota.offer(device_id, None) is None)
 
 
+def test_a_device_reads_a_package_block_by_block_through_the_broker(fleet, local):
+    """DownloadProtocol MQTT through an external broker: otaplane answers thing/file/download."""
+    from otaplane.devices import messages
+    from otaplane.store import device_ota as store
+
+    content = os.urandom(12_345)
+    firmware_id = fleet.firmware(content)
+    with local.db.connect() as conn:
+        stream_id = store.firmware_row(conn, None, firmware_id)["id"]
+    device = fleet.connect(fleet.register())
+    base = f"/sys/{fleet.product_key}/{device.device_name}/thing/file"
+    assert [code.value for code in device.subscribe(f"{base}/download_reply")] == [1]
+    received = b""
+    while len(received) < len(content):
+        device.publish(f"{base}/download", {"id": "1", "params": {
+            "fileToken": "t1", "fileInfo": {"streamId": stream_id, "fileId": 1},
+            "fileBlock": {"size": 5120, "offset": len(received)}}}, qos=0)
+        reply = device.expect(f"{base}/download_reply").payload
+        length = int.from_bytes(reply[:2], "big")
+        header, data = json.loads(reply[2:2 + length]), reply[2 + length:-2]
+        assert header["code"] == 200 and header["data"]["bOffset"] == len(received), header
+        assert int.from_bytes(reply[-2:], "little") == messages.crc16_arc(data)
+        received += data
+    assert received == content
+
+
 def test_a_device_that_missed_a_push_gets_it_after_its_version_report(fleet, local, tenant):
     firmware_id = fleet.firmware(os.urandom(1000))
     name = fleet.register()

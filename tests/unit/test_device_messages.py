@@ -55,6 +55,41 @@ def test_multi_file_package():
     assert data["size"] == 30 and "url" not in data and "sign" not in data
 
 
+def test_push_of_a_package_downloaded_over_mqtt():
+    data = json.loads(messages.upgrade_push(replace(PACKAGE, mqtt_stream=1397345)))["data"]
+    assert data == {"size": 432945, "version": "2.0.0", "dProtocol": "mqtt", "streamId": 1397345,
+                    "streamFileId": 1, "md5": MD5, "sign": MD5, "signMethod": "Md5"}
+
+
+def test_parse_block_request_as_lsdk4_writes_it():
+    payload = (b'{"id":"1","version":"1.0","params":{"fileToken":"default","fileInfo":{"streamId":1397345,'
+               b'"fileId":1,},"fileBlock":{"size":5120,"offset":0}}}')  # the SDK's trailing comma
+    assert messages.parse_block_request(payload) == messages.BlockRequest("1", "default", 1397345, 1, 0, 5120)
+
+
+@pytest.mark.parametrize("params", [
+    {}, {"fileInfo": {"streamId": 1, "fileId": 1}}, {"fileInfo": [], "fileBlock": {}},
+    {"fileInfo": {"streamId": "x", "fileId": 1}, "fileBlock": {"size": 1, "offset": 0}},
+    {"fileInfo": {"streamId": 1, "fileId": 1}, "fileBlock": {"size": 0, "offset": 0}},
+    {"fileInfo": {"streamId": 1, "fileId": 1}, "fileBlock": {"size": 1, "offset": -1}},
+    {"fileInfo": {"streamId": True, "fileId": 1}, "fileBlock": {"size": 1, "offset": 0}},
+    {"fileToken": 5, "fileInfo": {"streamId": 1, "fileId": 1}, "fileBlock": {"size": 1, "offset": 0}},
+])
+def test_parse_block_request_refuses_garbage(params):
+    with pytest.raises(MalformedMessage):
+        messages.parse_block_request(json.dumps({"id": 1, "params": params}).encode())
+
+
+def test_crc16_arc_and_the_block_reply_layout():
+    assert messages.crc16_arc(b"123456789") == 0xBB3D  # CRC-16/ARC's check value
+    assert messages.crc16_arc(b"") == 0
+    reply = messages.block_reply({"code": 200, "data": {"bSize": 3}}, b"abc")
+    length = int.from_bytes(reply[:2], "big")
+    assert json.loads(reply[2:2 + length]) == {"code": 200, "data": {"bSize": 3}}
+    assert reply[2 + length:-2] == b"abc"
+    assert reply[-2:] == messages.crc16_arc(b"abc").to_bytes(2, "little")
+
+
 def test_firmware_get_reply_echoes_the_id_as_sent():
     assert json.loads(messages.firmware_get_reply("123", None)) == {
         "id": "123", "code": 200, "data": {}, "message": "success", "method": "thing.ota.firmware.get"}

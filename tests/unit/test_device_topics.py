@@ -71,11 +71,15 @@ def test_parse_upstream():
     assert topics.parse_upstream(f"/ota/device/request/{PK}/{DN}").kind is Upstream.REQUEST
     get = topics.parse_upstream(f"/sys/{PK}/{DN}/thing/ota/firmware/get")
     assert get == topics.UpstreamTopic(Upstream.FIRMWARE_GET, PK, DN)
+    download = topics.parse_upstream(f"/sys/{PK}/{DN}/thing/file/download")
+    assert download == topics.UpstreamTopic(Upstream.FILE_DOWNLOAD, PK, DN)
     for other in (f"/ota/device/upgrade/{PK}/{DN}", f"/sys/{PK}/{DN}/thing/ota/firmware/get_reply",
+                  f"/sys/{PK}/{DN}/thing/file/download_reply", f"/sys/{PK}/{DN}/thing/file/download/x",
                   f"/sys/{PK}/{DN}/thing/event/property/post", "/x"):
         assert topics.parse_upstream(other) is None
 
 
 def test_server_subscriptions():
     assert topics.server_subscriptions(PK, DN) == (
-        f"/ota/device/upgrade/{PK}/{DN}", f"/sys/{PK}/{DN}/thing/ota/firmware/get_reply")
+        f"/ota/device/upgrade/{PK}/{DN}", f"/sys/{PK}/{DN}/thing/ota/firmware/get_reply",
+        f"/sys/{PK}/{DN}/thing/file/download_reply")

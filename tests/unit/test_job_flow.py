@@ -39,11 +39,12 @@ class Fleet:
             services.device_ota.version_reported(self.ids[name], None, "1.0.0")
         self.firmware_id = self.new_firmware("fw2", "2.0.0", need_to_verify)
 
-    def new_firmware(self, name: str, version: str, need_to_verify: bool = False, module: str = "default") -> str:
+    def new_firmware(self, name: str, version: str, need_to_verify: bool = False, module: str = "default",
+                     content: bytes | None = None) -> str:
         key = f"ota/{self.tenant.instance_id}/{name}.bin"
         path = self.services.blobs.root / key
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(name.encode() * 100)
+        path.write_bytes(name.encode() * 100 if content is None else content)
         with self.services.db.begin() as conn:
             uploads.record(conn, key, self.tenant.instance_pk, int(time.time() * 1000))
         fw = self.services.firmware.create(self.tenant, NewFirmware(
@@ -318,6 +319,18 @@ def test_multi_module_mode(fleet):
     # ...but a single-module job for a third module still waits for the device to be free.
     third = fleet.job(target_selection="SPECIFIC", device_names=["dev-002"])
     assert fleet.statuses(third)["dev-002"] == "FAILED"
+
+
+def test_download_protocol_mqtt_takes_single_file_packages_up_to_16_mb(fleet):
+    big = fleet.new_firmware("big", "7.0.0", content=b"\0" * (16 * 1024 * 1024 + 1))
+    with pytest.raises(errors.ApiError) as refused:
+        fleet.job(firmware_id=big, target_selection="ALL", download_protocol="MQTT")
+    assert refused.value.code == "InvalidParameter" and "16 MB" in str(refused.value)
+    job_id = fleet.job(target_selection="SPECIFIC", device_names=["dev-000"], download_protocol="MQTT")
+    fleet.tick()
+    package = fleet.services.device_ota.offer(fleet.ids["dev-000"], None)  # what the push carries
+    assert package.mqtt_stream is not None and package.mqtt_stream > 0
+    assert fleet.statuses(job_id) == {"dev-000": "NOTIFIED"}
 
 
 def test_gray_rounds_down_but_takes_one_device(fleet):

@@ -201,3 +201,13 @@ def test_downloads_refuse_a_symlinked_file_or_folder(store, tmp_path):
             store._open_object(key, True)  # noqa: SLF001
     with pytest.raises(FileNotFoundError):
         store._open_object("ota/real/missing.bin", True)  # noqa: SLF001
+
+
+def test_read_range(store):
+    data = os.urandom(10_000)
+    put(store, KEY, data)
+    assert store.read_range(KEY, 0, 5120) == data[:5120]
+    assert store.read_range(KEY, 5120, 5120) == data[5120:]  # fewer at the end
+    assert store.read_range(KEY, len(data), 10) == b""  # none past it
+    assert store.read_range("ota/missing.bin", 0, 10) is None
+    assert store.read_range("../escape", 0, 10) is None

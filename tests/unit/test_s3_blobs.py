@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import socket
 import threading
 import time
@@ -232,3 +233,13 @@ def test_factory_opens_s3_store(s3_blob_url: str) -> None:
     blob_store = open_blob_store(Settings(blob_url=s3_blob_url), box=None)  # the box is for local only
     assert isinstance(blob_store, S3BlobStore)
     assert blob_store.bucket == "otaplane-test" and blob_store.prefix == ""
+
+
+def test_read_range(store: S3BlobStore) -> None:
+    content = os.urandom(10_000)
+    key = new_key()
+    upload(store, key, content)
+    assert store.read_range(key, 0, 5120) == content[:5120]
+    assert store.read_range(key, 5120, 5120) == content[5120:]
+    assert store.read_range(key, len(content), 10) == b""
+    assert store.read_range(new_key("missing.bin"), 0, 10) is None

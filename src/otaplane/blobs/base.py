@@ -50,5 +50,8 @@ class BlobStore(Protocol):
     def read(self, key: str, max_bytes: int) -> bytes | None:
         """A small object whole (device lists); None if absent. Larger than max_bytes: ValueError."""
 
+    def read_range(self, key: str, offset: int, length: int) -> bytes | None:
+        """Up to `length` bytes from `offset` (fewer at the end, none past it); None if absent."""
+
     def delete(self, key: str) -> None:
         """Remove an object; no error when it is already gone."""

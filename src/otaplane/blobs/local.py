@@ -123,6 +123,17 @@ class LocalBlobStore:
             return None
         return BlobDigest(size=size, md5=md5.hexdigest(), sha256=sha256.hexdigest())
 
+    def read_range(self, key: str, offset: int, length: int) -> bytes | None:
+        path = self._path(key)
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(offset)
+                return handle.read(length)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+
     def read(self, key: str, max_bytes: int) -> bytes | None:
         path = self._path(key)
         if path is None:

@@ -154,6 +154,25 @@ class S3BlobStore:
             raise ValueError(f"object is larger than {max_bytes} bytes")
         return data
 
+    def read_range(self, key: str, offset: int, length: int) -> bytes | None:
+        if length <= 0:
+            return b""
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._full(key),
+                                          Range=f"bytes={offset}-{offset + length - 1}")["Body"]
+            data = body.read()
+            body.close()
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code == "NoSuchKey":
+                return None
+            if code == "InvalidRange":  # the offset is at or past the end
+                return b""
+            raise self._fail("GetObject", exc) from exc
+        except BotoCoreError as exc:
+            raise self._fail("GetObject", exc) from exc
+        return data
+
     def presigned_get(self, key: str, expires_in_s: int) -> str:
         return self.client.generate_presigned_url(
             "get_object",

@@ -1,16 +1,18 @@
 """The device channel through an external MQTT broker (OTAPLANE_MQTT_URL): for scale-out, the
 devices connect to Mosquitto or EMQX, and otaplane is one privileged client of that broker.
 
-- Upstream: otaplane subscribes (QoS 1) to `/ota/device/inform/+/+`, `/ota/device/progress/+/+`
-  and `/sys/+/+/thing/ota/firmware/get`, as a shared subscription (`$share/<group>/...`, group
+- Upstream: otaplane subscribes (QoS 1) to `/ota/device/inform/+/+`, `/ota/device/progress/+/+`,
+  `/sys/+/+/thing/ota/firmware/get` and `/sys/+/+/thing/file/download` (blocks of DownloadProtocol
+  MQTT packages), as a shared subscription (`$share/<group>/...`, group
   OTAPLANE_MQTT_SHARE_GROUP, default `otaplane`) so that several otaplane processes split the
   messages instead of each handling all of them. Messages go through devices/upstream.py, the
   code the embedded broker uses. The device is named by the topic: the broker's ACL (the
   `/mqtt/acl` endpoint, devices/topics.py) must keep devices on their own topics.
 - Authentication of devices is the broker's: it can call otaplane's `POST /mqtt/auth`
   (devices/http_auth.py) with the CONNECT's clientid, username and password.
-- Downstream: pushes and firmware/get answers are PUBLISHed at QoS 1 to
-  `/ota/device/upgrade/{pk}/{dn}` and `/sys/{pk}/{dn}/thing/ota/firmware/get_reply`.
+- Downstream: pushes, firmware/get answers and file blocks are PUBLISHed at QoS 1 to
+  `/ota/device/upgrade/{pk}/{dn}`, `/sys/{pk}/{dn}/thing/ota/firmware/get_reply` and
+  `/sys/{pk}/{dn}/thing/file/download_reply`.
 - Online state: the broker does not tell otaplane about connects, so devices never turn ONLINE;
   each upstream message stamps `last_seen_ms` (and activates a new device), which
   QueryDeviceDetail shows (Status OFFLINE once activated, the last-seen time in the details).
@@ -51,7 +53,8 @@ from otaplane.services.device_ota import UNDELIVERED_BATCH, PendingKey, PendingP
 
 log = logging.getLogger("otaplane.devices")
 
-UPSTREAM_FILTERS = ("/ota/device/inform/+/+", "/ota/device/progress/+/+", "/sys/+/+/thing/ota/firmware/get")
+UPSTREAM_FILTERS = ("/ota/device/inform/+/+", "/ota/device/progress/+/+", "/sys/+/+/thing/ota/firmware/get",
+                    "/sys/+/+/thing/file/download")
 # How often pushes made by another process (CLI, another replica) are looked for: the bound on
 # their publish latency. Pushes of this process wake the channel at once.
 PENDING_POLL_INTERVAL_S = 0.25

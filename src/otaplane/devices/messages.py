@@ -54,6 +54,23 @@ class FirmwareQuery:
     module: str | None
 
 
+@dataclass(frozen=True)
+class BlockRequest:
+    """A block of a package file asked for over MQTT (`thing/file/download`)."""
+
+    request_id: RequestId
+    file_token: str
+    stream_id: int
+    file_id: int
+    offset: int
+    size: int
+
+
+# The most one reply carries (the SDK asks 5 KB blocks by default; MQTT download is for packages
+# of at most 16 MB).
+MAX_BLOCK_BYTES = 128 * 1024
+
+
 # --- upstream (device -> otaplane) ---------------------------------------------------------------
 def loads_lenient(payload: bytes) -> Any:
     """JSON as the SDKs write it: LSDK4 leaves a trailing comma before `}` in some messages."""
@@ -137,6 +154,33 @@ def parse_firmware_get(payload: bytes) -> FirmwareQuery:
     return FirmwareQuery(request_id, _module(params))
 
 
+def _int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool):
+        raise MalformedMessage(f"{name} is not a number")
+    try:
+        number = int(value.strip()) if isinstance(value, str) else value
+    except ValueError:
+        raise MalformedMessage(f"{name} is not a number") from None
+    if not isinstance(number, int) or number < minimum:
+        raise MalformedMessage(f"{name} is not an integer of at least {minimum}")
+    return number
+
+
+def parse_block_request(payload: bytes) -> BlockRequest:
+    """`{"id":"1","params":{"fileToken":"default","fileInfo":{"streamId":1397345,"fileId":1,},
+    "fileBlock":{"size":5120,"offset":0}}}` (LSDK4 leaves that trailing comma)."""
+    request_id, params = _envelope(payload)
+    info, block = params.get("fileInfo"), params.get("fileBlock")
+    if not isinstance(info, dict) or not isinstance(block, dict):
+        raise MalformedMessage("fileInfo or fileBlock is not an object")
+    token = params.get("fileToken", "")
+    if not isinstance(token, str) or len(token) > 64:
+        raise MalformedMessage("fileToken is not a string of at most 64 characters")
+    return BlockRequest(request_id, token, _int(info.get("streamId"), "streamId", 0),
+                        _int(info.get("fileId"), "fileId", 0), _int(block.get("offset"), "offset", 0),
+                        _int(block.get("size"), "size", 1))
+
+
 # --- downstream (otaplane -> device) -------------------------------------------------------------
 def _dumps(body: dict[str, Any]) -> bytes:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
@@ -150,6 +194,12 @@ def package_data(package: PendingPackage) -> dict[str, Any]:
             {"fileName": f.name, "fileSize": f.size, "fileUrl": f.url, "fileSign": f.sign.lower()}
             for f in package.files
         ]
+    elif package.mqtt_stream is not None:  # DownloadProtocol MQTT: blocks on thing/file/download
+        data["dProtocol"] = "mqtt"
+        data["streamId"] = package.mqtt_stream
+        data["streamFileId"] = 1
+        data["md5"] = (package.md5 or "").lower()
+        data["sign"] = (package.sign or "").lower()
     else:
         data["url"] = package.url
         data["md5"] = (package.md5 or "").lower()
@@ -165,6 +215,35 @@ def package_data(package: PendingPackage) -> dict[str, Any]:
     if ext:
         data["extData"] = ext
     return data
+
+
+def _crc16_arc_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_CRC16_ARC = _crc16_arc_table()
+
+
+def crc16_arc(data: bytes) -> int:
+    """CRC-16/ARC (poly 0x8005 reflected, init 0): what LSDK4 checks a downloaded block with."""
+    crc = 0
+    table = _CRC16_ARC
+    for byte in data:
+        crc = (crc >> 8) ^ table[(crc ^ byte) & 0xFF]
+    return crc
+
+
+def block_reply(header: dict[str, Any], data: bytes = b"") -> bytes:
+    """The binary answer on `thing/file/download_reply`: a 2-byte big-endian header length, the
+    JSON header, the data, and its CRC-16/ARC, little-endian (the SDK reads a native uint16)."""
+    head = _dumps(header)
+    return len(head).to_bytes(2, "big") + head + data + crc16_arc(data).to_bytes(2, "little")
 
 
 def upgrade_push(package: PendingPackage) -> bytes:

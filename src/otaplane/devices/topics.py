@@ -17,9 +17,14 @@ def firmware_get_reply_topic(product_key: str, device_name: str) -> str:
     return f"/sys/{product_key}/{device_name}/thing/ota/firmware/get_reply"
 
 
+def file_download_reply_topic(product_key: str, device_name: str) -> str:
+    return f"/sys/{product_key}/{device_name}/thing/file/download_reply"
+
+
 def server_subscriptions(product_key: str, device_name: str) -> tuple[str, ...]:
     """What every device is subscribed to from CONNACK on, without sending SUBSCRIBE (`_ss=1`)."""
-    return upgrade_topic(product_key, device_name), firmware_get_reply_topic(product_key, device_name)
+    return (upgrade_topic(product_key, device_name), firmware_get_reply_topic(product_key, device_name),
+            file_download_reply_topic(product_key, device_name))
 
 
 class Upstream(Enum):
@@ -27,6 +32,7 @@ class Upstream(Enum):
     PROGRESS = "progress"  # /ota/device/progress/{pk}/{dn}
     FIRMWARE_GET = "firmware_get"  # /sys/{pk}/{dn}/thing/ota/firmware/get
     REQUEST = "request"  # /ota/device/request/{pk}/{dn}: legacy pull (iotkit 2.x)
+    FILE_DOWNLOAD = "file_download"  # /sys/{pk}/{dn}/thing/file/download: a block (DownloadProtocol MQTT)
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,8 @@ def parse_upstream(topic: str) -> UpstreamTopic | None:
         return UpstreamTopic(_OTA_KINDS[levels[3]], levels[4], levels[5])
     if len(levels) == 8 and levels[:2] == ["", "sys"] and levels[4:] == ["thing", "ota", "firmware", "get"]:
         return UpstreamTopic(Upstream.FIRMWARE_GET, levels[2], levels[3])
+    if len(levels) == 7 and levels[:2] == ["", "sys"] and levels[4:] == ["thing", "file", "download"]:
+        return UpstreamTopic(Upstream.FILE_DOWNLOAD, levels[2], levels[3])
     return None
 
 

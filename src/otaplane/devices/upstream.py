@@ -67,9 +67,30 @@ async def handle(
             await reply(topics.firmware_get_reply_topic(product_key, device_name),
                         messages.firmware_get_reply(query.request_id, package))
             return Handled(upstream.kind, query.module)
+        if upstream.kind is topics.Upstream.FILE_DOWNLOAD:
+            await reply(topics.file_download_reply_topic(product_key, device_name),
+                        await _file_block(device_ota, run_db, device_id, messages.parse_block_request(data)))
+            return Handled(upstream.kind)
         log.debug("legacy %s from %s is not supported", upstream.kind.value, who)
     except messages.MalformedMessage as problem:
         log.warning("dropped %s message of %s: %s", upstream.kind.value, who, problem)
     except Exception:
         log.exception("%s message of %s failed", upstream.kind.value, who)
     return None
+
+
+async def _file_block(device_ota: Any, run_db: Callable[..., Awaitable[Any]], device_id: int,
+                      request: messages.BlockRequest) -> bytes:
+    """The download_reply to a block request: the block, or a header-only refusal."""
+    size = min(request.size, messages.MAX_BLOCK_BYTES)
+    found = await run_db(device_ota.file_block, device_id, request.stream_id, request.file_id, request.offset, size)
+    if found is None:
+        return messages.block_reply({"code": 404, "message": "no such file for this device",
+                                     "data": {"fileToken": request.file_token}})
+    length, data = found
+    if request.offset >= length and length > 0:
+        return messages.block_reply({"code": 400, "message": f"offset {request.offset} is past the end ({length})",
+                                     "data": {"fileToken": request.file_token, "fileLength": length}})
+    # The CRC is over the whole block: work for a thread, not the event loop, on big blocks.
+    return await run_db(messages.block_reply, {"code": 200, "data": {
+        "bSize": len(data), "bOffset": request.offset, "fileLength": length, "fileToken": request.file_token}}, data)

@@ -68,6 +68,7 @@ class PendingPackage:
     progress: int | None
     progress_desc: str | None
     delivered: bool
+    mqtt_stream: int | None = None  # DownloadProtocol MQTT: the streamId the device asks blocks of
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,20 @@ class DeviceOtaService:
             found.setdefault(package.device_id, []).append(package)
         return found
 
+    def file_block(self, device_id: int, stream_id: int, file_id: int, offset: int,
+                   size: int) -> tuple[int, bytes] | None:
+        """DownloadProtocol MQTT: (file length, up to `size` bytes from `offset`) of the file
+        `stream_id`/`file_id` (a package of the device's own product, its one file), or None.
+        An offset at or past the end gives no bytes."""
+        if file_id != 1 or stream_id > 2**31 - 1:
+            return None
+        with self.db.connect() as conn:
+            row = store.stream_file(conn, device_id, stream_id)
+        if row is None:
+            return None
+        data = self.firmware.blobs.read_range(row["blob_key"], offset, size) if offset < row["size"] else b""
+        return None if data is None else (row["size"], data)
+
     def offer(self, device_id: int, module: str | None) -> PendingPackage | None:
         """The answer to the device's firmware/get for one module (None = `default`)."""
         with self.db.connect() as conn:
@@ -269,6 +284,7 @@ class DeviceOtaService:
                 files=package_files, is_diff=row["type"] == 1, udi=row["udi"],
                 progress=row["progress"], progress_desc=row["progress_desc"],
                 delivered=row["delivered_ms"] is not None,
+                mqtt_stream=row["firmware_pk"] if single and row["download_protocol"] == "MQTT" else None,
             ))
         return packages
 

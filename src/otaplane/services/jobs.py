@@ -57,6 +57,9 @@ class Tag:
     value: str
 
 
+MAX_MQTT_DOWNLOAD_BYTES = 16 * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """What CreateOTA*Job asked for, already parsed and range-checked by the action table."""
@@ -194,8 +197,6 @@ class JobService:
             raise errors.invalid("RetryInterval", "must be shorter than TimeoutInMinutes")
         if spec.multi_module and spec.overwrite_mode == 2:
             raise errors.invalid("MultiModuleMode", "cannot be used with OverwriteMode 2")
-        if spec.download_protocol != "HTTPS":
-            raise errors.DownloadProtocolNotSupported(protocol=spec.download_protocol)
         if spec.target_selection == "GROUP":
             raise errors.GroupTargetNotSupported()
         tag_bytes = sum(len(t.key) + len(t.value) for t in spec.tags)
@@ -208,8 +209,8 @@ class JobService:
         product_row(conn, tenant, spec.product_key)  # someone else's product looks like a missing one
         row = conn.execute(
             sa.select(firmware.c.id, firmware.c.status, firmware.c.dest_version, firmware.c.src_version,
-                      firmware.c.type, firmware.c.product_id, firmware.c.name, ota_modules.c.module_name,
-                      products.c.product_key)
+                      firmware.c.type, firmware.c.product_id, firmware.c.name, firmware.c.blob_key, firmware.c.size,
+                      ota_modules.c.module_name, products.c.product_key)
             .join(ota_modules, ota_modules.c.id == firmware.c.module_id)
             .join(products, products.c.id == firmware.c.product_id)
             .where(firmware.c.firmware_id == spec.firmware_id, firmware.c.instance_pk == tenant.instance_pk)
@@ -221,6 +222,10 @@ class JobService:
         return row._mapping
 
     def _check_firmware_state(self, conn, spec: JobSpec, fw) -> None:
+        if spec.download_protocol == "MQTT" and (fw["blob_key"] is None or fw["size"] > MAX_MQTT_DOWNLOAD_BYTES):
+            # As on the platform: blocks over MQTT are for small single-file packages.
+            raise errors.invalid("DownloadProtocol", f"MQTT download takes single-file packages of at most "
+                                                     f"{MAX_MQTT_DOWNLOAD_BYTES // (1024 * 1024)} MB")
         status = fw["status"]
         if spec.job_type == VERIFY:
             if status == task_flow.FIRMWARE_VERIFYING:

@@ -34,12 +34,29 @@ _PACKAGE = (
         ota_modules.c.is_default.label("module_is_default"),
         products.c.product_key,
         devices.c.device_name,
+        ota_jobs.c.download_protocol,  # None: a push without a job (HTTPS)
     )
     .join(firmware, firmware.c.id == pending.c.firmware_pk)
     .join(ota_modules, ota_modules.c.id == firmware.c.module_id)
     .join(devices, devices.c.id == pending.c.device_id)
     .join(products, products.c.id == devices.c.product_id)
+    .outerjoin(ota_tasks, ota_tasks.c.id == pending.c.task_pk)
+    .outerjoin(ota_jobs, ota_jobs.c.id == ota_tasks.c.job_pk)
 )
+
+# The single file of a package of the device's own product: what its MQTT download may read.
+_STREAM = Prepared(
+    sa.select(firmware.c.blob_key, firmware.c.size)
+    .join(devices, devices.c.product_id == firmware.c.product_id)
+    .where(firmware.c.id == sa.bindparam("p_stream"), devices.c.id == sa.bindparam("p_device"),
+           firmware.c.blob_key.is_not(None))
+)
+
+
+def stream_file(conn: Connection, device_id: int, stream_id: int) -> RowMapping | None:
+    """(blob_key, size) of the package behind a streamId the device may download, else None."""
+    return _STREAM.first(conn, p_stream=stream_id, p_device=device_id)
+
 
 # A failed upgrade (a step of -1..-4) is not offered again until the next push.
 _OFFERABLE = sa.or_(pending.c.progress.is_(None), pending.c.progress >= 0)
