@@ -212,6 +212,15 @@ def test_pacing_follows_maximum_per_minute(fleet):
     assert fleet.tick(created + 3000).dispatched == 0
 
 
+def test_a_new_maximum_per_minute_applies_to_the_next_push(fleet):
+    job_id = fleet.job(target_selection="ALL", max_per_minute=10)  # one per 6 s
+    created = fleet.services.jobs.get(fleet.tenant, job_id)["created_ms"]
+    assert fleet.tick(created).dispatched == 1
+    assert fleet.tick(created + 1000).dispatched == 0  # the next slot is 6 s away
+    fleet.services.jobs.update(fleet.tenant, job_id, 600, "ALL", "STATIC", None, None, None)  # one per 0.1 s
+    assert fleet.tick(created + 1000).dispatched == 5  # not after the old 6 s slot: the other five now
+
+
 def test_timeout_then_retry_succeeds(fleet):
     job_id = fleet.job(target_selection="SPECIFIC", device_names=["dev-000"], timeout_minutes=2,
                        retry_count=1, retry_interval=0)

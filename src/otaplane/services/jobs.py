@@ -60,6 +60,11 @@ class Tag:
 MAX_MQTT_DOWNLOAD_BYTES = 16 * 1024 * 1024
 
 
+def _interval_us(max_per_minute: int) -> float:
+    """Time between two pushes of a job paced at `max_per_minute` (as the dispatcher paces)."""
+    return 60_000_000 / max(1, max_per_minute)
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """What CreateOTA*Job asked for, already parsed and range-checked by the action table."""
@@ -431,7 +436,13 @@ class JobService:
                 raise errors.invalid("UpgradeType", f"this job is {job['selection_type']}")
             if target_selection.upper() != job["target_selection"]:
                 raise errors.invalid("TargetSelection", f"this job targets {job['target_selection']}")
-            values: dict[str, Any] = {"max_per_minute": max_per_minute, "modified_ms": now_ms()}
+            now = now_ms()
+            values: dict[str, Any] = {"max_per_minute": max_per_minute, "modified_ms": now}
+            if job["pace_next_us"] > now * 1000:
+                # The next pace slot was reserved at the old rate: move it to the new one at once
+                # (a job slowed to 10/min would otherwise keep a 6 s wait after speeding up).
+                values["pace_next_us"] = int(job["pace_next_us"] - _interval_us(job["max_per_minute"])
+                                             + _interval_us(max_per_minute))
             if timeout_minutes is not None:
                 values["timeout_minutes"] = timeout_minutes
             if src_versions:
