@@ -1,4 +1,4 @@
-"""`otaplane` commands: serve, keys, db."""
+"""`otaplane` commands: serve, keys, instances, db."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ from otaplane.settings import Settings
 
 app = typer.Typer(help="otaplane: OTA firmware control plane.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage AccessKeys (per account).", no_args_is_help=True)
+instances_app = typer.Typer(help="IoT instances (IotInstanceId) of an account.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(instances_app, name="instances")
 app.add_typer(db_app, name="db")
 app.add_typer(firmware_app, name="firmware")
 app.add_typer(devices_app, name="devices")
@@ -159,6 +161,53 @@ def keys_revoke(
         console.print(f"[red]No active key {access_key_id}.[/]")
         raise typer.Exit(1)
     console.print(f"Revoked {access_key_id}.")
+
+
+@instances_app.command("create")
+def instances_create(
+    account: Annotated[str, typer.Option(help="Account name; created if new.")] = "default",
+    as_json: Annotated[bool, typer.Option("--json", help="Print {IotInstanceId, Account}.")] = False,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Create another instance (IotInstanceId) for the account.
+
+    Requests that pass its IotInstanceId, signed with any key of the account, see its own
+    products, firmware, devices and jobs only."""
+    services = _services(_settings(data_dir=data_dir, database_url=database_url))
+    instance_id = services.accounts.create_instance(account)
+    services.close()
+    if as_json:
+        typer.echo(json.dumps({"IotInstanceId": instance_id, "Account": account}))
+        return
+    console.print(f"Account {account}: IotInstanceId [bold]{instance_id}[/]")
+
+
+@instances_app.command("list")
+def instances_list(
+    account: Annotated[Optional[str], typer.Option(help="Only this account.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """List the instances (requests without IotInstanceId use the account's default one)."""
+    from otaplane.timefmt import utc_iso_ms
+
+    services = _services(_settings(data_dir=data_dir, database_url=database_url))
+    records = services.accounts.list_instances(account)
+    services.close()
+    rows = [{"IotInstanceId": r.instance_id, "Account": r.account_name, "Default": r.is_default,
+             "Created": utc_iso_ms(r.created_ms)} for r in records]
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    table = Table()
+    table.add_column("IotInstanceId", no_wrap=True)
+    for header in ("Account", "Default", "Created"):
+        table.add_column(header)
+    for row in rows:
+        table.add_row(row["IotInstanceId"], row["Account"], "yes" if row["Default"] else "", row["Created"])
+    console.print(table)
 
 
 @db_app.command("upgrade")

@@ -68,6 +68,18 @@ class AccountService:
                 return None
         return self.create_key(DEFAULT_ACCOUNT, "admin key created on first start")
 
+    def create_instance(self, account: str) -> str:
+        """Another IotInstanceId for the account (created if new): its own products, firmware,
+        devices and jobs, reached by passing IotInstanceId with any of the account's keys."""
+        instance_id = ids.instance_id()
+        with self.db.begin() as conn:
+            store.insert_instance(conn, self._ensure_account(conn, account), instance_id, False, now_ms())
+        return instance_id
+
+    def list_instances(self, account: str | None = None) -> list[store.InstanceRecord]:
+        with self.db.connect() as conn:
+            return store.list_instances(conn, account)
+
     def list_keys(self, account: str | None = None) -> list[KeyRecord]:
         with self.db.connect() as conn:
             return store.list_keys(conn, account)

@@ -22,6 +22,24 @@ class KeyRecord:
     revoked_ms: int | None
 
 
+@dataclass(frozen=True)
+class InstanceRecord:
+    instance_id: str
+    account_name: str
+    is_default: bool
+    created_ms: int
+
+
+def list_instances(conn: Connection, account_name: str | None) -> list[InstanceRecord]:
+    query = (sa.select(instances.c.instance_id, accounts.c.name.label("account_name"), instances.c.is_default,
+                       instances.c.created_ms)
+             .join(accounts, accounts.c.id == instances.c.account_id)
+             .order_by(accounts.c.name, instances.c.created_ms, instances.c.id))
+    if account_name:
+        query = query.where(accounts.c.name == account_name)
+    return [InstanceRecord(**row._mapping) for row in conn.execute(query)]
+
+
 def find_account(conn: Connection, name: str) -> int | None:
     return conn.execute(sa.select(accounts.c.id).where(accounts.c.name == name)).scalar()
 
