@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     mqtt_keyfile: str = ""
     # A device connection that sends no CONNECT within this time is closed.
     mqtt_connect_timeout_seconds: float = 10.0
+    # The embedded broker's heartbeat in the database: when a process dies without closing its
+    # device connections, another (or the next) one marks them OFFLINE after 6 missed beats.
+    channel_heartbeat_seconds: float = 10.0
 
     # How long a "minute" of an upgrade job is, in seconds: TimeoutInMinutes, RetryInterval and
     # the ScheduleTime limits count in these. 60 in production; tests and demos shorten it.

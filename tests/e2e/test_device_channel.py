@@ -134,6 +134,30 @@ def test_connect_marks_the_device_online_and_disconnect_offline(fleet):
     eventually(lambda: fleet.detail(name)["Status"] == "OFFLINE")
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"] if os.environ.get("OTAPLANE_TEST_POSTGRES_URL")
+                         else ["sqlite"])
+def test_devices_of_a_killed_server_go_offline_once_its_heartbeat_is_stale(make_server, backend):
+    """kill -9: no shutdown code marks the devices OFFLINE. The next server (or a replica) finds
+    the dead process's heartbeat stale (6 beats, here 6 x 0.3 s) and does."""
+    server = make_server(backend, "--rate-limit", "0", env={"OTAPLANE_CHANNEL_HEARTBEAT_SECONDS": "0.3"})
+    key = server.create_key(ACCOUNT)
+    opened: list[Device] = []
+    fleet = Fleet(server, SdkCaller("tea-v3", server.endpoint, *key), opened)
+    name = fleet.register()
+    fleet.connect(name)
+    eventually(lambda: fleet.detail(name)["Status"] == "ONLINE")
+    server.kill()
+    server.start()  # new ports: the device cannot come back by itself
+    fleet.api = SdkCaller("tea-v3", server.endpoint, *key)
+    try:
+        assert fleet.detail(name)["Status"] == "ONLINE"  # what the dead process left behind
+        eventually(lambda: fleet.detail(name)["Status"] == "OFFLINE", timeout=15)
+        assert "devices of a server process that stopped answering are OFFLINE now" in server.logs()
+    finally:
+        for device in opened:
+            device.close()
+
+
 @pytest.mark.parametrize("form, method", [
     ("pylk", "hmacsha1"), ("lsdk4", "hmacsha256"), ("iotkit3", "hmacsha256"), ("plain", "hmacmd5"),
     ("pylk", "hmacmd5"), ("lsdk4", "hmacsha1"),

@@ -77,7 +77,7 @@ def test_pages_cover_every_undelivered_push_once_in_order(services):
         assert _sweep(services, limit, online_only=False) == expected, limit
 
     # online_only: only devices some process has online
-    services.devices.mark_connected_many([(ids[1], None), (ids[5], None)])
+    services.devices.mark_connected_many([(ids[1], None), (ids[5], None)], "test-node")
     assert _sweep(services, 1, online_only=True) == [expected[1], expected[5]]
 
     # delivered ones drop out, and paging goes on after them

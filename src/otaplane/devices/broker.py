@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import secrets
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -57,6 +58,8 @@ log = logging.getLogger("otaplane.devices")
 # bound on their delivery latency. Pushes of this process wake it at once. An idle look is one
 # indexed query (no undelivered row).
 PENDING_POLL_INTERVAL_S = 0.25
+# A process that misses this many heartbeats is taken for dead: its devices go OFFLINE.
+HEARTBEATS_TO_DEATH = 6
 # While deliveries are in flight a sweep reads on from where the previous one ended; a sweep from
 # the first undelivered row runs at least this often all the same (see _deliver_undelivered).
 FULL_SWEEP_INTERVAL_S = 1.0
@@ -120,6 +123,10 @@ class DeviceChannel:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._limiter = anyio.CapacityLimiter(DB_THREADS)
         self._stopping = False
+        # This process in the channel_nodes table: the devices it marks ONLINE name it, and its
+        # heartbeat says they are still connected (services/devices.py channel_heartbeat).
+        self.node_id = secrets.token_hex(8)
+        self.heartbeat_s = services.settings.channel_heartbeat_seconds
         self.undelivered_batch = UNDELIVERED_BATCH  # undelivered pushes read per query (page)
         self._in_flight = 0  # _deliver calls running
         self._swept_to: PendingKey | None = None  # the last key the latest sweep read
@@ -155,7 +162,9 @@ class DeviceChannel:
         self.broker = DeviceBroker(config, channel=self)
         await self.broker.start()
         self.services.device_ota.add_listener(self._pushed)
+        await self._db(self.services.devices.channel_heartbeat, self.node_id, self._stale_ms)
         self._spawn(self._poll_loop())
+        self._spawn(self._heartbeat_loop())
         scheme = "mqtts" if listener.get("ssl") else "mqtt"
         log.info("device channel (embedded MQTT broker) on %s://%s:%d", scheme, self.host, self.port)
 
@@ -168,11 +177,12 @@ class DeviceChannel:
         # The broker's shutdown fires no disconnect events: say OFFLINE for every device here.
         gone = [(c.identity.device_id, c.online_ms) for c in self._by_device.values() if c.online_ms is not None]
         self._by_device.clear()
-        if gone:
-            try:
+        try:
+            if gone:
                 await self._db(self.services.devices.mark_disconnected_many, gone)
-            except Exception:
-                log.exception("could not mark %d devices offline", len(gone))
+            await self._db(self.services.devices.forget_channel, self.node_id)
+        except Exception:
+            log.exception("could not mark %d devices offline", len(gone))
         if self.broker is not None:
             await self.broker.shutdown()
 
@@ -303,6 +313,22 @@ class DeviceChannel:
         if self._loop is not None and self._wake is not None and device_id in self._by_device:
             self._loop.call_soon_threadsafe(self._wake.set)
 
+    @property
+    def _stale_ms(self) -> int:
+        return int(self.heartbeat_s * HEARTBEATS_TO_DEATH * 1000)
+
+    async def _heartbeat_loop(self) -> None:
+        """Say this process is alive; release the devices of processes that died silently."""
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            try:
+                released = await self._db(self.services.devices.channel_heartbeat, self.node_id, self._stale_ms)
+            except Exception:
+                log.exception("channel heartbeat failed")
+                continue
+            if released:
+                log.info("%d devices of a server process that stopped answering are OFFLINE now", released)
+
     async def _poll_loop(self) -> None:
         assert self._wake is not None
         while True:
@@ -405,7 +431,7 @@ class DeviceChannel:
         return [found.get(name) for name in names]
 
     def _mark_connected_batch(self, connections: list[tuple[int, str | None]]) -> list[int]:
-        online_ms = self.services.devices.mark_connected_many(connections)
+        online_ms = self.services.devices.mark_connected_many(connections, self.node_id)
         return [online_ms] * len(connections)
 
     def _mark_disconnected_batch(self, connections: list[tuple[int, int]]) -> list[None]:

@@ -211,19 +211,26 @@ class DeviceService:
             for row in rows
         }
 
-    def mark_connected_many(self, connections: list[tuple[int, str | None]]) -> int:
-        """`mark_connected` for many (device_id, ip_address) in one transaction; their online_ms."""
+    def mark_connected_many(self, connections: list[tuple[int, str | None]], node_id: str) -> int:
+        """Many (device_id, ip_address) connected to the channel process `node_id`, in one
+        transaction; returns their online_ms, which mark_disconnected passes back."""
         now = now_ms()
         with self.db.write_turn(), self.db.begin() as conn:
-            store.mark_connected_many(conn, connections, now)
+            store.mark_connected_many(conn, connections, now, node_id)
         return now
 
-    def mark_connected(self, device_id: int, ip_address: str | None) -> int:
-        """Returns the connection's online_ms, which its mark_disconnected passes back."""
+    def channel_heartbeat(self, node_id: str, stale_ms: int) -> int:
+        """The channel process `node_id` is alive; the devices of processes silent for `stale_ms`
+        go OFFLINE (they died without closing their connections). Returns how many did."""
         now = now_ms()
         with self.db.write_turn(), self.db.begin() as conn:
-            store.mark_connected(conn, device_id, ip_address, now)
-        return now
+            store.node_heartbeat(conn, node_id, now)
+            return store.release_dead_nodes(conn, now - stale_ms)
+
+    def forget_channel(self, node_id: str) -> None:
+        """A channel process stopping (its devices are marked OFFLINE by mark_disconnected_many)."""
+        with self.db.write_turn(), self.db.begin() as conn:
+            store.forget_node(conn, node_id)
 
     def mark_disconnected(self, device_id: int, online_ms: int | None = None) -> None:
         """With `online_ms`, only while that connection is still the device's latest (a newer one,

@@ -9,7 +9,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, RowMapping
 
 from otaplane.store.prepared import Prepared
-from otaplane.store.schema import device_applies, device_modules, devices, products
+from otaplane.store.schema import channel_nodes, device_applies, device_modules, devices, products
 
 _DETAIL = sa.select(
     devices,
@@ -150,15 +150,6 @@ def names_of_apply(conn: Connection, apply_id: int) -> list[str]:
         sa.select(devices.c.device_name).where(devices.c.apply_id == apply_id).order_by(devices.c.id)).scalars())
 
 
-def mark_connected(conn: Connection, device_id: int, ip_address: str | None, now_ms: int) -> None:
-    conn.execute(
-        sa.update(devices)
-        .where(devices.c.id == device_id)
-        .values(online=True, online_ms=now_ms, last_seen_ms=now_ms, ip_address=ip_address,
-                active_ms=sa.func.coalesce(devices.c.active_ms, now_ms))
-    )
-
-
 def mark_disconnected(conn: Connection, device_id: int, now_ms: int, online_ms: int | None = None) -> None:
     condition = devices.c.id == device_id
     if online_ms is not None:
@@ -186,13 +177,38 @@ def by_names(conn: Connection, names: list[tuple[str, str]]) -> list[RowMapping]
     return found
 
 
-def mark_connected_many(conn: Connection, connections: list[tuple[int, str | None]], now_ms: int) -> None:
+def mark_connected_many(conn: Connection, connections: list[tuple[int, str | None]], now_ms: int,
+                        node_id: str) -> None:
     if connections:
         conn.execute(
             sa.update(devices)
             .where(devices.c.id == sa.bindparam("p_id"))
             .values(online=True, online_ms=sa.bindparam("p_now"), last_seen_ms=sa.bindparam("p_now"),
-                    ip_address=sa.bindparam("p_ip"),
+                    ip_address=sa.bindparam("p_ip"), online_node=sa.bindparam("p_node"),
                     active_ms=sa.func.coalesce(devices.c.active_ms, sa.bindparam("p_now"))),
-            [{"p_id": d, "p_ip": ip, "p_now": now_ms} for d, ip in connections],
+            [{"p_id": d, "p_ip": ip, "p_now": now_ms, "p_node": node_id} for d, ip in connections],
         )
+
+
+def node_heartbeat(conn: Connection, node_id: str, now_ms: int) -> None:
+    """The channel process `node_id` is alive at now_ms."""
+    if conn.execute(sa.update(channel_nodes).where(channel_nodes.c.node_id == node_id)
+                    .values(heartbeat_ms=now_ms)).rowcount == 0:
+        conn.execute(sa.insert(channel_nodes).values(node_id=node_id, heartbeat_ms=now_ms))
+
+
+def release_dead_nodes(conn: Connection, stale_before_ms: int) -> int:
+    """Devices held by channel processes silent since before `stale_before_ms` go OFFLINE (the
+    process died without closing them), and those processes are forgotten. Returns the devices."""
+    dead = sa.select(channel_nodes.c.node_id).where(channel_nodes.c.heartbeat_ms < stale_before_ms)
+    released = conn.execute(
+        sa.update(devices).where(devices.c.online.is_(True), devices.c.online_node.in_(dead)).values(online=False)
+    ).rowcount
+    conn.execute(sa.delete(channel_nodes).where(channel_nodes.c.heartbeat_ms < stale_before_ms))
+    return released
+
+
+def forget_node(conn: Connection, node_id: str) -> None:
+    conn.execute(sa.delete(channel_nodes).where(channel_nodes.c.node_id == node_id))
+
+

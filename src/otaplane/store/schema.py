@@ -60,6 +60,14 @@ signature_nonces = sa.Table(
     sa.Column("expires_ms", sa.BigInteger, nullable=False, index=True),
 )
 
+# Processes running an embedded broker, and when each last said it is alive.
+channel_nodes = sa.Table(
+    "channel_nodes",
+    metadata,
+    sa.Column("node_id", sa.String(32), primary_key=True),
+    sa.Column("heartbeat_ms", sa.BigInteger, nullable=False),
+)
+
 products = sa.Table(
     "products",
     metadata,
@@ -104,6 +112,9 @@ devices = sa.Table(
     sa.Column("online_ms", sa.BigInteger, nullable=True),  # last connect
     sa.Column("last_seen_ms", sa.BigInteger, nullable=True),
     sa.Column("ip_address", sa.String(64), nullable=True),
+    # The embedded-broker process holding the connection (channel_nodes): when that process dies
+    # without saying so, another one finds its heartbeat stale and marks the device OFFLINE.
+    sa.Column("online_node", sa.String(32), nullable=True, index=True),
     sa.Column("apply_id", sa.BigInteger, nullable=True, index=True),  # BatchRegisterDevice
     sa.UniqueConstraint("product_id", "device_name", name="uq_devices_product_name"),
 )
