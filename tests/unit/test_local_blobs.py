@@ -178,7 +178,11 @@ def test_symlinks_out_of_root_are_not_followed(store, tmp_path):
     outside.write_text("secret")
     (store.root / "ota").mkdir(parents=True)
     (store.root / "ota" / "link.bin").symlink_to(outside)
-    assert store.digest("ota/link.bin") is None
+    (store.root / "ota" / "dir").mkdir()
+    for key in ("ota/link.bin", "ota/dir"):  # a symlinked file, a folder: no object to read
+        assert store.digest(key) is None
+        assert store.read(key, 100) is None
+        assert store.read_range(key, 0, 100) is None
     store.delete("ota/link.bin")
     assert outside.read_text() == "secret"
 

@@ -109,40 +109,31 @@ class LocalBlobStore:
         return key if is_valid_key(key) else None
 
     def digest(self, key: str) -> BlobDigest | None:
-        path = self._path(key)
-        if path is None:
+        handle = self._open(key)
+        if handle is None:
             return None
         md5, sha256, size = hashlib.md5(), hashlib.sha256(), 0
-        try:
-            with open(path, "rb") as handle:
-                while chunk := handle.read(CHUNK):
-                    md5.update(chunk)
-                    sha256.update(chunk)
-                    size += len(chunk)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            return None
+        with handle:
+            while chunk := handle.read(CHUNK):
+                md5.update(chunk)
+                sha256.update(chunk)
+                size += len(chunk)
         return BlobDigest(size=size, md5=md5.hexdigest(), sha256=sha256.hexdigest())
 
     def read_range(self, key: str, offset: int, length: int) -> bytes | None:
-        path = self._path(key)
-        if path is None:
+        handle = self._open(key)
+        if handle is None:
             return None
-        try:
-            with open(path, "rb") as handle:
-                handle.seek(offset)
-                return handle.read(length)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            return None
+        with handle:
+            handle.seek(offset)
+            return handle.read(length)
 
     def read(self, key: str, max_bytes: int) -> bytes | None:
-        path = self._path(key)
-        if path is None:
+        handle = self._open(key)
+        if handle is None:
             return None
-        try:
-            with open(path, "rb") as handle:
-                data = handle.read(max_bytes + 1)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            return None
+        with handle:
+            data = handle.read(max_bytes + 1)
         if len(data) > max_bytes:
             raise ValueError(f"object is larger than {max_bytes} bytes")
         return data
@@ -171,20 +162,12 @@ class LocalBlobStore:
             raise ValueError(f"invalid blob key {key!r}")
 
     def _path(self, key: str) -> Path | None:
-        """The file of a key; None for an invalid key or one that would lead outside root."""
+        """The file of a key; None for an invalid key or one whose folder leads outside root
+        (a symlinked folder). The folder is resolved once and remembered: resolving every path
+        component per request was a tenth of a busy server's CPU. The file itself may still be a
+        symlink: reads open it with O_NOFOLLOW (`_open`), and unlink and rename never follow one."""
         if not is_valid_key(key):
             return None
-        path = self.root / key
-        # Belt and braces on top of is_valid_key: a symlink must not lead outside root either.
-        return path if path.resolve().is_relative_to(self.root) else None
-
-    def _open_object(self, key: str, whole: bool) -> tuple[Path, os.stat_result, bytes | None]:
-        """In a worker thread: the key's file, its stat, and the content of a small file when
-        `whole`. The symlink check of `_path` resolving every component was a tenth of a busy
-        server's CPU: here the key's folder is resolved once (remembered), and the file itself
-        is opened with O_NOFOLLOW (a blob is never a symlink)."""
-        if not is_valid_key(key):
-            raise _invalid_name()
         path = self.root / key
         folder = path.parent
         inside = self._folders_inside.get(folder)
@@ -193,14 +176,44 @@ class LocalBlobStore:
             if len(self._folders_inside) >= 10_000:
                 self._folders_inside.clear()
             self._folders_inside[folder] = inside
-        if not inside:
-            raise _invalid_name()
+        return path if inside else None
+
+    def _open_descriptor(self, path: Path) -> int | None:
+        """The file opened for reading, never through a symlink (a blob never is one): None when
+        it is a symlink; FileNotFoundError and the like when it is missing or not a file."""
         try:
-            descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError as problem:
-            if problem.errno == errno.ELOOP:  # the file is a symlink
-                raise _invalid_name() from None
+            if problem.errno == errno.ELOOP:
+                return None
             raise
+
+    def _open(self, key: str) -> IO[bytes] | None:
+        """The object's file for reading; None when there is none to read."""
+        path = self._path(key)
+        if path is None:
+            return None
+        try:
+            descriptor = self._open_descriptor(path)
+            if descriptor is None:
+                return None
+            handle = os.fdopen(descriptor, "rb")
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            handle.close()
+            return None
+        return handle
+
+    def _open_object(self, key: str, whole: bool) -> tuple[Path, os.stat_result, bytes | None]:
+        """In a worker thread: the key's file, its stat, and the content of a small file when
+        `whole` (one thread hop per GET)."""
+        path = self._path(key)
+        if path is None:
+            raise _invalid_name()
+        descriptor = self._open_descriptor(path)
+        if descriptor is None:  # the file is a symlink
+            raise _invalid_name()
         try:
             return (path, *_stat_and_small_read(descriptor, whole))
         finally:
