@@ -123,3 +123,35 @@ def test_a_burst_bigger_than_a_page_is_delivered_in_one_sweep(running):
     finally:
         for client in clients:
             client.close()
+
+
+def test_a_stalled_process_taken_for_dead_marks_its_devices_online_again(running):
+    """Another process released this one's devices (its heartbeat looked stale): at its next beat
+    it learns so, and the connections it still holds are ONLINE again."""
+    import sqlalchemy as sa
+
+    from otaplane.store.schema import channel_nodes, devices
+
+    services, channel = running
+    services.accounts.create_key("stall")
+    tenant = services.accounts.tenant_by_name("stall")
+    product = services.products.create(tenant, NewProduct(product_name="stall", node_type=0))
+    secret = services.devices.register(tenant, product.product_key, "stall-dev", None).device_secret
+    device_id = services.devices.credentials(product.product_key, "stall-dev").device_id
+    client = connect(channel.port, product.product_key, "stall-dev", secret)
+    try:
+        deadline = time.monotonic() + 10
+        while not channel.is_online(device_id):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with services.db.begin() as conn:  # what another process's release does
+            conn.execute(sa.delete(channel_nodes).where(channel_nodes.c.node_id == channel.node_id))
+            conn.execute(sa.update(devices).where(devices.c.id == device_id).values(online=False))
+        assert asyncio.run_coroutine_threadsafe(channel._beat(), channel._loop).result(10) is False  # noqa: SLF001
+        asyncio.run_coroutine_threadsafe(channel._mark_online_again(), channel._loop).result(10)  # noqa: SLF001
+        with services.db.connect() as conn:
+            row = conn.execute(sa.select(devices.c.online, devices.c.online_node).where(devices.c.id == device_id)).one()
+        assert (row.online, row.online_node) == (True, channel.node_id)
+        assert channel.is_online(device_id)
+    finally:
+        client.close()

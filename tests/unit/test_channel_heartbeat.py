@@ -44,8 +44,8 @@ def test_the_devices_of_a_silent_process_go_offline(services):
         ids.append(services.devices.credentials(product.product_key, name).device_id)
     dead, live, moved = ids
 
-    assert services.devices.channel_heartbeat("node-a", 60_000) == 0
-    assert services.devices.channel_heartbeat("node-b", 60_000) == 0
+    assert services.devices.channel_heartbeat("node-a", 60_000) == (False, 0)  # first beats
+    assert services.devices.channel_heartbeat("node-b", 60_000) == (False, 0)
     services.devices.mark_connected_many([(dead, None), (moved, None)], "node-a")
     services.devices.mark_connected_many([(live, None)], "node-b")
     services.devices.mark_connected_many([(moved, None)], "node-b")  # reconnected through node-b
@@ -53,14 +53,16 @@ def test_the_devices_of_a_silent_process_go_offline(services):
 
     # node-a stops beating; node-b's next beat finds it stale.
     _beat_at(services, "node-a", 1)
-    assert services.devices.channel_heartbeat("node-b", 60_000) == 1
+    assert services.devices.channel_heartbeat("node-b", 60_000) == (True, 1)
     assert _online(services, ids) == [False, True, True]
     with services.db.connect() as conn:
         assert conn.execute(sa.select(channel_nodes.c.node_id)).scalars().all() == ["node-b"]
     # A fresh heartbeat is never stale.
-    assert services.devices.channel_heartbeat("node-b", 60_000) == 0
+    assert services.devices.channel_heartbeat("node-b", 60_000) == (True, 0)
     assert _online(services, ids) == [False, True, True]
+    # node-a was only stalled: its next beat learns it was taken for dead (it re-marks its devices).
+    assert services.devices.channel_heartbeat("node-a", 60_000) == (False, 0)
 
     services.devices.forget_channel("node-b")
     with services.db.connect() as conn:
-        assert conn.execute(sa.select(sa.func.count()).select_from(channel_nodes)).scalar_one() == 0
+        assert conn.execute(sa.select(channel_nodes.c.node_id)).scalars().all() == ["node-a"]

@@ -162,7 +162,7 @@ class DeviceChannel:
         self.broker = DeviceBroker(config, channel=self)
         await self.broker.start()
         self.services.device_ota.add_listener(self._pushed)
-        await self._db(self.services.devices.channel_heartbeat, self.node_id, self._stale_ms)
+        await self._beat()
         self._spawn(self._poll_loop())
         self._spawn(self._heartbeat_loop())
         scheme = "mqtts" if listener.get("ssl") else "mqtt"
@@ -318,16 +318,31 @@ class DeviceChannel:
         return int(self.heartbeat_s * HEARTBEATS_TO_DEATH * 1000)
 
     async def _heartbeat_loop(self) -> None:
-        """Say this process is alive; release the devices of processes that died silently."""
         while True:
             await asyncio.sleep(self.heartbeat_s)
             try:
-                released = await self._db(self.services.devices.channel_heartbeat, self.node_id, self._stale_ms)
+                if not await self._beat():
+                    await self._mark_online_again()
             except Exception:
                 log.exception("channel heartbeat failed")
-                continue
-            if released:
-                log.info("%d devices of a server process that stopped answering are OFFLINE now", released)
+
+    async def _beat(self) -> bool:
+        """Say this process is alive; release the devices of processes that died silently.
+        False when this process was not known (first beat, or it was taken for dead)."""
+        known, released = await self._db(self.services.devices.channel_heartbeat, self.node_id, self._stale_ms)
+        if released:
+            log.info("%d devices of a server process that stopped answering are OFFLINE now", released)
+        return known
+
+    async def _mark_online_again(self) -> None:
+        """This process missed its heartbeats (a stall) and another one released its devices:
+        the connections it still holds are ONLINE again."""
+        held = [conn for conn in self._by_device.values() if conn.online_ms is not None and not conn.closed]
+        log.warning("this server process was taken for dead; marking its %d devices ONLINE again", len(held))
+        for conn in held:
+            async with self._device_turn(conn.identity.device_id):
+                if not conn.closed:
+                    conn.online_ms = await self._mark_connected((conn.identity.device_id, conn.ip_address))
 
     async def _poll_loop(self) -> None:
         assert self._wake is not None

@@ -219,13 +219,14 @@ class DeviceService:
             store.mark_connected_many(conn, connections, now, node_id)
         return now
 
-    def channel_heartbeat(self, node_id: str, stale_ms: int) -> int:
+    def channel_heartbeat(self, node_id: str, stale_ms: int) -> tuple[bool, int]:
         """The channel process `node_id` is alive; the devices of processes silent for `stale_ms`
-        go OFFLINE (they died without closing their connections). Returns how many did."""
+        go OFFLINE (they died without closing their connections). Returns whether `node_id` was
+        known (False: its first beat, or it was taken for dead) and how many devices went OFFLINE."""
         now = now_ms()
         with self.db.write_turn(), self.db.begin() as conn:
-            store.node_heartbeat(conn, node_id, now)
-            return store.release_dead_nodes(conn, now - stale_ms)
+            known = store.node_heartbeat(conn, node_id, now)
+            return known, store.release_dead_nodes(conn, now - stale_ms)
 
     def forget_channel(self, node_id: str) -> None:
         """A channel process stopping (its devices are marked OFFLINE by mark_disconnected_many)."""

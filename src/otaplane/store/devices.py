@@ -190,11 +190,14 @@ def mark_connected_many(conn: Connection, connections: list[tuple[int, str | Non
         )
 
 
-def node_heartbeat(conn: Connection, node_id: str, now_ms: int) -> None:
-    """The channel process `node_id` is alive at now_ms."""
+def node_heartbeat(conn: Connection, node_id: str, now_ms: int) -> bool:
+    """The channel process `node_id` is alive at now_ms. False when it was not known (its first
+    beat, or another process took it for dead and released its devices)."""
     if conn.execute(sa.update(channel_nodes).where(channel_nodes.c.node_id == node_id)
                     .values(heartbeat_ms=now_ms)).rowcount == 0:
         conn.execute(sa.insert(channel_nodes).values(node_id=node_id, heartbeat_ms=now_ms))
+        return False
+    return True
 
 
 def release_dead_nodes(conn: Connection, stale_before_ms: int) -> int:
