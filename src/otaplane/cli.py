@@ -41,6 +41,21 @@ def _settings(**overrides) -> Settings:
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 
 
+def _print_rows(rows: list[dict], as_json: bool, columns: tuple[str, ...]) -> None:
+    """A JSON array, or a table whose first column (an id other commands take) is never
+    shortened: rich ellipsizes to fit, e.g. 80 columns in a pipe."""
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    table = Table()
+    table.add_column(columns[0], no_wrap=True)
+    for header in columns[1:]:
+        table.add_column(header)
+    for row in rows:
+        table.add_row(*("yes" if row[c] is True else "" if row[c] is False else str(row[c]) for c in columns))
+    console.print(table)
+
+
 def _services(settings: Settings):
     from otaplane.services.container import Services
 
@@ -134,17 +149,7 @@ def keys_list(
         }
         for r in records
     ]
-    if as_json:
-        typer.echo(json.dumps(rows))
-        return
-    table = Table()
-    # Never shortened (rich ellipsizes to fit, e.g. 80 columns in a pipe): `keys revoke` needs it whole.
-    table.add_column("AccessKeyId", no_wrap=True)
-    for header in ("Account", "Status", "Created", "Description"):
-        table.add_column(header)
-    for row in rows:
-        table.add_row(row["AccessKeyId"], row["Account"], row["Status"], row["Created"], row["Description"])
-    console.print(table)
+    _print_rows(rows, as_json, ("AccessKeyId", "Account", "Status", "Created", "Description"))
 
 
 @keys_app.command("revoke")
@@ -198,16 +203,7 @@ def instances_list(
     services.close()
     rows = [{"IotInstanceId": r.instance_id, "Account": r.account_name, "Default": r.is_default,
              "Created": utc_iso_ms(r.created_ms)} for r in records]
-    if as_json:
-        typer.echo(json.dumps(rows))
-        return
-    table = Table()
-    table.add_column("IotInstanceId", no_wrap=True)
-    for header in ("Account", "Default", "Created"):
-        table.add_column(header)
-    for row in rows:
-        table.add_row(row["IotInstanceId"], row["Account"], "yes" if row["Default"] else "", row["Created"])
-    console.print(table)
+    _print_rows(rows, as_json, ("IotInstanceId", "Account", "Default", "Created"))
 
 
 @db_app.command("upgrade")
