@@ -36,6 +36,8 @@ def test_nonces_recorded_before_the_upgrade_are_still_used(db):
         conn.execute(sa.insert(old), [
             {"access_key_id": "LTAIkey", "nonce": "n-1", "expires_ms": 5_000},
             {"access_key_id": "LTAIkey", "nonce": "n-2", "expires_ms": 1_000},
+            # more than one chunk of the streamed copy
+            *({"access_key_id": "LTAIother", "nonce": f"bulk-{i}", "expires_ms": 5_000} for i in range(2_500)),
         ])
     _migrate(db, "head")
     with db.connect() as conn, conn.begin():
@@ -45,5 +47,8 @@ def test_nonces_recorded_before_the_upgrade_are_still_used(db):
             NonceUse("LTAIkey", "n-3", 2_000, 900_000),  # never seen
         ])
     assert outcomes == [False, True, True]
+    with db.connect() as conn, conn.begin():
+        assert remember_many(conn, [NonceUse("LTAIother", f"bulk-{i}", 2_000, 900_000) for i in (0, 1_234, 2_499)]) == [
+            False, False, False]
     with db.connect() as conn:
         assert not sa.inspect(conn).has_table("signature_nonces")

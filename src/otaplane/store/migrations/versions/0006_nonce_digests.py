@@ -11,6 +11,7 @@ import hashlib
 
 from alembic import op
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
 
 revision = '0006'
@@ -37,13 +38,12 @@ def upgrade() -> None:
     old = sa.table('signature_nonces', sa.column('access_key_id', sa.String), sa.column('nonce', sa.String),
                    sa.column('expires_ms', sa.BigInteger))
     conn = op.get_bind()
-    rows = {}
-    for key_id, nonce, expires_ms in conn.execute(sa.select(old.c.access_key_id, old.c.nonce, old.c.expires_ms)):
-        digest = _digest(key_id, nonce)
-        rows[digest] = max(expires_ms, rows.get(digest, expires_ms))
-    items = [{'digest': d, 'expires_ms': e} for d, e in rows.items()]
-    for start in range(0, len(items), 1000):
-        op.bulk_insert(digests, items[start:start + 1000])
+    insert = (postgresql.insert(digests) if conn.dialect.name == 'postgresql' else sqlite.insert(digests))
+    insert = insert.on_conflict_do_nothing()  # two nonces on one digest (~never): one row is enough
+    rows = conn.execute(sa.select(old.c.access_key_id, old.c.nonce, old.c.expires_ms)
+                        .execution_options(stream_results=True, yield_per=1000))
+    for chunk in rows.partitions(1000):  # streamed: the table may hold millions of nonces
+        conn.execute(insert, [{'digest': _digest(k, n), 'expires_ms': e} for k, n, e in chunk])
 
     with op.batch_alter_table('signature_nonces', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_signature_nonces_expires_ms'))
