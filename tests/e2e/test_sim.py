@@ -199,6 +199,24 @@ def test_fail_rate_one_reports_failures_and_keeps_the_old_version(api, local, te
     assert all(version_of(api, product_key, n) == "1.5.0" for n in names)
 
 
+def test_a_job_with_download_protocol_mqtt_upgrades_the_fleet_over_mqtt(api, sims):
+    """The simulated devices read the package in 5 KB blocks over MQTT, as link-sdk-c 4.x does."""
+    product_key = product(api)
+    content = os.urandom(23_456)  # four full blocks and a short one
+    firmware_id = firmware(api, product_key, content, SignMethod="SHA256", NeedToVerify=False)
+    sim = sims(product_key, 5)
+    sim.wait_connected()
+    body = api.call("CreateOTAStaticUpgradeJob", {"ProductKey": product_key, "FirmwareId": firmware_id,
+                                                  "TargetSelection": "ALL", "DownloadProtocol": "MQTT"})
+    assert body["Success"], body
+    sim.wait(lambda s: s["succeeded"] == 5)
+    stats, _ = sim.stop()
+    assert (stats["succeeded"], stats["failed"], stats["checksum_mismatches"]) == (5, 0, 0)
+    assert stats["download_bytes"] == 5 * len(content)
+    assert stats["versions"] == {"2.0.0": 5}
+    eventually(lambda: all(version_of(api, product_key, n) == "2.0.0" for n in NAMES20[:5]))
+
+
 def test_pull_after_connect_gets_a_package_pushed_while_offline(api, local, tenant, sims):
     product_key = product(api)
     content = os.urandom(5000)

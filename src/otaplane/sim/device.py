@@ -7,7 +7,8 @@ answered on `.../firmware/get_reply`, starts an upgrade:
     progress steps[0] (the HTTP GET starts) -> download -> verify the checksum
     -> the remaining steps, `step_delay` apart -> report the new version
 
-and the device runs that version for the rest of the run. A chosen fraction of upgrades fails at
+and the device runs that version for the rest of the run. A push with `"dProtocol":"mqtt"` is
+downloaded in blocks on `/sys/{pk}/{dn}/thing/file/download` instead, as link-sdk-c 4.x does. A chosen fraction of upgrades fails at
 `fail_step` instead: -2 in place of the download, -3 in place of the verification, -1 and -4
 before the last step (the device keeps its version). A real download error reports -2, a checksum
 mismatch -3. A message id the device already handled is not run again; neither is a package while
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import yarl
 
+from otaplane.devices.messages import crc16_arc
 from otaplane.sim.mqtt import MqttClient
 from otaplane.sim.stats import Stats
 
@@ -40,6 +42,8 @@ FAILURE_DESC = {
     -4: "burn failed (simulated)",
 }
 DOWNLOAD_ATTEMPTS = 3
+MQTT_BLOCK_BYTES = 5120  # link-sdk-c 4.x's default request size
+MQTT_BLOCK_TIMEOUT_S = 10.0  # and its wait for one block, asked at most DOWNLOAD_ATTEMPTS times
 HANDLED_IDS_KEPT = 16  # message ids a device remembers (enough: a push id is per device and package)
 
 
@@ -107,7 +111,7 @@ class SimDevice:
     """One device: its MQTT client, its version, and at most one upgrade at a time."""
 
     __slots__ = ("index", "product_key", "device_name", "secret", "behaviour", "stats", "downloader", "client",
-                 "version", "handled", "upgrading", "next_id", "tasks", "topics")
+                 "version", "handled", "upgrading", "next_id", "tasks", "topics", "block")
 
     def __init__(self, index: int, product_key: str, device_name: str, secret: str, behaviour: Behaviour,
                  stats: Stats, downloader: Downloader | None, tasks: set):
@@ -124,6 +128,7 @@ class SimDevice:
         self.upgrading: str | None = None  # the version being installed
         self.next_id = 0
         self.tasks = tasks  # the fleet's running upgrades (kept referenced until done)
+        self.block: asyncio.Future | None = None  # the download_reply awaited (MQTT download)
         pk, dn = product_key, device_name
         self.topics = {
             "inform": f"/ota/device/inform/{pk}/{dn}",
@@ -131,6 +136,8 @@ class SimDevice:
             "get": f"/sys/{pk}/{dn}/thing/ota/firmware/get",
             "upgrade": f"/ota/device/upgrade/{pk}/{dn}",
             "get_reply": f"/sys/{pk}/{dn}/thing/ota/firmware/get_reply",
+            "download": f"/sys/{pk}/{dn}/thing/file/download",
+            "download_reply": f"/sys/{pk}/{dn}/thing/file/download_reply",
         }
 
     # --- upstream -------------------------------------------------------------------------------
@@ -166,6 +173,10 @@ class SimDevice:
             self._send("get", {}, qos=0)
 
     def on_message(self, topic: str, payload: bytes) -> None:
+        if topic == self.topics["download_reply"]:
+            if self.block is not None and not self.block.done():
+                self.block.set_result(payload)
+            return
         if topic == self.topics["upgrade"]:
             pushed = True
         elif topic == self.topics["get_reply"]:
@@ -242,6 +253,52 @@ class SimDevice:
                 await asyncio.sleep(1.0 + attempt)
         raise AssertionError("unreachable")
 
+    async def _mqtt_block(self, stream_id: int, file_id: int, offset: int) -> tuple[dict, bytes]:
+        """One block: (JSON header, data), the CRC checked; asked again after a timeout or a bad
+        reply, as the SDK does."""
+        request = json.dumps({"id": str(self.next_id), "version": "1.0", "params": {
+            "fileToken": "default", "fileInfo": {"streamId": stream_id, "fileId": file_id},
+            "fileBlock": {"size": MQTT_BLOCK_BYTES, "offset": offset}}}, separators=(",", ":")).encode()
+        problem = "no reply"
+        for _attempt in range(DOWNLOAD_ATTEMPTS):
+            self.block = asyncio.get_running_loop().create_future()
+            self.client.publish(self.topics["download"], request, 0)
+            try:
+                reply = await asyncio.wait_for(self.block, MQTT_BLOCK_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                problem = "no reply"
+                continue
+            finally:
+                self.block = None
+            length = int.from_bytes(reply[:2], "big")
+            try:
+                header = json.loads(reply[2:2 + length])
+            except ValueError:
+                problem = "a reply header that is not JSON"
+                continue
+            data = reply[2 + length:-2]
+            if header.get("code") != 200:
+                raise DownloadFailed(f"block at {offset}: code {header.get('code')}", retryable=False)
+            if int.from_bytes(reply[-2:], "little") != crc16_arc(data) or header["data"].get("bOffset") != offset:
+                problem = "a block with a wrong CRC or offset"
+                continue
+            return header, data
+        raise DownloadFailed(f"block at {offset}: {problem}")
+
+    async def _mqtt_download(self, stream_id: int, file_id: int, method: str) -> str:
+        """The digest of a file read block by block over MQTT (DownloadProtocol MQTT)."""
+        digest = hashlib.sha256() if method.upper() == "SHA256" else hashlib.md5()
+        offset, length = 0, None
+        while length is None or offset < length:
+            header, data = await self._mqtt_block(stream_id, file_id, offset)
+            length = header["data"]["fileLength"]
+            if not data and offset < length:
+                raise DownloadFailed(f"an empty block at {offset} of {length}", retryable=False)
+            digest.update(data)
+            offset += len(data)
+            self.stats.download_bytes += len(data)
+        return digest.hexdigest()
+
     async def _run(self, data: dict, steps: list[int], fail_at: int | None) -> int:
         b, stats = self.behaviour, self.stats
         self.progress(steps[0])
@@ -252,11 +309,15 @@ class SimDevice:
         if b.download:
             files = data.get("files") or [{"fileUrl": data.get("url"), "fileSign": data.get("sign") or data.get("md5")}]
             method = data.get("signMethod") or "Md5"
+            over_mqtt = data.get("dProtocol") == "mqtt"
             for item in files:
-                if not item.get("fileUrl"):
+                if not over_mqtt and not item.get("fileUrl"):
                     return await self._fail(-2, "no url in the push")
                 try:
-                    digest = await self._download(item["fileUrl"], method)
+                    if over_mqtt:
+                        digest = await self._mqtt_download(data["streamId"], data.get("streamFileId", 1), method)
+                    else:
+                        digest = await self._download(item["fileUrl"], method)
                 except DownloadFailed as exc:
                     stats.download_failures += 1
                     log.warning("%s: download failed: %s", self.device_name, exc)
