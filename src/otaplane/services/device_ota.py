@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from otaplane import errors
+from otaplane.blobs.chunk_cache import ChunkCache
 from otaplane.services import jobs, task_flow
 from otaplane.services.devices import DEFAULT_MODULE, DeviceRef, DeviceService
 from otaplane.services.firmware import FirmwareService
@@ -117,6 +118,7 @@ class DeviceOtaService:
         self.devices = devices
         self.firmware = firmware
         self.minute_ms = minute_ms  # a job "minute": task timeouts (shorter in tests)
+        self._blocks = ChunkCache(firmware.blobs)  # MQTT downloads: 5 KB asks, 64 KB reads
         self._listeners: list[Callable[[int], None]] = []
         self._job_listeners: list[Callable[[], None]] = []
 
@@ -207,7 +209,7 @@ class DeviceOtaService:
             row = store.stream_file(conn, device_id, stream_id)
         if row is None:
             return None
-        data = self.firmware.blobs.read_range(row["blob_key"], offset, size) if offset < row["size"] else b""
+        data = self._blocks.read(row["blob_key"], offset, size) if offset < row["size"] else b""
         return None if data is None else (row["size"], data)
 
     def offer(self, device_id: int, module: str | None) -> PendingPackage | None:
