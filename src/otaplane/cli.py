@@ -64,6 +64,30 @@ def _services(settings: Settings):
     return services
 
 
+def _check_mqtt_port_free(host: str, port: int) -> None:
+    """Say so in one line, before anything starts, when the embedded broker cannot listen
+    (typically another MQTT broker on 1883), instead of a traceback from the broker."""
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as problem:
+        console.print(f"[red]otaplane: the MQTT address {host}:{port} cannot be used: {problem}[/]")
+        raise typer.Exit(1) from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the broker binds
+        try:
+            probe.bind(address)
+        except OSError as problem:
+            console.print(f"[red]otaplane: the MQTT port {host}:{port} is not free ({problem.strerror}); another "
+                          "MQTT broker? Pass --mqtt-port N (OTAPLANE_MQTT_PORT), or OTAPLANE_MQTT_URL to use "
+                          "that broker instead of the embedded one.[/]")
+            raise typer.Exit(1) from None
+
+
 @app.command()
 def serve(
     data_dir: DataDir = None,
@@ -93,6 +117,8 @@ def serve(
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if not settings.mqtt_url:
+        _check_mqtt_port_free(settings.resolved_mqtt_host(), settings.mqtt_port)
     services = Services.build(settings)
     prepare(services)
     uvicorn.run(

@@ -226,6 +226,22 @@ def test_a_connection_without_connect_is_closed(make_server):
         assert time.monotonic() - started < 5
 
 
+def test_serve_says_in_one_line_when_the_mqtt_port_is_taken(tmp_path):
+    """Another broker on the MQTT port: a clear message and exit 1, not the broker's traceback."""
+    from tests.support.server import free_port, otaplane_cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        mqtt_port = taken.getsockname()[1]
+        result = otaplane_cli("serve", "--port", str(free_port()), "--mqtt-port", str(mqtt_port),
+                              env={"OTAPLANE_DATA_DIR": str(tmp_path)}, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert f"the MQTT port 127.0.0.1:{mqtt_port} is not free" in " ".join(output.split()), output
+    assert "Traceback" not in output
+
+
 # --- upstream: versions, progress, firmware/get -------------------------------------------------
 def test_version_reports_show_in_the_openapi(fleet):
     name = fleet.register()
