@@ -88,7 +88,7 @@ async def _file_block(device_ota: Any, run_db: Callable[..., Awaitable[Any]], de
         return messages.block_reply({"code": 404, "message": "no such file for this device",
                                      "data": {"fileToken": request.file_token}})
     length, data = found
-    if request.offset >= length and length > 0:
+    if request.offset >= length > 0:
         return messages.block_reply({"code": 400, "message": f"offset {request.offset} is past the end ({length})",
                                      "data": {"fileToken": request.file_token, "fileLength": length}})
     # The CRC is over the whole block: work for a thread, not the event loop, on big blocks.

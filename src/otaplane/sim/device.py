@@ -98,7 +98,7 @@ class Downloader:
                         digest.update(chunk)
                         size += len(chunk)
                         stats.download_bytes += len(chunk)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 raise DownloadFailed(repr(exc)) from None
         return digest.hexdigest(), size
 
@@ -265,7 +265,7 @@ class SimDevice:
             self.client.publish(self.topics["download"], request, 0)
             try:
                 reply = await asyncio.wait_for(self.block, MQTT_BLOCK_TIMEOUT_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 problem = "no reply"
                 continue
             finally:

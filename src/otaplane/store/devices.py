@@ -9,7 +9,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, RowMapping
 
 from otaplane.store.prepared import Prepared
-from otaplane.store.schema import channel_nodes, device_applies, device_modules, devices, products
+from otaplane.store.schema import (
+    channel_nodes,
+    device_applies,
+    device_modules,
+    devices,
+    products,
+)
 
 _DETAIL = sa.select(
     devices,

@@ -13,8 +13,8 @@ import logging
 import queue
 import threading
 import time
-from hashlib import blake2b
 from collections.abc import Sequence
+from hashlib import blake2b
 from typing import NamedTuple
 
 import sqlalchemy as sa
