@@ -37,6 +37,11 @@ DatabaseUrl = Annotated[
 ]
 
 
+# The options of the `list` commands.
+AccountFilter = Annotated[Optional[str], typer.Option(help="Only this account.")]
+AsJsonRows = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
 def _settings(**overrides) -> Settings:
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 
@@ -154,8 +159,8 @@ def keys_create(
 
 @keys_app.command("list")
 def keys_list(
-    account: Annotated[Optional[str], typer.Option(help="Only this account.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    account: AccountFilter = None,
+    as_json: AsJsonRows = False,
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
 ) -> None:
@@ -216,8 +221,8 @@ def instances_create(
 
 @instances_app.command("list")
 def instances_list(
-    account: Annotated[Optional[str], typer.Option(help="Only this account.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    account: AccountFilter = None,
+    as_json: AsJsonRows = False,
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
 ) -> None:

@@ -259,16 +259,22 @@ class DeviceChannel:
                      identity.product_key, identity.device_name)
             self._spawn(previous.handler.handle_connection_closed())
         try:
-            async with self._device_turn(identity.device_id):
-                if conn.closed:
-                    return
-                conn.online_ms = await self._mark_connected((identity.device_id, conn.ip_address))
+            if not await self._record_online(conn):
+                return
             # Only now: a push committed after this read is found by the poller, which sees
             # the device here; one committed before is in `offers`.
             packages = await self._offers(identity.device_id)
             await self._deliver([(conn, p) for p in packages])
         except Exception:
             log.exception("connect of %s/%s: bookkeeping failed", identity.product_key, identity.device_name)
+
+    async def _record_online(self, conn: Connection) -> bool:
+        """The device row says ONLINE for this connection (held here); False when it closed first."""
+        async with self._device_turn(conn.identity.device_id):
+            if conn.closed:
+                return False
+            conn.online_ms = await self._mark_connected((conn.identity.device_id, conn.ip_address))
+            return True
 
     async def disconnected(self, session: Session) -> None:
         conn: Connection | None = session.attributes.get(_CONNECTION)
@@ -339,10 +345,8 @@ class DeviceChannel:
         the connections it still holds are ONLINE again."""
         held = [conn for conn in self._by_device.values() if conn.online_ms is not None and not conn.closed]
         log.warning("this server process was taken for dead; marking its %d devices ONLINE again", len(held))
-        for conn in held:
-            async with self._device_turn(conn.identity.device_id):
-                if not conn.closed:
-                    conn.online_ms = await self._mark_connected((conn.identity.device_id, conn.ip_address))
+        # Together: _mark_connected group-commits them (one transaction, not one per device).
+        await asyncio.gather(*(self._record_online(conn) for conn in held))
 
     async def _poll_loop(self) -> None:
         assert self._wake is not None

@@ -122,6 +122,20 @@ def _module(params: dict[str, Any]) -> str | None:
     return _text(module, "module", MAX_MODULE_LENGTH)
 
 
+def _int(value: Any, name: str, minimum: int, maximum: int | None = None) -> int:
+    """An integer as the SDKs send one: a JSON number or a decimal string (`"step": "-1"`)."""
+    if isinstance(value, bool):
+        raise MalformedMessage(f"{name} is not a number")
+    try:
+        number = int(value.strip()) if isinstance(value, str) else value
+    except ValueError:
+        raise MalformedMessage(f"{name} is not a number") from None
+    if not isinstance(number, int) or number < minimum or (maximum is not None and number > maximum):
+        bounds = f"from {minimum} to {maximum}" if maximum is not None else f"of at least {minimum}"
+        raise MalformedMessage(f"{name} is not an integer {bounds}")
+    return number
+
+
 def parse_inform(payload: bytes) -> VersionReport:
     """`{"id": 1, "params": {"version": "1.0.0", "module": "MCU"}}`; id int or string, module optional."""
     request_id, params = _envelope(payload)
@@ -131,15 +145,7 @@ def parse_inform(payload: bytes) -> VersionReport:
 def parse_progress(payload: bytes) -> ProgressReport:
     """`{"id": "1", "params": {"step": "-1", "desc": "...", "module": "MCU"}}`; step string or int."""
     request_id, params = _envelope(payload)
-    raw = params.get("step")
-    if isinstance(raw, bool):
-        raise MalformedMessage("step is not a number")
-    try:
-        step = int(raw.strip()) if isinstance(raw, str) else raw
-    except ValueError:
-        raise MalformedMessage("step is not a number") from None
-    if not isinstance(step, int) or step not in PROGRESS_STEPS:
-        raise MalformedMessage("step is not an integer from -4 to 100")
+    step = _int(params.get("step"), "step", PROGRESS_STEPS.start, PROGRESS_STEPS.stop - 1)
     desc = params.get("desc")
     if desc is not None and not isinstance(desc, str):
         raise MalformedMessage("desc is not a string")
@@ -152,18 +158,6 @@ def parse_firmware_get(payload: bytes) -> FirmwareQuery:
     """`{"id": 1, "params": {}}` or with `"module"`; `version`/`method` may be there and are ignored."""
     request_id, params = _envelope(payload)
     return FirmwareQuery(request_id, _module(params))
-
-
-def _int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool):
-        raise MalformedMessage(f"{name} is not a number")
-    try:
-        number = int(value.strip()) if isinstance(value, str) else value
-    except ValueError:
-        raise MalformedMessage(f"{name} is not a number") from None
-    if not isinstance(number, int) or number < minimum:
-        raise MalformedMessage(f"{name} is not an integer of at least {minimum}")
-    return number
 
 
 def parse_block_request(payload: bytes) -> BlockRequest:

@@ -68,8 +68,10 @@ async def handle(
                         messages.firmware_get_reply(query.request_id, package))
             return Handled(upstream.kind, query.module)
         if upstream.kind is topics.Upstream.FILE_DOWNLOAD:
+            request = messages.parse_block_request(data)
+            # One worker-thread hop for the read and the CRC (over the whole block: no loop work).
             await reply(topics.file_download_reply_topic(product_key, device_name),
-                        await _file_block(device_ota, run_db, device_id, messages.parse_block_request(data)))
+                        await run_db(_block_reply, device_ota, device_id, request))
             return Handled(upstream.kind)
         log.debug("legacy %s from %s is not supported", upstream.kind.value, who)
     except messages.MalformedMessage as problem:
@@ -79,11 +81,10 @@ async def handle(
     return None
 
 
-async def _file_block(device_ota: Any, run_db: Callable[..., Awaitable[Any]], device_id: int,
-                      request: messages.BlockRequest) -> bytes:
+def _block_reply(device_ota: Any, device_id: int, request: messages.BlockRequest) -> bytes:
     """The download_reply to a block request: the block, or a header-only refusal."""
     size = min(request.size, messages.MAX_BLOCK_BYTES)
-    found = await run_db(device_ota.file_block, device_id, request.stream_id, request.file_id, request.offset, size)
+    found = device_ota.file_block(device_id, request.stream_id, request.file_id, request.offset, size)
     if found is None:
         return messages.block_reply({"code": 404, "message": "no such file for this device",
                                      "data": {"fileToken": request.file_token}})
@@ -91,6 +92,5 @@ async def _file_block(device_ota: Any, run_db: Callable[..., Awaitable[Any]], de
     if request.offset >= length > 0:
         return messages.block_reply({"code": 400, "message": f"offset {request.offset} is past the end ({length})",
                                      "data": {"fileToken": request.file_token, "fileLength": length}})
-    # The CRC is over the whole block: work for a thread, not the event loop, on big blocks.
-    return await run_db(messages.block_reply, {"code": 200, "data": {
+    return messages.block_reply({"code": 200, "data": {
         "bSize": len(data), "bOffset": request.offset, "fileLength": length, "fileToken": request.file_token}}, data)

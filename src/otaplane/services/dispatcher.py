@@ -199,7 +199,7 @@ class Dispatcher:
             job = conn.execute(query).first()
             if job is None or job.status != job_rules.IN_PROGRESS:
                 return  # gone, finished, or another process holds it right now
-            interval_us = 60_000_000 / max(1, job.max_per_minute)
+            interval_us = job_rules.pace_interval_us(job.max_per_minute)
             cursor = max(job.pace_next_us, now_us - MAX_PACE_BANK_US)
             if cursor > now_us:
                 return

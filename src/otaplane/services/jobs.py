@@ -60,8 +60,8 @@ class Tag:
 MAX_MQTT_DOWNLOAD_BYTES = 16 * 1024 * 1024
 
 
-def _interval_us(max_per_minute: int) -> float:
-    """Time between two pushes of a job paced at `max_per_minute` (as the dispatcher paces)."""
+def pace_interval_us(max_per_minute: int) -> float:
+    """Time between two pushes of a job paced at `max_per_minute` (the dispatcher's pace)."""
     return 60_000_000 / max(1, max_per_minute)
 
 
@@ -441,8 +441,8 @@ class JobService:
             if job["pace_next_us"] > now * 1000:
                 # The next pace slot was reserved at the old rate: move it to the new one at once
                 # (a job slowed to 10/min would otherwise keep a 6 s wait after speeding up).
-                values["pace_next_us"] = int(job["pace_next_us"] - _interval_us(job["max_per_minute"])
-                                             + _interval_us(max_per_minute))
+                values["pace_next_us"] = int(job["pace_next_us"] - pace_interval_us(job["max_per_minute"])
+                                             + pace_interval_us(max_per_minute))
             if timeout_minutes is not None:
                 values["timeout_minutes"] = timeout_minutes
             if src_versions:

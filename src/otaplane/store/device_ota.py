@@ -265,9 +265,11 @@ def set_firmware_md5(conn: Connection, firmware_pk: int, md5: str) -> None:
     conn.execute(sa.update(firmware).where(firmware.c.id == firmware_pk).values(md5=md5))
 
 
+# What a device report needs of the task behind its push (task_of, progress_and_task).
+_TASK_COLUMNS = (ota_tasks.c.id, ota_tasks.c.status, ota_tasks.c.progress, ota_tasks.c.job_pk,
+                 firmware.c.dest_version, ota_jobs.c.timeout_minutes)
 _TASK_OF = Prepared(
-    sa.select(ota_tasks.c.id, ota_tasks.c.status, ota_tasks.c.progress, ota_tasks.c.job_pk,
-              firmware.c.dest_version, ota_jobs.c.timeout_minutes)
+    sa.select(*_TASK_COLUMNS)
     .select_from(pending)
     .join(ota_tasks, ota_tasks.c.id == pending.c.task_pk)
     .join(ota_jobs, ota_jobs.c.id == ota_tasks.c.job_pk)
@@ -290,8 +292,7 @@ def task_of(conn: Connection, device_id: int, module_name: str) -> dict | None:
 # task_of's FOR UPDATE OF does; a push row without a task gives one row of NULL task columns.
 _PUSHED = _RECORD_PROGRESS.statement.returning(pending.c.task_pk, pending.c.firmware_pk).cte("pushed")
 _PROGRESS_AND_TASK_PG = Prepared(
-    sa.select(ota_tasks.c.id, ota_tasks.c.status, ota_tasks.c.progress, ota_tasks.c.job_pk,
-              firmware.c.dest_version, ota_jobs.c.timeout_minutes)
+    sa.select(*_TASK_COLUMNS)
     .select_from(_PUSHED)
     .outerjoin(ota_tasks, ota_tasks.c.id == _PUSHED.c.task_pk)
     .outerjoin(ota_jobs, ota_jobs.c.id == ota_tasks.c.job_pk)
