@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -59,6 +59,11 @@ def _print_rows(rows: list[dict], as_json: bool, columns: tuple[str, ...]) -> No
     for row in rows:
         table.add_row(*("yes" if row[c] is True else "" if row[c] is False else str(row[c]) for c in columns))
     console.print(table)
+
+
+def _refuse(problem: Exception) -> NoReturn:
+    console.print(f"[red]otaplane: {problem}[/]")
+    raise typer.Exit(2)
 
 
 def _services(settings: Settings):
@@ -146,8 +151,12 @@ def keys_create(
 ) -> None:
     """Create an AccessKey; the secret is shown this once."""
     services = _services(_settings(data_dir=data_dir, database_url=database_url))
-    new_key = services.accounts.create_key(account, description)
-    services.close()
+    try:
+        new_key = services.accounts.create_key(account, description)
+    except ValueError as problem:
+        _refuse(problem)
+    finally:
+        services.close()
     if as_json:
         typer.echo(json.dumps({"AccessKeyId": new_key.access_key_id, "AccessKeySecret": new_key.access_key_secret}))
         return
@@ -211,8 +220,12 @@ def instances_create(
     Requests that pass its IotInstanceId, signed with any key of the account, see its own
     products, firmware, devices and jobs only."""
     services = _services(_settings(data_dir=data_dir, database_url=database_url))
-    instance_id = services.accounts.create_instance(account)
-    services.close()
+    try:
+        instance_id = services.accounts.create_instance(account)
+    except ValueError as problem:
+        _refuse(problem)
+    finally:
+        services.close()
     if as_json:
         typer.echo(json.dumps({"IotInstanceId": instance_id, "Account": account}))
         return

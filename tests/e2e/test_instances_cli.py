@@ -40,3 +40,18 @@ def test_a_second_instance_has_its_own_resources(server):
     refused = RawSigner(server.base_url, other_id, other_secret).v1(
         "QueryProduct", {"ProductKey": product_key}, IotInstanceId=instance).json()
     assert (refused["Success"], refused["Code"]) == (False, "iot.system.InstanceNotFound"), refused
+
+
+def test_account_names_and_descriptions_that_cannot_be_stored_are_refused(server):
+    """Checked before the database (PostgreSQL would refuse them with a traceback, SQLite would
+    take them): a clear line, exit 2, nothing created."""
+    for args in (("instances", "create", "--account", "a" * 65), ("instances", "create", "--account", ""),
+                 ("keys", "create", "--account", "bad\nname"),
+                 ("keys", "create", "--account", "fine", "--description", "d" * 257)):
+        result = server.cli(*args, check=False)
+        output = result.stdout + result.stderr
+        assert result.returncode == 2, output
+        assert "otaplane: a" in output and "Traceback" not in output, output
+    listed = json.loads(server.cli("instances", "list", "--json").stdout)
+    assert not {row["Account"] for row in listed} & {"a" * 65, "", "bad\nname"}
+    assert "fine" not in {row["Account"] for row in json.loads(server.cli("keys", "list", "--json").stdout)}

@@ -22,6 +22,15 @@ _MAX_CACHED_KEYS = 10_000
 _MAX_CACHED_TENANTS = 10_000
 
 
+# The columns' sizes (store/schema.py): longer values would fail in PostgreSQL, not in SQLite.
+MAX_ACCOUNT_NAME = 64
+MAX_KEY_DESCRIPTION = 256
+
+
+class InvalidAccountInput(ValueError):
+    """An operator's account name or key description that cannot be stored (the CLI says why)."""
+
+
 @dataclass(frozen=True)
 class NewKey:
     account: str
@@ -46,6 +55,8 @@ class AccountService:
         self._tenants: dict[tuple[int, str | None], Tenant] = {}
 
     def _ensure_account(self, conn, name: str) -> int:
+        if not 0 < len(name) <= MAX_ACCOUNT_NAME or not name.isprintable():
+            raise InvalidAccountInput(f"an account name is 1 to {MAX_ACCOUNT_NAME} printable characters, not {name!r}")
         account_id = store.find_account(conn, name)
         if account_id is None:
             now = now_ms()
@@ -55,6 +66,8 @@ class AccountService:
 
     def create_key(self, account: str, description: str = "") -> NewKey:
         """A new key pair; the account (and its default instance) is created when new."""
+        if len(description) > MAX_KEY_DESCRIPTION:
+            raise InvalidAccountInput(f"a key description is at most {MAX_KEY_DESCRIPTION} characters")
         key_id, secret = ids.access_key_id(), ids.access_key_secret()
         with self.db.begin() as conn:
             account_id = self._ensure_account(conn, account)
