@@ -1,5 +1,6 @@
 """The baseline for bench/gateway.py: a bare Starlette "hello" endpoint on the serving stack
-`otaplane serve` uses (uvicorn, one worker, the same uvicorn.run options as otaplane/cli.py).
+`otaplane serve` uses (uvicorn, one worker, the same uvicorn.run options as otaplane/cli.py,
+its HTTP protocol class included).
 
     python bench/_hello.py --port 8081
 """
@@ -13,6 +14,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
+
+from otaplane.http_protocol import CoalescingHttpToolsProtocol
 
 
 async def hello(_request: Request) -> PlainTextResponse:
@@ -32,7 +35,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     # Keep in step with `serve` in src/otaplane/cli.py (its defaults: no access log, level info).
-    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="info", server_header=False)
+    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="info", server_header=False,
+                http=CoalescingHttpToolsProtocol)
 
 
 if __name__ == "__main__":

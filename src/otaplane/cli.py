@@ -116,6 +116,7 @@ def serve(
     """Run the server (OpenAPI gateway and MQTT device channel) on embedded defaults or the configured backends."""
     import uvicorn
 
+    from otaplane.http_protocol import CoalescingHttpToolsProtocol
     from otaplane.server import create_app, prepare
     from otaplane.services.container import Services
 
@@ -138,6 +139,7 @@ def serve(
         access_log=settings.access_log,
         log_level=settings.log_level,
         server_header=False,
+        http=CoalescingHttpToolsProtocol,  # a response's head and body in one send()
     )
 
 
