@@ -92,6 +92,9 @@ UnsupportedHTTPMethod = _gateway(
 ThrottlingUser = _gateway(
     "Throttling.User", 400, "Request was denied due to user flow control."
 )
+ServiceUnavailable = _gateway(
+    "ServiceUnavailable", 503, "The request has failed due to a temporary failure of the server."
+)
 InternalError = _gateway(
     "InternalError", 500,
     "The request processing has failed due to some unknown error, exception or failure.",

@@ -19,6 +19,7 @@ from otaplane.devices.http_auth import make_endpoints as make_mqtt_endpoints
 from otaplane.openapi.gateway import Gateway
 from otaplane.services.container import Services
 from otaplane.store import nonces
+from otaplane.store.nonce_file import NonceFile
 from otaplane.timefmt import now_ms
 
 log = logging.getLogger("otaplane")
@@ -33,11 +34,13 @@ def prepare(services: Services) -> None:
     if check_storage is not None:  # fail at start, not at the first upload, when S3 is unreachable
         check_storage()
     ensure_admin_key(services)
+    if isinstance(services.nonces, NonceFile):  # nonces recorded in the database before it stay used
+        with services.db.begin() as conn:
+            services.nonces.import_rows(nonces.take_all_in_use(conn, now_ms()))
 
 
 def _tidy(services: Services) -> None:
-    with services.db.begin() as conn:
-        nonces.purge_expired(conn, now_ms())
+    services.nonces.purge_expired(now_ms())
     services.firmware.collect_abandoned_uploads()
 
 

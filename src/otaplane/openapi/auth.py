@@ -7,6 +7,7 @@ nonce, so that a forged request can never burn a legitimate client's nonce.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -14,8 +15,11 @@ from typing import NamedTuple
 from otaplane import errors
 from otaplane.openapi import signing
 from otaplane.services.accounts import AccountService, ActiveKey
+from otaplane.store.nonce_file import NonceFile, NonceFileFull
 from otaplane.store.nonces import NonceWriter
 from otaplane.timefmt import parse_utc_seconds
+
+log = logging.getLogger("otaplane.gateway")
 
 
 class SignedRequest(NamedTuple):
@@ -92,13 +96,16 @@ class Authenticator:
     The key comes from the key cache (AccountService.cached_key) or, on a miss, from the
     database through `run_db` (the gateway runs it inline on SQLite, in a worker thread on
     PostgreSQL). The nonce is recorded only after the signature checks out, so that a forged
-    request can never burn a legitimate client's nonce, and it is committed (group commit,
-    store.nonces.NonceWriter) before the request goes on: it stays used whatever happens next.
+    request can never burn a legitimate client's nonce, and it is committed (store.nonce_file
+    beside SQLite, else group commit in the database, store.nonces.NonceWriter) before the
+    request goes on: it stays used whatever happens next.
     """
 
-    def __init__(self, accounts: AccountService, nonces: NonceWriter, window_s: int, run_db):
+    def __init__(self, accounts: AccountService, nonces: NonceFile | NonceWriter, window_s: int, run_db):
         self.accounts = accounts
         self.nonces = nonces
+        # The nonce file records a nonce in microseconds, inline; the database's writer is awaited.
+        self._remember_now = nonces.remember if isinstance(nonces, NonceFile) else None
         self.window_s = window_s
         self.run_db = run_db
 
@@ -110,7 +117,15 @@ class Authenticator:
             key = await self.run_db(self.accounts.active_key, claim.access_key_id)
         verify(req, claim, key, self.window_s, now_s)
         window_ms = self.window_s * 1000
-        if not await self.nonces.remember(claim.access_key_id, claim.nonce, int(now_s * 1000), window_ms):
+        if self._remember_now is not None:
+            try:
+                fresh = self._remember_now(claim.access_key_id, claim.nonce, int(now_s * 1000), window_ms)
+            except NonceFileFull:
+                log.error("the nonce file is full: signed requests are refused until nonces expire")
+                raise errors.ServiceUnavailable() from None
+        else:
+            fresh = await self.nonces.remember(claim.access_key_id, claim.nonce, int(now_s * 1000), window_ms)
+        if not fresh:
             raise errors.SignatureNonceUsed()
         return Caller(claim.access_key_id, key.account_id)
 

@@ -6,7 +6,8 @@ the rest of the HTTP work. What it answers is exactly what a Starlette endpoint 
 
 Reading the request happens on the event loop. Database work does not block it:
 - the AccessKey and the instance come from caches (AccountService) most of the time;
-- nonces are group-committed by one writer thread (store.nonces.NonceWriter);
+- nonces go to a file beside SQLite (store.nonce_file), inline, or are group-committed in
+  the database by one writer thread (store.nonces.NonceWriter);
 - on PostgreSQL the rest runs in one worker-thread hop, so the loop (and the MQTT broker
   sharing it) never waits on a network round trip;
 - on SQLite the short reads of `quick_read` actions run on the loop itself (a local indexed

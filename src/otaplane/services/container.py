@@ -17,6 +17,7 @@ from otaplane.services.modules import ModuleService
 from otaplane.services.products import ProductService
 from otaplane.settings import Settings
 from otaplane.store import Database
+from otaplane.store.nonce_file import NonceFile
 from otaplane.store.nonces import NonceWriter
 
 
@@ -34,7 +35,9 @@ class Services:
     device_ota: DeviceOtaService
     jobs: JobService
     dispatcher: Dispatcher
-    nonces: NonceWriter  # group commit of signature nonces (its thread starts on first use)
+    # Signature nonces: a file beside an embedded SQLite database, else the database's table
+    # (group commit by a writer thread, started on first use).
+    nonces: NonceFile | NonceWriter
 
     @classmethod
     def build(cls, settings: Settings) -> "Services":
@@ -59,9 +62,16 @@ class Services:
             device_ota=device_ota,
             jobs=JobService(db, blobs, minute_ms),
             dispatcher=Dispatcher(db, minute_ms, on_pushed=device_ota.notify_pushed),
-            nonces=NonceWriter(db),
+            nonces=_nonce_memory(db),
         )
 
     def close(self) -> None:
         self.nonces.close()
         self.db.dispose()
+
+
+def _nonce_memory(db: Database) -> NonceFile | NonceWriter:
+    path = db.url.removeprefix("sqlite:///") if db.is_sqlite else ""
+    if path and path != ":memory:":
+        return NonceFile.beside(path)
+    return NonceWriter(db)

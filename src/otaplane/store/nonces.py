@@ -33,8 +33,13 @@ def digest(access_key_id: str, nonce: str) -> int:
     length-prefixed so that no two pairs share an input. Two different nonces of one key land on
     one digest with a chance of about n / 2**64 for n nonces in use (1 in 10**12 at ten million):
     the second would be refused as a replay, and the client signs it again with a fresh nonce."""
+    return int.from_bytes(digest_bytes(access_key_id, nonce), "big", signed=True)
+
+
+def digest_bytes(access_key_id: str, nonce: str) -> bytes:
+    """digest() as its 8 big-endian bytes (the key of store.nonce_file)."""
     data = f"{len(access_key_id)}:{access_key_id}{nonce}".encode("utf-8", "surrogatepass")
-    return int.from_bytes(blake2b(data, digest_size=8).digest(), "big", signed=True)
+    return blake2b(data, digest_size=8).digest()
 
 
 def _insert_new(dialect):
@@ -145,6 +150,15 @@ def purge_expired(conn: Connection, now_ms: int) -> int:
     return conn.execute(sa.delete(nonces).where(nonces.c.expires_ms < now_ms)).rowcount
 
 
+def take_all_in_use(conn: Connection, now_ms: int) -> list[tuple[int, int]]:
+    """(digest, expires_ms) of every nonce still in use, deleted from the table (in the caller's
+    transaction): for a nonce memory that takes over from the table (store.nonce_file)."""
+    rows = [(row.digest, row.expires_ms) for row in conn.execute(
+        sa.select(nonces.c.digest, nonces.c.expires_ms).where(nonces.c.expires_ms >= now_ms))]
+    conn.execute(sa.delete(nonces))
+    return rows
+
+
 class _Waiting(NamedTuple):
     use: NonceUse
     future: asyncio.Future
@@ -199,6 +213,10 @@ class NonceWriter:
                     self._thread = threading.Thread(target=self._run, name="otaplane-nonces", daemon=True)
                     self._thread.start()
         self._handed_over.put(turn)
+
+    def purge_expired(self, now_ms: int) -> int:
+        with self.db.begin() as conn:
+            return purge_expired(conn, now_ms)
 
     def close(self) -> None:
         """Finish the nonces already handed over, then stop the thread."""
