@@ -28,7 +28,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 class _CoalescingTransport:
     """A transport whose writes of one loop step are sent at once; all else is the transport's."""
 
-    __slots__ = ("_transport", "_loop", "_pending")
+    __slots__ = ("_loop", "_pending", "_transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
         self._transport = transport

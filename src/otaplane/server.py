@@ -130,7 +130,7 @@ def create_app(services: Services) -> ASGIApp:
         Route("/mqtt/auth", mqtt_auth, methods=["POST"]),
         Route("/mqtt/acl", mqtt_acl, methods=["POST"]),
         # The local blob store serves its own upload and download URLs; S3 needs none.
-        *getattr(services.blobs, "routes", lambda: [])(),
+        *getattr(services.blobs, "routes", list)(),
         Route("/", gateway, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]),
     ]
     # `/` skips Starlette's routing on the way in (the Route above still answers 405 for the rest).

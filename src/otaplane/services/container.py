@@ -40,7 +40,7 @@ class Services:
     nonces: NonceFile | NonceWriter
 
     @classmethod
-    def build(cls, settings: Settings) -> "Services":
+    def build(cls, settings: Settings) -> Services:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         db = Database(settings.resolved_database_url())
         box = SecretBox.from_settings(settings.master_key, settings.data_dir)

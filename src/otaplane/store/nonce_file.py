@@ -59,7 +59,7 @@ class NonceFile:
         os.register_at_fork(after_in_child=lambda: setattr(forget(), "_env", None) if forget() else None)
 
     @classmethod
-    def beside(cls, database_path: str) -> "NonceFile":
+    def beside(cls, database_path: str) -> NonceFile:
         return cls(Path(f"{database_path}.nonces"))
 
     def _table(self):
