@@ -14,6 +14,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Connection, Engine
 
+from otaplane.store.prepared import READ_CACHE
+
 _MIGRATIONS = Path(__file__).parent / "migrations"
 # Any constant works: replicas starting together take turns running migrations.
 _MIGRATION_LOCK_ID = 0x07A91A4E
@@ -150,7 +152,7 @@ class Database:
 class _LoopReads:
     """Database.loop_reads(): a class, not a generator, as it runs on every such request."""
 
-    __slots__ = ("conn", "token", "turn")
+    __slots__ = ("conn", "token", "cache_token", "turn")
 
     def __init__(self, conn: Connection, turn: _ReadTurn | None):
         self.conn = conn
@@ -158,36 +160,51 @@ class _LoopReads:
 
     def __enter__(self) -> Connection:
         self.token = _PINNED.set(self.conn)
-        if self.turn is not None:
-            self.turn.join()
+        self.cache_token = None
+        if self.turn is not None and self.turn.join():
+            self.cache_token = READ_CACHE.set(self.turn.cache)
         return self.conn
 
     def __exit__(self, *_exc) -> None:
         _PINNED.reset(self.token)
+        if self.cache_token is not None:
+            READ_CACHE.reset(self.cache_token)
         if self.conn.in_transaction():  # a Core statement began one: the next block starts afresh
             self.conn.rollback()
 
 
 class _ReadTurn:
-    """One SQLite read transaction for the loop_reads() blocks of one turn of the event loop."""
+    """One SQLite read transaction for the loop_reads() blocks of one turn of the event loop,
+    and the results of its Prepared reads (store.prepared.READ_CACHE), kept from turn to turn
+    while the database is unchanged: `PRAGMA data_version` moves when any other connection, of
+    this process or another, commits a change."""
 
-    __slots__ = ("driver", "open")
+    __slots__ = ("driver", "open", "cache", "version")
 
     def __init__(self, driver):
         self.driver = driver  # the sqlite3 connection
         self.open = False
+        self.cache: dict = {}
+        self.version = None  # data_version the cache was filled at
 
-    def join(self) -> None:
+    def join(self) -> bool:
+        """True when the block runs in the turn's transaction (and may use the cache)."""
         if self.open:
-            return
+            return True
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # not on an event loop: each statement takes its own snapshot
-            return
+            return False
         if not self.driver.in_transaction:
-            self.driver.execute("BEGIN")  # deferred: the first SELECT takes the snapshot
+            self.driver.execute("BEGIN")  # deferred: the pragma below takes the snapshot
+        # Read inside the transaction: the version of the very snapshot the turn reads.
+        version = self.driver.execute("PRAGMA data_version").fetchone()[0]
+        if version != self.version:
+            self.cache.clear()
+            self.version = version
         self.open = True
         loop.call_soon(self.end)  # next turn, ahead of what the loop receives meanwhile
+        return True
 
     def end(self) -> None:
         self.open = False

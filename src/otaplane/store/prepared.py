@@ -10,16 +10,25 @@ statement stays a Core statement, compiled by SQLAlchemy; only its execution is 
   applied (e.g. SQLite's 0/1 to False/True);
 - it runs on the Connection's DBAPI connection, in whatever transaction that connection is in,
   without SQLAlchemy's bookkeeping (no autobegin, no events): for reads, and for writes only
-  inside a transaction begun on the Connection (`with conn.begin():`), which commits them.
+  inside a transaction begun on the Connection (`with conn.begin():`), which commits them;
+- on SQLite, inside `Database.loop_reads()`, a SELECT's result is reused until the database
+  changes (READ_CACHE): the polling reads that dominate a read-mostly API cost a dict lookup.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any, NamedTuple
 
 from sqlalchemy.engine import Connection, Dialect
-from sqlalchemy.sql.selectable import ReturnsRows
+from sqlalchemy.sql.selectable import ReturnsRows, Select
+
+# SQLite, inside Database.loop_reads(): the results of Prepared SELECTs while the database is
+# unchanged (store.database._ReadTurn clears it when PRAGMA data_version moves), keyed by
+# statement and parameters. None elsewhere: every call runs its statement.
+READ_CACHE: ContextVar[dict | None] = ContextVar("otaplane_read_cache", default=None)
+READ_CACHE_MAX = 10_000  # entries; past it the cache starts over
 
 
 class _Compiled(NamedTuple):
@@ -35,6 +44,7 @@ class Prepared:
 
     def __init__(self, statement: ReturnsRows):
         self.statement = statement
+        self._cacheable = isinstance(statement, Select)
         self._compiled: dict[str, _Compiled] = {}
         # The dialect seen last and its compiled form: a process talks to one database, so this
         # is a hit on every call but the first (the dict above still serves a second dialect).
@@ -73,16 +83,44 @@ class Prepared:
             cursor.close()
 
     def all(self, conn: Connection, **params: Any) -> list[dict[str, Any]]:
+        cache = READ_CACHE.get() if self._cacheable else None
+        if cache is not None:
+            key = (self, "all", *params.items())
+            rows = cache.get(key)
+            if rows is None:
+                rows = cache[key] = self._all(conn, params)
+                _bound(cache)
+            return [dict(row) for row in rows]  # copies: a caller may change what it gets
+        return self._all(conn, params)
+
+    def _all(self, conn: Connection, params: dict[str, Any]) -> list[dict[str, Any]]:
         compiled, rows = self._run(conn, params, _fetchall)
         return [_mapping(compiled, row) for row in rows]
 
     def first(self, conn: Connection, **params: Any) -> dict[str, Any] | None:
+        cache = READ_CACHE.get() if self._cacheable else None
+        if cache is not None:
+            key = (self, "first", *params.items())
+            if key in cache:
+                row = cache[key]
+            else:
+                row = cache[key] = self._first(conn, params)
+                _bound(cache)
+            return None if row is None else dict(row)
+        return self._first(conn, params)
+
+    def _first(self, conn: Connection, params: dict[str, Any]) -> dict[str, Any] | None:
         compiled, row = self._run(conn, params, _fetchone)
         return None if row is None else _mapping(compiled, row)
 
     def rowcount(self, conn: Connection, **params: Any) -> int:
         """Run a DML statement without RETURNING: how many rows it changed."""
         return self._run(conn, params, _rowcount)[1]
+
+
+def _bound(cache: dict) -> None:
+    if len(cache) > READ_CACHE_MAX:
+        cache.clear()
 
 
 def _fetchall(cursor):
