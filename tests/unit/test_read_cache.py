@@ -87,10 +87,9 @@ def test_a_commit_of_another_process_is_seen_next_turn(db, tmp_path):
     async def scenario():
         assert _expiry(db) == 100
         await asyncio.sleep(0)
-        subprocess.run([sys.executable, "-c",
-                        "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]);"
-                        f"c.execute('UPDATE {signature_nonces.name} SET expires_ms = 300'); c.commit()",
-                        str(tmp_path / "cache.db")], check=True)
+        script = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1]);"
+                  f"c.execute('UPDATE {signature_nonces.name} SET expires_ms = 300'); c.commit()")
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / "cache.db")], check=True)  # noqa: ASYNC221
         await asyncio.sleep(0)
         assert _expiry(db) == 300
 

@@ -77,7 +77,7 @@ class Database:
             return contextlib.nullcontext(pinned)
         return self.engine.connect()
 
-    def loop_reads(self) -> "_LoopReads":
+    def loop_reads(self) -> _LoopReads:
         """`with db.loop_reads():` around short synchronous reads run on the event loop (the
         gateway's quick_read actions on SQLite). Inside, `connect()` hands out one long-lived
         connection of this thread instead of a pooled one: no checkout, and a warm page cache.
@@ -152,7 +152,7 @@ class Database:
 class _LoopReads:
     """Database.loop_reads(): a class, not a generator, as it runs on every such request."""
 
-    __slots__ = ("conn", "token", "cache_token", "turn")
+    __slots__ = ("cache_token", "conn", "token", "turn")
 
     def __init__(self, conn: Connection, turn: _ReadTurn | None):
         self.conn = conn
@@ -179,7 +179,7 @@ class _ReadTurn:
     while the database is unchanged: `PRAGMA data_version` moves when any other connection, of
     this process or another, commits a change."""
 
-    __slots__ = ("driver", "open", "cache", "version")
+    __slots__ = ("cache", "driver", "open", "version")
 
     def __init__(self, driver):
         self.driver = driver  # the sqlite3 connection
