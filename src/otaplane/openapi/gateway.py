@@ -105,7 +105,9 @@ class Gateway:
         try:
             if method not in ("GET", "POST"):
                 raise errors.UnsupportedHTTPMethod()
-            body = await _read_body(receive, first.get("content-length"), "transfer-encoding" in first)
+            body = b""  # HTTP/1.1 framing: no Content-Length nor Transfer-Encoding, no body
+            if "content-length" in first or "transfer-encoding" in first:
+                body = await _read_body(receive, first.get("content-length"), "transfer-encoding" in first)
             if body and first.get("content-type", "").startswith(FORM_TYPE):
                 form = parse_query(body.decode("utf-8", "replace"))
                 params = {**params, **dict(form)}
@@ -146,7 +148,7 @@ class Gateway:
 
     async def _process(self, action: Action, signed: SignedRequest) -> dict:
         """Authenticate (nonce committed), throttle, parse and run the action."""
-        caller = await self.auth.authenticate(signed)
+        caller = self.auth.authenticate_now(signed) or await self.auth.authenticate(signed)
         if not self.limiter.allow(caller.access_key_id):
             raise errors.ThrottlingUser()
         values = parse_params(action.all_params, signed.params)
