@@ -55,6 +55,16 @@ def test_purge_drops_only_the_expired(memory):
     assert memory.remember("k", "old-7", 2_000, 100)
 
 
+def test_purge_reads_a_bounded_slice_per_call_and_wraps_around(memory):
+    for i in range(1_000):
+        memory.remember("k", f"old-{i}", 1_000, 100)
+    dropped = [memory.purge_expired(2_000, budget=300) for _ in range(4)]
+    assert dropped[:3] == [300, 300, 300] and sum(dropped) == 1_000
+    assert memory.in_use() == 0 and memory.purge_expired(2_000, budget=300) == 0
+    memory.remember("k", "new", 3_000, 100)
+    assert memory.purge_expired(4_000, budget=300) == 1  # started over from the beginning
+
+
 def test_imported_table_rows_stay_used(memory):
     rows = [(digest("k", "from-table"), 5_000), (digest("k", "expired"), 500)]
     assert memory.import_rows(rows) == 2

@@ -71,6 +71,9 @@ class StoredFile:
     file_md5: str
 
 
+_MAX_MEMO_PACKAGES = 1024
+
+
 @dataclass(frozen=True)
 class Firmware:
     firmware_id: str
@@ -132,6 +135,7 @@ class FirmwareService:
         self.db = db
         self.blobs = blobs
         self.download_ttl_s = download_ttl_s
+        self._memo: dict[tuple, Firmware] = {}  # see get()
 
     # --- uploads --------------------------------------------------------------------------------
     def new_upload(self, tenant: Tenant, suffix: str) -> tuple[UploadForm, int]:
@@ -251,8 +255,17 @@ class FirmwareService:
             row = store.get(conn, tenant.instance_pk, firmware_id)
             if row is None:
                 raise errors.FirmwareNotFound()
-            files = store.files_of(conn, row["id"]) if row["blob_key"] is None else []
-        return _firmware(row, files)
+            if row["blob_key"] is None:  # a multi-file package: its files are rows of their own
+                return _firmware(row, store.files_of(conn, row["id"]))
+        # A Firmware is immutable and a function of its row alone: a row read again unchanged
+        # (QueryOTAFirmware, over and over) reuses it; a changed row is a miss.
+        memo_key = tuple(row.values())
+        fw = self._memo.get(memo_key)
+        if fw is None:
+            if len(self._memo) >= _MAX_MEMO_PACKAGES:
+                self._memo.clear()
+            fw = self._memo[memo_key] = _firmware(row, [])
+        return fw
 
     def page(self, tenant: Tenant, current_page: int, page_size: int,
              product_key: str | None, dest_version: str | None) -> FirmwarePage:

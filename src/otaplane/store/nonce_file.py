@@ -14,9 +14,8 @@ every nonce it recorded (they are in the shared mapping); a power cut may lose t
 A file that cannot be opened (damaged by a power cut) is moved aside and started over: nonces
 only matter for the 15 minutes of the clock window.
 
-One table, digest -> expiry. The housekeeping drops what expired by reading it all (a fraction
-of a second a million nonces, in a worker thread, a minute apart): an index by expiry would make
-every request copy a second B-tree path.
+One table, digest -> expiry. The housekeeping drops what expired by reading it, a bounded slice a
+minute in a worker thread: an index by expiry would make every request copy a second B-tree path.
 """
 
 from __future__ import annotations
@@ -40,6 +39,7 @@ log = logging.getLogger("otaplane.nonces")
 # reserved address space; the file holds what is used (a sparse file where the system allows).
 MAP_SIZE = 1 << 30
 PURGE_CHUNK = 2000  # expired nonces dropped per write transaction: the event loop waits for none longer
+PURGE_SCAN = 200_000  # records read per purge_expired() call (~50 ms); the next call goes on from there
 _MS = struct.Struct(">q")  # big-endian, so that by_expiry's keys sort by time
 
 
@@ -53,6 +53,7 @@ class NonceFile:
     def __init__(self, path: Path):
         self.path = path
         self._env: lmdb.Environment | None = None
+        self._purge_from = b""  # where the next purge_expired() starts reading
         self._open_lock = threading.Lock()
         # An LMDB handle never crosses a fork: a child opens its own (cheaper than a getpid() per call).
         forget = weakref.ref(self)
@@ -117,13 +118,27 @@ class NonceFile:
                 count += txn.put(signed_digest.to_bytes(8, "big", signed=True), _MS.pack(expires_ms), overwrite=False)
         return count
 
-    def purge_expired(self, now_ms: int) -> int:
-        """Drop the records that expired before now_ms: read in one snapshot, dropped a chunk
-        per write transaction (a record taken over meanwhile is left alone)."""
+    def purge_expired(self, now_ms: int, budget: int = PURGE_SCAN) -> int:
+        """Drop records that expired before now_ms, reading at most `budget` of them: each call
+        goes on where the last one stopped and wraps around, so one call holds the GIL briefly
+        however big the file (the housekeeping calls it every minute). Read in one snapshot,
+        dropped a chunk per write transaction; a record taken over meanwhile is left alone."""
         env, table = self._table()
         limit = _MS.pack(now_ms)
+        expired = []
         with env.begin(db=table) as txn:
-            expired = [key for key, expires in txn.cursor() if expires < limit]
+            cursor = txn.cursor()
+            if not (self._purge_from and cursor.set_range(self._purge_from)) and not cursor.first():
+                return 0
+            for _ in range(budget):
+                key, expires = cursor.item()
+                if expires < limit:
+                    expired.append(key)
+                if not cursor.next():
+                    self._purge_from = b""  # the end: the next call starts over
+                    break
+            else:
+                self._purge_from = cursor.key()
         dropped = 0
         for start in range(0, len(expired), PURGE_CHUNK):
             with env.begin(write=True, db=table) as txn:

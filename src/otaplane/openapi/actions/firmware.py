@@ -105,10 +105,25 @@ def create_firmware(services, tenant, p):
     return {"Data": {"FirmwareId": fw.firmware_id, "UtcCreate": utc_iso_ms(fw.created_ms)}}
 
 
+# Firmware (memoized by FirmwareService.get while its row is unchanged) -> its _simple_info.
+_SIMPLE_INFO_MEMO: dict[int, tuple[Firmware, dict[str, Any]]] = {}
+
+
+def _memo_simple_info(fw: Firmware) -> dict[str, Any]:
+    """_simple_info(fw), a fresh copy, built once per Firmware object (keyed by identity; the
+    entry holds the object, so its id is not reused while the entry lives)."""
+    entry = _SIMPLE_INFO_MEMO.get(id(fw))
+    if entry is None or entry[0] is not fw:
+        if len(_SIMPLE_INFO_MEMO) >= 1024:
+            _SIMPLE_INFO_MEMO.clear()
+        entry = _SIMPLE_INFO_MEMO[id(fw)] = (fw, _simple_info(fw))
+    return dict(entry[1])
+
+
 @action("QueryOTAFirmware", FIRMWARE_ID, quick_read=True)
 def query_firmware(services, tenant, p):
     fw = services.firmware.get(tenant, p["FirmwareId"])
-    info = _simple_info(fw)
+    info = _memo_simple_info(fw)
     if fw.blob_key:
         info["FirmwareUrl"] = services.firmware.download_url(fw.blob_key)
     if fw.udi is not None:
