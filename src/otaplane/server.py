@@ -25,6 +25,7 @@ from otaplane.timefmt import now_ms
 log = logging.getLogger("otaplane")
 
 HOUSEKEEPING_INTERVAL_S = 60
+NONCE_PURGE_INTERVAL_S = 1
 
 
 def prepare(services: Services) -> None:
@@ -40,7 +41,8 @@ def prepare(services: Services) -> None:
 
 
 def _tidy(services: Services) -> None:
-    services.nonces.purge_expired(now_ms())
+    if not isinstance(services.nonces, NonceFile):  # the file has a loop of its own (below)
+        services.nonces.purge_expired(now_ms())
     services.firmware.collect_abandoned_uploads()
 
 
@@ -51,6 +53,18 @@ async def _housekeeping(services: Services) -> None:
             await anyio.to_thread.run_sync(_tidy, services)
         except Exception:  # keep going: a failed purge only delays cleanup
             log.exception("housekeeping failed")
+
+
+async def _purge_nonce_file(nonce_file: NonceFile) -> None:
+    """A slice of the nonce file a second (store.nonce_file.PURGE_SCAN records, a few ms of a
+    worker thread holding the GIL): the whole file is read every few minutes, and no request
+    waits long behind one slice."""
+    while True:
+        await anyio.sleep(NONCE_PURGE_INTERVAL_S)
+        try:
+            await anyio.to_thread.run_sync(nonce_file.purge_expired, now_ms())
+        except Exception:  # keep going: a failed purge only delays cleanup
+            log.exception("nonce purge failed")
 
 
 class _DispatchLoop:
@@ -115,6 +129,8 @@ def create_app(services: Services) -> ASGIApp:
         try:
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(_housekeeping, services)
+                if isinstance(services.nonces, NonceFile):
+                    tasks.start_soon(_purge_nonce_file, services.nonces)
                 tasks.start_soon(_DispatchLoop(services).run)
                 yield
                 tasks.cancel_scope.cancel()
