@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from otaplane import errors, ids
 from otaplane.blobs import BlobDigest, BlobStore, UploadForm
 from otaplane.services.modules import module_row, product_row
+from otaplane.services.row_memo import RowMemo
 from otaplane.services.tenancy import Tenant
 from otaplane.store import Database
 from otaplane.store import firmware as store
@@ -69,9 +70,6 @@ class StoredFile:
     size: int
     sign_value: str
     file_md5: str
-
-
-_MAX_MEMO_PACKAGES = 1024
 
 
 @dataclass(frozen=True)
@@ -135,7 +133,8 @@ class FirmwareService:
         self.db = db
         self.blobs = blobs
         self.download_ttl_s = download_ttl_s
-        self._memo: dict[tuple, Firmware] = {}  # see get()
+        # A single-file package's row -> its Firmware, built once per row value (see get()).
+        self._single_file_packages = RowMemo(lambda row: _firmware(row, []))
 
     # --- uploads --------------------------------------------------------------------------------
     def new_upload(self, tenant: Tenant, suffix: str) -> tuple[UploadForm, int]:
@@ -257,15 +256,7 @@ class FirmwareService:
                 raise errors.FirmwareNotFound()
             if row["blob_key"] is None:  # a multi-file package: its files are rows of their own
                 return _firmware(row, store.files_of(conn, row["id"]))
-        # A Firmware is immutable and a function of its row alone: a row read again unchanged
-        # (QueryOTAFirmware, over and over) reuses it; a changed row is a miss.
-        memo_key = tuple(row.values())
-        fw = self._memo.get(memo_key)
-        if fw is None:
-            if len(self._memo) >= _MAX_MEMO_PACKAGES:
-                self._memo.clear()
-            fw = self._memo[memo_key] = _firmware(row, [])
-        return fw
+        return self._single_file_packages.get(row)
 
     def page(self, tenant: Tenant, current_page: int, page_size: int,
              product_key: str | None, dest_version: str | None) -> FirmwarePage:

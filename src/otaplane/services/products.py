@@ -9,6 +9,7 @@ from sqlalchemy.exc import IntegrityError
 
 from otaplane import errors, ids
 from otaplane.secretbox import SecretBox
+from otaplane.services.row_memo import RowMemo
 from otaplane.services.tenancy import Tenant
 from otaplane.store import Database
 from otaplane.store import firmware as firmware_store
@@ -70,28 +71,16 @@ class NewProduct:
     publish_auto: bool | None = None
 
 
-# Bound on ProductService's memo of built Products (a full memo is emptied and fills again).
-_MAX_MEMO_PRODUCTS = 1024
-
-
 class ProductService:
     def __init__(self, db: Database, box: SecretBox):
         self.db = db
         self.box = box
-        # Every column value of a products row (+ device_count) -> the Product built from it.
-        # A Product is immutable and a function of those values alone (the secret's decryption
-        # included), so a row read again unchanged (QueryProduct, over and over) reuses it:
-        # building one costs several times more than looking it up. A changed row is a miss.
-        self._memo: dict[tuple, Product] = {}
+        # A products row (+ device_count) -> its Product, secret decrypted: built once per
+        # row value, as building costs several times more than looking it up.
+        self._products = RowMemo(self._build_product)
 
     def _product(self, row) -> Product:
-        memo_key = tuple(row.values())
-        product = self._memo.get(memo_key)
-        if product is None:
-            if len(self._memo) >= _MAX_MEMO_PRODUCTS:
-                self._memo.clear()
-            product = self._memo[memo_key] = self._build_product(row)
-        return product
+        return self._products.get(row)
 
     def _build_product(self, row) -> Product:
         return Product(
