@@ -95,7 +95,7 @@ def test_postgresql_keeps_the_database_writer():
 
     from otaplane.services.container import _nonce_memory
 
-    assert isinstance(_nonce_memory(SimpleNamespace(is_sqlite=False, url="postgresql://db/x")), NonceWriter)
+    assert isinstance(_nonce_memory(SimpleNamespace(is_sqlite=False, sqlite_path=None)), NonceWriter)
 
 
 def _remember_all(path: str, nonces: list[str], start, results) -> None:

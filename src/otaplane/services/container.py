@@ -71,7 +71,6 @@ class Services:
 
 
 def _nonce_memory(db: Database) -> NonceFile | NonceWriter:
-    path = db.url.removeprefix("sqlite:///") if db.is_sqlite else ""
-    if path and path != ":memory:":
-        return NonceFile.beside(path)
+    if db.sqlite_path:
+        return NonceFile.beside(db.sqlite_path)
     return NonceWriter(db)

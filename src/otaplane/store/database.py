@@ -45,16 +45,21 @@ class Database:
         # SQLite's busy handler (1, 2, 5 ... 100 ms steps), which under load is most of a
         # request's latency. This process's threads queue here instead (see write_turn).
         self._write_lock = threading.RLock()  # re-entrant: a turn may nest in another
+        # The database file of SQLite (None for PostgreSQL or an in-memory database): files that
+        # belong with it (the nonce file, store.nonce_file) sit beside it.
+        self.sqlite_path: str | None = None
         if self.is_sqlite:
             db_path = url.removeprefix("sqlite:///")
             if db_path and db_path != ":memory:":
+                self.sqlite_path = db_path
                 Path(db_path).parent.mkdir(parents=True, exist_ok=True)
             self.engine: Engine = sa.create_engine(
                 url,
                 connect_args={"check_same_thread": False, "timeout": 30},
                 # As many kept-open connections as worker threads (anyio's default limit, 40)
-                # plus the three held for good (event loop reads, nonce writer and its WAL
-                # checkpointer): an overflow connection is reopened per use, with its PRAGMAs.
+                # plus three held for good (event loop reads; the nonce writer and its WAL
+                # checkpointer where nonces are kept in the database, store.nonces): an overflow
+                # connection is reopened per use, with its PRAGMAs.
                 pool_size=40 + 3,
                 max_overflow=0,
             )

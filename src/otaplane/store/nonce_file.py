@@ -4,7 +4,7 @@ Every signed request records its nonce before its action runs, so this is the on
 every request. In the SQLite database it was the dearest part of a signed request: each nonce
 lands on a random B-tree page, and each commit writes those whole pages to the WAL and again at
 the checkpoint, in a writer thread that fought the event loop for the GIL. LMDB (a memory-mapped
-B+tree, https://www.symas.com/lmdb) records one in about 2 us, in the calling thread, with no
+B+tree, https://www.symas.com/lmdb) records one in a few microseconds, in the calling thread, with no
 thread hand-over: the event loop records it inline.
 
 Processes that share the SQLite file share this one (it sits next to it, `<database>.nonces`):
@@ -43,7 +43,7 @@ PURGE_CHUNK = 2000  # expired nonces dropped per write transaction: the event lo
 # Records read per purge_expired() call (5-10 ms); the next call goes on from there. The server
 # calls it every second: up to 1.2 million records a minute, beyond the insert rate of any server.
 PURGE_SCAN = 20_000
-_MS = struct.Struct(">q")  # big-endian, so that by_expiry's keys sort by time
+_MS = struct.Struct(">q")  # big-endian: purge_expired compares the packed bytes as times
 
 
 class NonceFileFull(Exception):
