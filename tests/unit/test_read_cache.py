@@ -101,3 +101,46 @@ def test_reads_off_the_loop_are_not_cached(db):
     assert _expiry(db) == 100
     assert _expiry(db) == 100
     assert statements.selects == 2
+
+
+class Built:
+    """A build function that counts its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, row):
+        self.calls += 1
+        return ("built", row["expires_ms"])
+
+
+def _built_expiry(db: Database, build: Built, digest: int = 1):
+    with db.loop_reads() as conn:
+        return EXPIRY_OF.first_built(conn, build, p_digest=digest)
+
+
+def test_a_built_object_is_kept_until_the_database_changes(db):
+    build = Built()
+    statements = Statements(db)
+
+    async def scenario():
+        first = _built_expiry(db, build)
+        assert first == ("built", 100)
+        await asyncio.sleep(0)
+        assert _built_expiry(db, build) is first  # the very object: no row copy, no build
+        assert _built_expiry(db, build, 2) is None  # no row: build is not called
+        _set_expiry(db, 400)
+        await asyncio.sleep(0)
+        assert _built_expiry(db, build) == ("built", 400)
+
+    asyncio.run(scenario())
+    assert build.calls == 2
+    assert statements.selects == 3  # digest 1 twice (before and after the change), digest 2 once
+
+
+def test_off_the_loop_every_call_builds_afresh(db):
+    build = Built()
+    assert _built_expiry(db, build) == ("built", 100)
+    _set_expiry(db, 500)
+    assert _built_expiry(db, build) == ("built", 500)
+    assert build.calls == 2

@@ -93,13 +93,16 @@ class Gateway:
     async def _answer(self, scope: Scope, receive: Receive) -> tuple[str, envelope.Reply]:
         request_id = ids.request_id()
         method = scope["method"]
-        query = parse_query(scope["query_string"].decode())
+        # Bytes that are not UTF-8 become U+FFFD: the signature then fails to match, not the server.
+        query_text = scope["query_string"].decode("utf-8", "replace")
+        query = parse_query(query_text)
         params = dict(query)
         raw_headers = scope["headers"]
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw_headers}  # last wins
+        # ASGI servers hand header names over in lower case (the ASGI spec requires it).
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers}  # last wins
         first = headers  # a header sent more than once: lookups by name see its first value
         if len(headers) != len(raw_headers):
-            first = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in reversed(raw_headers)}
+            first = {k.decode("latin-1"): v.decode("latin-1") for k, v in reversed(raw_headers)}
         fmt = "XML" if params.get("Format", "").upper() == "XML" else "JSON"
         action_name = params.get("Action") or first.get("x-acs-action")
         try:
@@ -108,10 +111,12 @@ class Gateway:
             body = b""  # HTTP/1.1 framing: no Content-Length nor Transfer-Encoding, no body
             if "content-length" in first or "transfer-encoding" in first:
                 body = await _read_body(receive, first.get("content-length"), "transfer-encoding" in first)
+            form_text = ""
             if body and first.get("content-type", "").startswith(FORM_TYPE):
-                form = parse_query(body.decode("utf-8", "replace"))
-                params = {**params, **dict(form)}
-            _refuse_nul(params)
+                form_text = body.decode("utf-8", "replace")
+                params = {**params, **dict(parse_query(form_text))}
+            if _may_hold_nul(query_text) or _may_hold_nul(form_text):
+                _refuse_nul(params)
             action = self._resolve_action(action_name, params, method, first)
             signed = SignedRequest(method, scope["path"], query, params, headers, body)
             payload = await self._process(action, signed)
@@ -205,6 +210,11 @@ def _unquote(text: str) -> str:
         decoded.append(char)
         decoded.append(part[2:])
     return "".join(decoded)
+
+
+def _may_hold_nul(text: str) -> bool:
+    """Whether parse_query(text) may hold a NUL: only a raw one or `%00` decodes to it."""
+    return "%00" in text or "\x00" in text
 
 
 def _refuse_nul(params: dict[str, str]) -> None:

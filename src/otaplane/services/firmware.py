@@ -7,8 +7,10 @@ object, computes both, and refuses a package whose declared values disagree.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from math import ceil
+from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
@@ -122,6 +124,9 @@ def _firmware(row, files) -> Firmware:
         files=[StoredFile(f["name"], f["blob_key"], f["size"], f["sign_value"], f["file_md5"]) for f in files],
         md5=row["md5"],
     )
+
+
+_MULTI_FILE = object()  # FirmwareService._single_file_package of a multi-file package's row
 
 
 def _sign_of(digest: BlobDigest, method: str) -> str:
@@ -251,11 +256,22 @@ class FirmwareService:
     # --- read -----------------------------------------------------------------------------------
     def get(self, tenant: Tenant, firmware_id: str) -> Firmware:
         with self.db.connect() as conn:
-            row = store.get(conn, tenant.instance_pk, firmware_id)
-            if row is None:
+            found = store.get_built(conn, tenant.instance_pk, firmware_id, self._single_file_package)
+            if found is None:
                 raise errors.FirmwareNotFound()
-            if row["blob_key"] is None:  # a multi-file package: its files are rows of their own
-                return _firmware(row, store.files_of(conn, row["id"]))
+            if found is not _MULTI_FILE:
+                return found
+            # A multi-file package: its files are rows of their own.
+            row = store.get(conn, tenant.instance_pk, firmware_id)
+            if row is None:  # deleted in between (outside a read snapshot)
+                raise errors.FirmwareNotFound()
+            return _firmware(row, store.files_of(conn, row["id"]))
+
+    def _single_file_package(self, row: Mapping[str, Any]) -> Firmware | object:
+        """The Firmware of a single-file package's row, built once per row value; _MULTI_FILE
+        for a multi-file package, whose Firmware needs its files too."""
+        if row["blob_key"] is None:
+            return _MULTI_FILE
         return self._single_file_packages.get(row)
 
     def page(self, tenant: Tenant, current_page: int, page_size: int,

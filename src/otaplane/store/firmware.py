@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -47,6 +47,11 @@ _GET = Prepared(
 
 def get(conn: Connection, instance_pk: int, firmware_id: str) -> Mapping[str, Any] | None:
     return _GET.first(conn, p_instance_pk=instance_pk, p_firmware_id=firmware_id)
+
+
+def get_built(conn: Connection, instance_pk: int, firmware_id: str, build: Callable[[Mapping[str, Any]], Any]) -> Any:
+    """build(get(...)) without its row copy while the read cache keeps it (Prepared.first_built)."""
+    return _GET.first_built(conn, build, p_instance_pk=instance_pk, p_firmware_id=firmware_id)
 
 
 _FILES_OF = (

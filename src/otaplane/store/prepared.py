@@ -109,6 +109,23 @@ class Prepared:
             return None if row is None else dict(row)
         return self._first(conn, params)
 
+    def first_built(self, conn: Connection, build: Callable[[dict[str, Any]], Any], **params: Any) -> Any:
+        """`build(row)` of `first()`'s row, or None when there is none. Inside the read cache the
+        built object itself is kept while the database is unchanged, and handed out again: no
+        copy of the row, no build. So `build` must depend on the row alone, always be the same
+        callable (it is part of the key), and return an object that no caller changes."""
+        cache = READ_CACHE.get() if self._cacheable else None
+        if cache is None:
+            row = self._first(conn, params)
+            return None if row is None else build(row)
+        key = (self, build, *params.items())
+        if key in cache:
+            return cache[key]
+        row = self.first(conn, **params)
+        built = cache[key] = None if row is None else build(row)
+        _bound(cache)
+        return built
+
     def _first(self, conn: Connection, params: dict[str, Any]) -> dict[str, Any] | None:
         compiled, row = self._run(conn, params, _fetchone)
         return None if row is None else _mapping(compiled, row)
