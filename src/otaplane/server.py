@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 
 import anyio
@@ -38,6 +39,15 @@ def prepare(services: Services) -> None:
     if isinstance(services.nonces, NonceFile):  # nonces recorded in the database before it stay used
         with services.db.begin() as conn:
             services.nonces.import_rows(nonces.take_all_in_use(conn, now_ms()))
+
+
+def _freeze_startup_objects() -> None:
+    """Leave what startup made (modules, tables, the broker...: ~130,000 objects) out of every
+    later garbage collection. A full collection walks every tracked object, and the caches
+    that fill while serving trigger one now and then: 35-80 ms with the event loop stopped, the
+    p99 of a random-package QueryOTAFirmware. Only the objects made since are walked now."""
+    gc.collect()
+    gc.freeze()
 
 
 def _tidy(services: Services) -> None:
@@ -132,6 +142,7 @@ def create_app(services: Services) -> ASGIApp:
                 if isinstance(services.nonces, NonceFile):
                     tasks.start_soon(_purge_nonce_file, services.nonces)
                 tasks.start_soon(_DispatchLoop(services).run)
+                _freeze_startup_objects()
                 yield
                 tasks.cancel_scope.cancel()
         finally:
