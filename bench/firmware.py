@@ -8,6 +8,10 @@ In one run, on loopback:
   2. latency (p50, p99) of the same request with SMALL (1,000) and LARGE (100,000) packages in
      the store, at one connection and at the load concurrency. Two stores run side by side and
      the rounds alternate between them. Target: p50 grows by less than 20% from SMALL to LARGE.
+  Both parts run two workloads: one package queried again and again (what a polling client
+  does; every cache stays warm), and a package drawn at random from the whole store for each
+  request, signed by its own account's key (at LARGE most requests then miss the caches and
+  read their row: the store's size shows).
   3. download throughput of a 200 MB package through its presigned URL (the local blob store,
      `GET /oss/otaplane/...`) against nginx serving the same file from the same directory,
      with curl writing to /dev/null: one download at a time and several in parallel.
@@ -46,6 +50,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlencode
 
 import _common as common
 
@@ -211,6 +216,35 @@ def bulk_fill(sa_url: str, master_key: str, data_dir: Path, count: int) -> tuple
         db.dispose()
 
 
+def filler_targets(sa_url: str, master_key: str, data_dir: Path) -> list[tuple[tuple[str, str], str]]:
+    """An AccessKey for every filler account (made by otaplane's own AccountService), and
+    (key, FirmwareId) for every filler package: what a client of each account may query."""
+    import sqlalchemy as sa
+
+    from otaplane.secretbox import SecretBox
+    from otaplane.services.accounts import AccountService
+    from otaplane.store import Database
+    from otaplane.store.schema import accounts, firmware, instances
+
+    db = Database(sa_url)
+    try:
+        service = AccountService(db, SecretBox.from_settings(master_key, data_dir))
+        with db.connect() as conn:
+            rows = conn.execute(
+                sa.select(accounts.c.name, firmware.c.firmware_id)
+                .join(instances, instances.c.account_id == accounts.c.id)
+                .join(firmware, firmware.c.instance_pk == instances.c.id)
+                .where(accounts.c.name.startswith("bench-filler-"))
+            ).all()
+        keys: dict[str, tuple[str, str]] = {}
+        for name in sorted({name for name, _ in rows}):
+            new_key = service.create_key(name, "bench/firmware.py")
+            keys[name] = (new_key.access_key_id, new_key.access_key_secret)
+        return [(keys[name], firmware_id) for name, firmware_id in rows]
+    finally:
+        db.dispose()
+
+
 def store_census(sa_url: str) -> tuple[int, int, int]:
     """(packages, instances holding packages, most packages in one instance)."""
     import sqlalchemy as sa
@@ -302,6 +336,8 @@ class PackageStore:
         self.server.start()
         base_url = self.server.base_url
         self.key = common.admin_credentials(self.workdir)
+        # After the first start: with a key in the store already, the server would make no admin key.
+        self.targets = filler_targets(self.sa_url, self.master_key, self.workdir / "data")
         product = _ok(*common.call(base_url, self.key, "CreateProduct",
                                    {"ProductName": "bench_firmware", "NodeType": "0"}, method="POST"),
                       "CreateProduct")
@@ -319,6 +355,14 @@ class PackageStore:
         query = {"FirmwareId": self.packages[package]["FirmwareId"]}
         return common.presign_paths(self.key, "QueryOTAFirmware", query, count)
 
+    def presign_spread(self, count: int, rng: random.Random) -> list[str]:
+        """`count` requests, each for a package drawn at random from every filler package of
+        the store, signed by its account's key: few repeats, so most miss every cache."""
+        timestamp = common.utc_timestamp()
+        return ["/?" + urlencode(common.signed_params(key, "QueryOTAFirmware", {"FirmwareId": firmware_id},
+                                                     "GET", timestamp))
+                for key, firmware_id in rng.choices(self.targets, k=count)]
+
     def stop(self) -> None:
         self.server.stop()
         lines = self.server.logs(tail=400).splitlines()
@@ -329,6 +373,12 @@ class PackageStore:
 
 
 # --- part 1 and 2: QueryOTAFirmware --------------------------------------------------------------
+# What the queries ask for: the same package every time (every cache warm: the cost of the
+# request itself), or a package drawn at random from the whole store for each request (the
+# store's size shows: at LARGE most requests miss the caches and read the package's row).
+WORKLOADS = ("one package", "random package")
+
+
 @dataclass
 class QueryRun:
     store: int  # index into the stores; -1 for the bare endpoint
@@ -336,32 +386,40 @@ class QueryRun:
     round: int
     result: common.LoadResult
     slice: int = 0  # 1-connection windows are cut into alternating slices
+    workload: int = 0  # index into WORKLOADS (the bare endpoint: 0)
 
 
 def run_queries(args, workdir: Path, stores: list[PackageStore]) -> list[QueryRun]:
-    """Per round: the bare endpoint, both stores under load (order alternating between rounds),
-    then both stores at one connection in alternating slices of about 1 s (so that the machine's
-    drift hits both sizes alike)."""
+    """Per round: the bare endpoint, then for each workload both stores under load (order
+    alternating between rounds), then both stores at one connection in alternating slices of
+    about 1 s (so that the machine's drift hits both sizes alike)."""
     tool = args.tool
     loaded = common.LoadSpec(args.connections, args.duration, args.warmup, args.threads)
     single = common.LoadSpec(1, args.duration, args.warmup, 1)
     slices = max(1, int(args.duration))
     slice_s = args.duration / slices
+    rng = random.Random(7)
     hello = common.hello_server(workdir)
     runs: list[QueryRun] = []
+
+    def pool(workload: int, store: PackageStore, count: int) -> list[str]:
+        return store.presign("small", count) if workload == 0 else store.presign_spread(count, rng)
+
     try:
         hello.start()
         warmup_s = max(1.0, args.warmup)
         bare_label = "(a) bare Starlette hello"
-        labels = [f"({'bc'[i]}) QueryOTAFirmware, {s.label}" for i, s in enumerate(stores)]
+        labels = {(w, i): f"({'bcde'[2 * w + i]}) QueryOTAFirmware, {WORKLOADS[w]}, {s.label}"
+                  for w in range(len(WORKLOADS)) for i, s in enumerate(stores)}
         log(f"  warm-up {warmup_s:g} s each ...")
         bare_rate = common.run_phase(tool, bare_label, hello.base_url, loaded, warmup_s, workdir).rps
-        rates = []
-        for store, label in zip(stores, labels):
-            paths = store.presign("small", pool_size(bare_rate, warmup_s, 1.25))
-            rates.append(common.run_phase(tool, label, store.server.base_url, loaded, warmup_s, workdir,
-                                          paths=paths).rps)
-        single_rates = list(rates)
+        rates = {}
+        for (workload, index), label in labels.items():
+            store = stores[index]
+            paths = pool(workload, store, pool_size(bare_rate, warmup_s, 1.25))
+            rates[workload, index] = common.run_phase(tool, label, store.server.base_url, loaded, warmup_s,
+                                                      workdir, paths=paths).rps
+        single_rates = dict(rates)
         for number in range(1, args.rounds + 1):
             log(f"  round {number}/{args.rounds}: {args.duration:g} s per target and concurrency ...")
             bare = common.run_phase(tool, bare_label, hello.base_url, loaded, args.duration, workdir)
@@ -369,21 +427,22 @@ def run_queries(args, workdir: Path, stores: list[PackageStore]) -> list[QueryRu
             order = list(range(len(stores)))
             if number % 2 == 0:
                 order.reverse()  # the window right after the bare one tends to be slower: alternate
-            for index in order:
-                store = stores[index]
-                paths = store.presign("small", pool_size(min(bare.rps, rates[index] * 2), args.duration, 1.25))
-                result = common.run_phase(tool, labels[index], store.server.base_url, loaded, args.duration,
-                                          workdir, paths=paths)
-                rates[index] = max(rates[index], result.rps)
-                runs.append(QueryRun(index, loaded.connections, number, result))
-            for part in range(slices):
-                for index in (order if part % 2 == 0 else order[::-1]):
-                    store = stores[index]
-                    paths = store.presign("small", pool_size(single_rates[index] * 2, slice_s, 1.25))
-                    result = common.run_phase(tool, labels[index], store.server.base_url, single, slice_s,
-                                              workdir, paths=paths)
-                    single_rates[index] = max(single_rates[index], result.rps)
-                    runs.append(QueryRun(index, 1, number, result, part))
+            for workload in range(len(WORKLOADS)):
+                for index in order:
+                    key = (workload, index)
+                    paths = pool(workload, stores[index], pool_size(min(bare.rps, rates[key] * 2), args.duration, 1.25))
+                    result = common.run_phase(tool, labels[key], stores[index].server.base_url, loaded,
+                                              args.duration, workdir, paths=paths)
+                    rates[key] = max(rates[key], result.rps)
+                    runs.append(QueryRun(index, loaded.connections, number, result, 0, workload))
+                for part in range(slices):
+                    for index in (order if part % 2 == 0 else order[::-1]):
+                        key = (workload, index)
+                        paths = pool(workload, stores[index], pool_size(single_rates[key] * 2, slice_s, 1.25))
+                        result = common.run_phase(tool, labels[key], stores[index].server.base_url, single,
+                                                  slice_s, workdir, paths=paths)
+                        single_rates[key] = max(single_rates[key], result.rps)
+                        runs.append(QueryRun(index, 1, number, result, part, workload))
         return runs
     finally:
         hello.stop()
@@ -667,7 +726,10 @@ def main(argv: list[str] | None = None) -> int:
         extra += [
             ("signer", f"{common.RPC_SIGNER_NAME} (V1, HMAC-SHA1; a fresh nonce per request, signed before "
                        "each timed window)"),
-            ("request", "GET QueryOTAFirmware?FirmwareId=<a real 64 KiB package> (with its presigned URL)"),
+            ("request", "GET QueryOTAFirmware?FirmwareId=<id> (its answer holds a fresh presigned URL)"),
+            ("workloads", f"{WORKLOADS[0]}: a real 64 KiB package uploaded through the API, every request; "
+                          f"{WORKLOADS[1]}: for each request a filler package drawn at random from the whole "
+                          "store, signed with an AccessKey of its own account"),
             ("latency", f"both stores up; at {args.connections} connections a whole window each, the order "
                         "alternating between rounds; at 1 connection alternating slices of about 1 s"),
         ]
@@ -690,54 +752,60 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- queries
     if query_runs:
-        # One row per round, store and concurrency; the 1-connection slices of a round are combined
-        # (requests summed, p50 and p99 the medians of the slices').
-        groups: dict[tuple[int, int, int], list[common.LoadResult]] = {}
+        # One row per round, workload, store and concurrency; the 1-connection slices of a round
+        # are combined (requests summed, p50 and p99 the medians of the slices').
+        groups: dict[tuple[int, int, int, int], list[common.LoadResult]] = {}
         for run in query_runs:
-            groups.setdefault((run.store, run.connections, run.round), []).append(run.result)
+            groups.setdefault((run.workload, run.store, run.connections, run.round), []).append(run.result)
             failures += run.result.errors + run.result.exhausted
         combined = {key: _combine(results) for key, results in groups.items()}
         slices = max(1, int(args.duration))  # as in run_queries
-        print(f"QueryOTAFirmware, signed, one worker; each round: the bare endpoint, both stores at "
-              f"{args.connections} connections, then both at 1 connection in {slices} alternating slices "
-              "(p50, p99: medians of the slices')")
+        print(f"QueryOTAFirmware, signed, one worker; each round: the bare endpoint, then per workload both "
+              f"stores at {args.connections} connections and both at 1 connection in {slices} alternating "
+              "slices (p50, p99: medians of the slices')")
         rows = []
-        for (store, conns, number), r in combined.items():
+        for (_workload, _store, conns, number), r in combined.items():
             errors = str(r.errors) + (" (pool ran out)" if r.exhausted else "")
             rows.append([r.label, str(conns), str(number), f"{r.requests:,}", f"{r.rps:,.0f}",
                          f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}", errors])
         common.print_table(["target", "conns", "round", "requests", "req/s", "p50 ms", "p99 ms", "errors"], rows)
         print()
 
-        def per_round(store: int, conns: int) -> dict[int, common.LoadResult]:
-            return {n: r for (s, c, n), r in combined.items() if s == store and c == conns}
+        def per_round(workload: int, store: int, conns: int) -> dict[int, common.LoadResult]:
+            return {n: r for (w, s, c, n), r in combined.items() if w == workload and s == store and c == conns}
 
-        bare = per_round(-1, args.connections)
+        bare = per_round(0, -1, args.connections)
         print("medians of the rounds")
         rows = []
-        for label, store, conns in [("bare Starlette hello", -1, args.connections),
-                                    *[(f"QueryOTAFirmware, {st.label}", i, c)
-                                      for c in (args.connections, 1) for i, st in enumerate(stores)]]:
-            results = list(per_round(store, conns).values())
+        for label, workload, store, conns in [
+            ("bare Starlette hello", 0, -1, args.connections),
+            *[(f"QueryOTAFirmware, {WORKLOADS[w]}, {st.label}", w, i, c)
+              for w in range(len(WORKLOADS)) for c in (args.connections, 1) for i, st in enumerate(stores)],
+        ]:
+            results = list(per_round(workload, store, conns).values())
             rows.append([label, str(conns), f"{_median([r.rps for r in results]):,.0f}",
                          f"{_median([r.p50_ms for r in results]):.2f}",
                          f"{_median([r.p99_ms for r in results]):.2f}"])
         common.print_table(["target", "conns", "req/s", "p50 ms", "p99 ms"], rows)
         print()
-        for index, store in enumerate(stores):
-            signed = per_round(index, args.connections)
-            ratio = _median([signed[n].rps / bare[n].rps for n in signed if bare[n].rps])
-            summary.append((f"QueryOTAFirmware req/s vs bare endpoint ({store.label}, {args.connections} conns)",
-                            ratio, f">= {TARGET_RPS_RATIO:.0%}", ratio >= TARGET_RPS_RATIO))
+        for workload, what in enumerate(WORKLOADS):
+            for index, store in enumerate(stores):
+                signed = per_round(workload, index, args.connections)
+                ratio = _median([signed[n].rps / bare[n].rps for n in signed if bare[n].rps])
+                summary.append((f"QueryOTAFirmware req/s vs bare endpoint ({what}, {store.label}, "
+                                f"{args.connections} conns)", ratio, f">= {TARGET_RPS_RATIO:.0%}",
+                                ratio >= TARGET_RPS_RATIO))
         # p50 growth: the median of the ratios of back-to-back windows (slices at 1 connection).
-        for conns in (1, args.connections):
-            pairs: dict[tuple[int, int], dict[int, float]] = {}
-            for run in query_runs:
-                if run.store >= 0 and run.connections == conns:
-                    pairs.setdefault((run.round, run.slice), {})[run.store] = run.result.p50_ms
-            growth = _median([p[1] / p[0] - 1 for p in pairs.values() if len(p) == 2 and p[0]])
-            summary.append((f"p50 growth {stores[0].label} -> {stores[1].label} ({conns} conn{'s' * (conns > 1)})",
-                            growth, f"< +{TARGET_P50_GROWTH:.0%}", growth < TARGET_P50_GROWTH))
+        for workload, what in enumerate(WORKLOADS):
+            for conns in (1, args.connections):
+                pairs: dict[tuple[int, int], dict[int, float]] = {}
+                for run in query_runs:
+                    if run.store >= 0 and run.workload == workload and run.connections == conns:
+                        pairs.setdefault((run.round, run.slice), {})[run.store] = run.result.p50_ms
+                growth = _median([p[1] / p[0] - 1 for p in pairs.values() if len(p) == 2 and p[0]])
+                summary.append((f"p50 growth {stores[0].label} -> {stores[1].label} ({what}, "
+                                f"{conns} conn{'s' * (conns > 1)})", growth, f"< +{TARGET_P50_GROWTH:.0%}",
+                                growth < TARGET_P50_GROWTH))
 
     # --- downloads
     if download_runs:
@@ -778,7 +846,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "environment": dict(environment),
-            "queries": [{"target": r.result.label,
+            "queries": [{"target": r.result.label, "workload": WORKLOADS[r.workload],
                          "connections": r.connections, "round": r.round, "slice": r.slice,
                          "requests": r.result.requests,
                          "duration_s": r.result.duration_s, "rps": r.result.rps, "p50_ms": r.result.p50_ms,
