@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-import hashlib
 import hmac
 import json
 from collections.abc import Iterable, Mapping
@@ -41,7 +40,7 @@ class SizeRange:
 
 def sign(secret: str, string_to_sign: str) -> str:
     """base64(HMAC-SHA1(secret, string_to_sign)): the V1 signature of both policies and URLs."""
-    digest = hmac.new(secret.encode(), string_to_sign.encode(), hashlib.sha1).digest()
+    digest = hmac.digest(secret.encode(), string_to_sign.encode(), "sha1")  # OpenSSL's one-shot HMAC
     return base64.b64encode(digest).decode()
 
 
@@ -154,6 +153,11 @@ def quote_key(key: str) -> str:
     return quote(key, safe="/")
 
 
+def _quote_base64(text: str) -> str:
+    """quote(text, safe='') of base64 text, whose only reserved characters are + / =."""
+    return text.replace("+", "%2B").replace("/", "%2F").replace("=", "%3D")
+
+
 # Memoized: QueryOTAFirmware signs its package's URL on every call, and the calls of one second
 # (one `expires`) share it; signing and quoting cost ~5 us.
 @functools.lru_cache(maxsize=4096)
@@ -162,7 +166,7 @@ def presigned_url(
 ) -> str:
     """`<base_url>/<quoted key>?Expires=…&OSSAccessKeyId=…&Signature=…` (base_url is the bucket's URL)."""
     signature = sign(secret, url_string_to_sign(method, expires, bucket, key))
-    query = f"Expires={expires}&OSSAccessKeyId={quote(access_key_id, safe='')}&Signature={quote(signature, safe='')}"
+    query = f"Expires={expires}&OSSAccessKeyId={quote(access_key_id, safe='')}&Signature={_quote_base64(signature)}"
     return f"{base_url}/{quote_key(key)}?{query}"
 
 
