@@ -15,7 +15,7 @@ from typing import NamedTuple
 from otaplane import errors
 from otaplane.openapi import signing
 from otaplane.services.accounts import AccountService, ActiveKey
-from otaplane.store.nonce_file import NonceFile, NonceFileFull
+from otaplane.store.nonce_file import NonceFile, NonceFileFull, NonceFileUnavailable
 from otaplane.store.nonces import NonceWriter
 from otaplane.timefmt import parse_utc_seconds
 
@@ -141,6 +141,11 @@ class Authenticator:
             fresh = self._remember_now(claim.access_key_id, claim.nonce, int(now_s * 1000), self.window_s * 1000)
         except NonceFileFull:
             log.error("the nonce file is full: signed requests are refused until nonces expire")
+            raise errors.ServiceUnavailable() from None
+        except NonceFileUnavailable as exc:
+            # Without the nonce file no replay can be refused: refuse the request (503, which
+            # clients retry), never let it through unchecked.
+            log.error("the nonce file failed, signed requests are refused: %s", exc)
             raise errors.ServiceUnavailable() from None
         if not fresh:
             raise errors.SignatureNonceUsed()

@@ -46,7 +46,11 @@ PURGE_SCAN = 20_000
 _MS = struct.Struct(">q")  # big-endian: purge_expired compares the packed bytes as times
 
 
-class NonceFileFull(Exception):
+class NonceFileUnavailable(Exception):
+    """The nonce file cannot record a nonce now: no signed request can be checked for replay."""
+
+
+class NonceFileFull(NonceFileUnavailable):
     """The file holds MAP_SIZE of nonces still in use."""
 
 
@@ -110,6 +114,8 @@ class NonceFile:
                 return True
         except lmdb.MapFullError:
             raise NonceFileFull(f"{self.path} holds {MAP_SIZE} bytes of nonces in use") from None
+        except lmdb.Error as exc:  # e.g. a page damaged by a power cut, in a file that still opens
+            raise NonceFileUnavailable(f"{self.path}: {type(exc).__name__}: {exc}") from exc
 
     def import_rows(self, rows: Iterable[tuple[int, int]]) -> int:
         """Record (digest, expires_ms) rows of the database's nonce table (servers before this
