@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+from otaplane.openapi.signing import hmac_digest
 from otaplane.timefmt import parse_utc_seconds, utc_iso_ms
 
 # OSS caps a PostObject upload at 5 GB; a policy without content-length-range gets this.
@@ -40,7 +41,9 @@ class SizeRange:
 
 def sign(secret: str, string_to_sign: str) -> str:
     """base64(HMAC-SHA1(secret, string_to_sign)): the V1 signature of both policies and URLs."""
-    digest = hmac.digest(secret.encode(), string_to_sign.encode(), "sha1")  # OpenSSL's one-shot HMAC
+    # From the secret's padded blocks hashed once (signing.hmac_digest): OpenSSL 3 sets up a MAC
+    # context on every one-shot HMAC, and a package read for the first time signs its URL.
+    digest = hmac_digest(secret.encode(), string_to_sign.encode(), "sha1")
     return base64.b64encode(digest).decode()
 
 
