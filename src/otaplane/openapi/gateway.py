@@ -146,9 +146,11 @@ class Gateway:
         return action
 
     async def _run_db(self, function, *args):
-        """A short piece of database work: inline on SQLite, in a worker thread on PostgreSQL."""
+        """A short read: inline on SQLite (on the loop's own connection, in its read turn),
+        in a worker thread on PostgreSQL."""
         if self.inline_reads:
-            return function(*args)
+            with self.services.db.loop_reads():
+                return function(*args)
         return await anyio.to_thread.run_sync(function, *args)
 
     async def _process(self, action: Action, signed: SignedRequest) -> dict:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from otaplane.store.prepared import Prepared
 from otaplane.store.schema import access_keys, accounts, instances
 
 
@@ -103,7 +104,9 @@ _KEY_COLUMNS = (
     access_keys.c.revoked_ms,
 )
 _KEYS_JOIN = access_keys.join(accounts, accounts.c.id == access_keys.c.account_id)
-_KEY_BY_ID = (
+# Prepared (store.prepared): every signed request whose key's cache entry has expired reads it
+# (once a second per key and server process), and on SQLite inside the read cache.
+_KEY_BY_ID = Prepared(
     sa.select(*_KEY_COLUMNS)
     .select_from(_KEYS_JOIN)
     .where(access_keys.c.access_key_id == sa.bindparam("p_key_id"))
@@ -111,8 +114,8 @@ _KEY_BY_ID = (
 
 
 def get_key(conn: Connection, key_id: str) -> KeyRecord | None:
-    row = conn.execute(_KEY_BY_ID, {"p_key_id": key_id}).first()
-    return KeyRecord(**row._mapping) if row else None
+    row = _KEY_BY_ID.first(conn, p_key_id=key_id)
+    return KeyRecord(**row) if row else None
 
 
 def list_keys(conn: Connection, account_name: str | None) -> list[KeyRecord]:
