@@ -23,7 +23,7 @@ the per-instance limit) before the server first starts, and the queried packages
 and created through the API (GenerateOTAUploadURL, PostObject, CreateOTAFirmware), so that
 QueryOTAFirmware does all of its work, presigned URL included.
 
-    python bench/firmware.py                 # SQLite, wrk when installed, about 4-5 minutes
+    python bench/firmware.py                 # SQLite, wrk when installed, about 12-15 minutes
     python bench/firmware.py --quick         # smoke run with small counts, under a minute
     python bench/firmware.py --database-url postgresql://postgres@127.0.0.1:5432/test
 """
