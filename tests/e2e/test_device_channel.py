@@ -138,20 +138,23 @@ def test_connect_marks_the_device_online_and_disconnect_offline(fleet):
                          else ["sqlite"])
 def test_devices_of_a_killed_server_go_offline_once_its_heartbeat_is_stale(make_server, backend):
     """kill -9: no shutdown code marks the devices OFFLINE. The next server (or a replica) finds
-    the dead process's heartbeat stale (6 beats, here 6 x 0.3 s) and does."""
-    server = make_server(backend, "--rate-limit", "0", env={"OTAPLANE_CHANNEL_HEARTBEAT_SECONDS": "0.3"})
+    the dead process's heartbeat stale (6 beats, here 6 x 1 s) and does."""
+    server = make_server(backend, "--rate-limit", "0", env={"OTAPLANE_CHANNEL_HEARTBEAT_SECONDS": "1"})
     key = server.create_key(ACCOUNT)
     opened: list[Device] = []
     fleet = Fleet(server, SdkCaller("tea-v3", server.endpoint, *key), opened)
     name = fleet.register()
     fleet.connect(name)
     eventually(lambda: fleet.detail(name)["Status"] == "ONLINE")
+    killed_at = time.monotonic()
     server.kill()
     server.start()  # new ports: the device cannot come back by itself
     fleet.api = SdkCaller("tea-v3", server.endpoint, *key)
     try:
-        assert fleet.detail(name)["Status"] == "ONLINE"  # what the dead process left behind
-        eventually(lambda: fleet.detail(name)["Status"] == "OFFLINE", timeout=15)
+        status = fleet.detail(name)["Status"]
+        if time.monotonic() - killed_at < 4:  # a slow restart may already be past the 6 s window
+            assert status == "ONLINE"  # what the dead process left behind
+        eventually(lambda: fleet.detail(name)["Status"] == "OFFLINE", timeout=20)
         assert "devices of a server process that stopped answering are OFFLINE now" in server.logs()
     finally:
         for device in opened:
