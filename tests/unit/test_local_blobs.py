@@ -63,6 +63,7 @@ def test_upload_form(store):
         "a",
         "ota/a_b/c-d.e.f",
         "x/" * 20 + "y",
+        "ota/" + "a" * 255,  # the longest segment
     ],
 )
 def test_valid_keys(key):
@@ -89,6 +90,7 @@ def test_valid_keys(key):
         "ota/fw+1.bin",
         "ota/fw%2e.bin",
         "ota/fw\n.bin",
+        "ota/fw.bin\n",  # a trailing newline, which `$` would let through
         "ota/\u00e9.bin",
         "C:/x.bin",
         "a" * 1024,

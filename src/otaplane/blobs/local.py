@@ -60,19 +60,21 @@ FIELDS_CAP = 64 * 1024  # form fields before `file` are held in memory: keep the
 CHUNK = 1024 * 1024
 DOWNLOAD_CHUNK = 1024 * 1024  # per read of a GET (see _ObjectResponse)
 MAX_KEY_LENGTH = 1023  # OSS's own limit
-_SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}")
+# `/`-separated segments, each 1-255 of [A-Za-z0-9._-] not starting with a dot: one regex
+# for the whole key (a split and a match per segment cost 2.5 times as much).
+_KEY = re.compile(r"(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}/)*[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}")
 _SUCCESS_STATUSES = {"200": 200, "201": 201, "204": 204}
 
 
 # Memoized: every QueryOTAFirmware and every download checks its package's key again, and a
-# server serves few distinct keys; the check (a regex per segment) cost ~4 us each time.
+# polled package's key is checked again and again.
 @functools.lru_cache(maxsize=4096)
 def is_valid_key(key: str) -> bool:
     """Conservative: `/`-separated segments of [A-Za-z0-9._-], none empty or starting with a dot.
 
     That excludes `..`, absolute paths, backslashes, NUL and our own `.incoming` folder.
     """
-    return 0 < len(key) <= MAX_KEY_LENGTH and all(_SEGMENT.fullmatch(s) for s in key.split("/"))
+    return 0 < len(key) <= MAX_KEY_LENGTH and _KEY.fullmatch(key) is not None
 
 
 class LocalBlobStore:

@@ -121,7 +121,7 @@ class Prepared:
         key = (self, build, *params.items())
         if key in cache:
             return cache[key]
-        row = self.first(conn, **params)
+        row = self._first(conn, params)  # the built object is what is kept: not the row too
         built = cache[key] = None if row is None else build(row)
         _bound(cache)
         return built
