@@ -1,5 +1,6 @@
-"""SQLite's loop reads reuse a Prepared SELECT's result until the database changes
-(store.prepared.READ_CACHE, cleared by store.database._ReadTurn on PRAGMA data_version)."""
+"""SQLite's loop reads reuse a Prepared SELECT's result until a table it reads changes
+(store.prepared.READ_CACHE; store.database._ReadTurn checks the tables' change counters,
+store.read_versions, when PRAGMA data_version moves)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import pytest
 import sqlalchemy as sa
 
 from otaplane.store import Database
+from otaplane.store import read_versions
 from otaplane.store.prepared import Prepared
-from otaplane.store.schema import signature_nonces
+from otaplane.store.schema import accounts, channel_nodes, instances, products, signature_nonces
 
-EXPIRY_OF = Prepared(sa.select(signature_nonces.c.expires_ms).where(signature_nonces.c.digest == sa.bindparam("p_digest")))
+# A watched table (store.read_versions.WATCHED_TABLES), read by "digest" (an account's id).
+EXPIRY_OF = Prepared(sa.select(accounts.c.created_ms.label("expires_ms")).where(accounts.c.id == sa.bindparam("p_digest")))
 
 
 @pytest.fixture()
@@ -22,7 +25,7 @@ def db(tmp_path):
     database = Database(f"sqlite:///{tmp_path / 'cache.db'}")
     database.upgrade()
     with database.begin() as conn:
-        conn.execute(sa.insert(signature_nonces).values(digest=1, expires_ms=100))
+        conn.execute(sa.insert(accounts).values(id=1, name="cached", created_ms=100))
     yield database
     database.dispose()
 
@@ -36,7 +39,7 @@ class Statements:
         self.selects = 0
 
     def _seen(self, sql: str) -> None:
-        if sql.lstrip().upper().startswith("SELECT") and signature_nonces.name in sql:
+        if sql.lstrip().upper().startswith("SELECT") and f"FROM {accounts.name}" in sql:
             self.selects += 1
 
 
@@ -48,7 +51,7 @@ def _expiry(db: Database, digest: int = 1):
 
 def _set_expiry(db: Database, expires_ms: int) -> None:
     with db.begin() as conn:
-        conn.execute(sa.update(signature_nonces).values(expires_ms=expires_ms))
+        conn.execute(sa.update(accounts).values(created_ms=expires_ms))
 
 
 def test_an_unchanged_database_is_read_once(db):
@@ -88,7 +91,7 @@ def test_a_commit_of_another_process_is_seen_next_turn(db, tmp_path):
         assert _expiry(db) == 100
         await asyncio.sleep(0)
         script = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1]);"
-                  f"c.execute('UPDATE {signature_nonces.name} SET expires_ms = 300'); c.commit()")
+                  f"c.execute('UPDATE {accounts.name} SET created_ms = 300'); c.commit()")
         subprocess.run([sys.executable, "-c", script, str(tmp_path / "cache.db")], check=True)  # noqa: ASYNC221
         await asyncio.sleep(0)
         assert _expiry(db) == 300
@@ -144,3 +147,135 @@ def test_off_the_loop_every_call_builds_afresh(db):
     _set_expiry(db, 500)
     assert _built_expiry(db, build) == ("built", 500)
     assert build.calls == 2
+
+
+# --- per-table change counters -----------------------------------------------------------------
+PRODUCT_COUNT = Prepared(sa.select(sa.func.count().label("n")).select_from(products))
+NONCE_COUNT = Prepared(sa.select(sa.func.count().label("n")).select_from(signature_nonces))
+
+
+def _counts(db: Database) -> tuple:
+    with db.loop_reads() as conn:
+        return EXPIRY_OF.first(conn, p_digest=1)["expires_ms"], PRODUCT_COUNT.all(conn)[0]
+
+
+def _commit(db: Database, statement) -> None:
+    with db.begin() as conn:
+        conn.execute(statement)
+
+
+def test_a_commit_to_a_table_no_cached_read_reads_keeps_the_cache(db):
+    """A heartbeat (channel_nodes) or a nonce moves data_version; the cached reads stay."""
+    statements = Statements(db)
+
+    async def scenario():
+        assert _expiry(db) == 100
+        await asyncio.sleep(0)
+        _commit(db, sa.insert(channel_nodes).values(node_id="n1", heartbeat_ms=1))
+        _commit(db, sa.insert(signature_nonces).values(digest=7, expires_ms=1))
+        await asyncio.sleep(0)
+        assert _expiry(db) == 100
+
+    asyncio.run(scenario())
+    assert statements.selects == 1
+
+
+def test_a_commit_drops_only_the_results_of_statements_that_read_the_changed_table(db):
+    statements = Statements(db)
+
+    async def scenario():
+        assert _counts(db) == (100, {"n": 0})
+        await asyncio.sleep(0)
+        with db.begin() as conn:  # products: read by PRODUCT_COUNT, not by EXPIRY_OF
+            instance = conn.execute(sa.insert(instances).values(
+                instance_id="iot-1", account_id=1, is_default=True, created_ms=1).returning(instances.c.id)).scalar()
+            conn.execute(sa.insert(products).values(
+                instance_pk=instance, product_key="a1pk", product_name="p", product_secret_encrypted="x",
+                node_type=0, aliyun_commodity_code="iothub", auth_type="secret", id2=False,
+                status="DEVELOPMENT_STATUS", created_ms=1, modified_ms=1))
+        await asyncio.sleep(0)
+        assert _counts(db) == (100, {"n": 1})
+
+    asyncio.run(scenario())
+    assert statements.selects == 1  # accounts read once: the products insert left it cached
+
+
+def test_a_statement_over_a_table_without_counters_is_never_cached(db):
+    assert not NONCE_COUNT.cacheable
+    assert EXPIRY_OF.cacheable and PRODUCT_COUNT.cacheable
+
+    async def scenario():
+        with db.loop_reads() as conn:
+            assert NONCE_COUNT.all(conn)[0] == {"n": 0}
+        await asyncio.sleep(0)
+        _commit(db, sa.insert(signature_nonces).values(digest=7, expires_ms=1))
+        await asyncio.sleep(0)
+        with db.loop_reads() as conn:
+            assert NONCE_COUNT.all(conn)[0] == {"n": 1}
+
+    asyncio.run(scenario())
+
+
+def test_the_hot_reads_are_cacheable():
+    from otaplane.store import accounts as account_store
+    from otaplane.store import firmware
+    from otaplane.store import products as product_store
+
+    assert firmware._GET.cacheable and product_store._GET.cacheable and account_store._KEY_BY_ID.cacheable
+
+
+def test_counters_come_back_when_a_migration_rebuilds_a_watched_table(db):
+    """Alembic's batch mode on SQLite copies a table and drops the old one, triggers and all."""
+    with db.begin() as conn:
+        conn.exec_driver_sql(f"DROP TRIGGER {read_versions.TABLE}_accounts_update")
+    db.upgrade()
+    before = _version_of(db, "accounts")
+    _set_expiry(db, 600)
+    assert _version_of(db, "accounts") == before + 1
+
+
+def _version_of(db: Database, table: str) -> int:
+    with db.begin() as conn:
+        return conn.exec_driver_sql(
+            f"SELECT version FROM {read_versions.TABLE} WHERE table_name = ?", (table,)).scalar_one()
+
+
+def test_a_schema_change_forgets_everything(db):
+    statements = Statements(db)
+
+    async def scenario():
+        assert _expiry(db) == 100
+        await asyncio.sleep(0)
+        with db.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE unrelated (x INTEGER)")
+        await asyncio.sleep(0)
+        assert _expiry(db) == 100
+
+    asyncio.run(scenario())
+    assert statements.selects == 2
+
+
+def test_a_database_without_counters_forgets_everything_on_any_commit(tmp_path):
+    """A file migrated by an older otaplane that has not run this one's upgrade yet."""
+    database = Database(f"sqlite:///{tmp_path / 'old.db'}")
+    database.upgrade()
+    with database.begin() as conn:
+        for (trigger,) in conn.exec_driver_sql(
+                f"SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE '{read_versions.TABLE}%'").all():
+            conn.exec_driver_sql(f"DROP TRIGGER {trigger}")
+        conn.exec_driver_sql(f"DROP TABLE {read_versions.TABLE}")
+        conn.execute(sa.insert(accounts).values(id=1, name="cached", created_ms=100))
+    statements = Statements(database)
+
+    async def scenario():
+        assert _expiry(database) == 100
+        await asyncio.sleep(0)
+        _commit(database, sa.insert(channel_nodes).values(node_id="n1", heartbeat_ms=1))
+        await asyncio.sleep(0)
+        assert _expiry(database) == 100
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        database.dispose()
+    assert statements.selects == 2

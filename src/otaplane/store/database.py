@@ -14,6 +14,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Connection, Engine
 
+from otaplane.store import read_versions
 from otaplane.store.prepared import READ_CACHE
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
@@ -146,6 +147,8 @@ class Database:
             config.set_main_option("script_location", str(_MIGRATIONS))
             config.attributes["connection"] = conn
             command.upgrade(config, "head")
+            if self.is_sqlite:
+                read_versions.ensure(conn)  # after the migrations: they may rebuild a table
 
     def dispose(self) -> None:
         for conn in self._loop_connections.values():
@@ -181,16 +184,18 @@ class _LoopReads:
 class _ReadTurn:
     """One SQLite read transaction for the loop_reads() blocks of one turn of the event loop,
     and the results of its Prepared reads (store.prepared.READ_CACHE), kept from turn to turn
-    while the database is unchanged: `PRAGMA data_version` moves when any other connection, of
-    this process or another, commits a change."""
+    while the tables they read are unchanged. `PRAGMA data_version` moves when any other
+    connection, of this process or another, commits a change; only then are the tables' change
+    counters read (store.read_versions), and only the results of changed tables dropped."""
 
-    __slots__ = ("cache", "driver", "open", "version")
+    __slots__ = ("cache", "driver", "open", "table_versions", "version")
 
     def __init__(self, driver):
         self.driver = driver  # the sqlite3 connection
         self.open = False
-        self.cache: dict = {}
-        self.version = None  # data_version the cache was filled at
+        self.cache: dict = {}  # {Prepared: its results}
+        self.version = None  # data_version the cache was checked at
+        self.table_versions: dict[str, int] | None = None  # read_versions.read() at that check
 
     def join(self) -> bool:
         """True when the block runs in the turn's transaction (and may use the cache)."""
@@ -205,11 +210,22 @@ class _ReadTurn:
         # Read inside the transaction: the version of the very snapshot the turn reads.
         version = self.driver.execute("PRAGMA data_version").fetchone()[0]
         if version != self.version:
-            self.cache.clear()
+            self._forget_changed_tables()
             self.version = version
         self.open = True
         loop.call_soon(self.end)  # next turn, ahead of what the loop receives meanwhile
         return True
+
+    def _forget_changed_tables(self) -> None:
+        versions = read_versions.read(self.driver)  # in the turn's snapshot, like its reads
+        previous, self.table_versions = self.table_versions, versions
+        if versions is None or previous is None or versions[read_versions.SCHEMA] != previous[read_versions.SCHEMA]:
+            self.cache.clear()
+            return
+        changed = {table for table, count in versions.items() if previous.get(table) != count}
+        if changed:
+            for prepared in [p for p in self.cache if not changed.isdisjoint(p.tables)]:
+                del self.cache[prepared]
 
     def end(self) -> None:
         self.open = False

@@ -11,8 +11,9 @@ statement stays a Core statement, compiled by SQLAlchemy; only its execution is 
 - it runs on the Connection's DBAPI connection, in whatever transaction that connection is in,
   without SQLAlchemy's bookkeeping (no autobegin, no events): for reads, and for writes only
   inside a transaction begun on the Connection (`with conn.begin():`), which commits them;
-- on SQLite, inside `Database.loop_reads()`, a SELECT's result is reused until the database
-  changes (READ_CACHE): the polling reads that dominate a read-mostly API cost a dict lookup.
+- on SQLite, inside `Database.loop_reads()`, a SELECT's result is reused until a table it
+  reads changes (READ_CACHE, store.read_versions): the polling reads that dominate a read-mostly
+  API cost a dict lookup.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from typing import Any, NamedTuple
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.sql.selectable import ReturnsRows, Select
 
-# SQLite, inside Database.loop_reads(): the results of Prepared SELECTs while the database is
-# unchanged (store.database._ReadTurn clears it when PRAGMA data_version moves), keyed by
-# statement and parameters. None elsewhere: every call runs its statement.
+from otaplane.store.read_versions import WATCHED_TABLES, tables_read
+
+# SQLite, inside Database.loop_reads(): the results of Prepared SELECTs while the tables they
+# read are unchanged ({Prepared: {call and parameters: result}}; store.database._ReadTurn drops
+# a statement's results when a table it reads changes). None elsewhere: every call runs.
 READ_CACHE: ContextVar[dict | None] = ContextVar("otaplane_read_cache", default=None)
-READ_CACHE_MAX = 10_000  # entries; past it the cache starts over
+READ_CACHE_MAX = 10_000  # results per statement; past it the statement's results start over
 
 
 class _Compiled(NamedTuple):
@@ -44,7 +47,9 @@ class Prepared:
 
     def __init__(self, statement: ReturnsRows):
         self.statement = statement
-        self._cacheable = isinstance(statement, Select)
+        self.tables = tables_read(statement)
+        # Only a SELECT whose every table has change counters: any other result could go stale.
+        self.cacheable = isinstance(statement, Select) and self.tables <= WATCHED_TABLES
         self._compiled: dict[str, _Compiled] = {}
         # The dialect seen last and its compiled form: a process talks to one database, so this
         # is a hit on every call but the first (the dict above still serves a second dialect).
@@ -83,9 +88,9 @@ class Prepared:
             cursor.close()
 
     def all(self, conn: Connection, **params: Any) -> list[dict[str, Any]]:
-        cache = READ_CACHE.get() if self._cacheable else None
+        cache = self._results()
         if cache is not None:
-            key = (self, "all", *params.items())
+            key = ("all", *params.items())
             rows = cache.get(key)
             if rows is None:
                 rows = cache[key] = self._all(conn, params)
@@ -98,9 +103,9 @@ class Prepared:
         return [_mapping(compiled, row) for row in rows]
 
     def first(self, conn: Connection, **params: Any) -> dict[str, Any] | None:
-        cache = READ_CACHE.get() if self._cacheable else None
+        cache = self._results()
         if cache is not None:
-            key = (self, "first", *params.items())
+            key = ("first", *params.items())
             if key in cache:
                 row = cache[key]
             else:
@@ -111,20 +116,30 @@ class Prepared:
 
     def first_built(self, conn: Connection, build: Callable[[dict[str, Any]], Any], **params: Any) -> Any:
         """`build(row)` of `first()`'s row, or None when there is none. Inside the read cache the
-        built object itself is kept while the database is unchanged, and handed out again: no
+        built object itself is kept while the tables are unchanged, and handed out again: no
         copy of the row, no build. So `build` must depend on the row alone, always be the same
         callable (it is part of the key), and return an object that no caller changes."""
-        cache = READ_CACHE.get() if self._cacheable else None
+        cache = self._results()
         if cache is None:
             row = self._first(conn, params)
             return None if row is None else build(row)
-        key = (self, build, *params.items())
+        key = (build, *params.items())
         if key in cache:
             return cache[key]
         row = self._first(conn, params)  # the built object is what is kept: not the row too
         built = cache[key] = None if row is None else build(row)
         _bound(cache)
         return built
+
+    def _results(self) -> dict | None:
+        """This statement's results in the read cache, or None outside it (or not cacheable)."""
+        cache = READ_CACHE.get() if self.cacheable else None
+        if cache is None:
+            return None
+        results = cache.get(self)
+        if results is None:
+            results = cache[self] = {}
+        return results
 
     def _first(self, conn: Connection, params: dict[str, Any]) -> dict[str, Any] | None:
         compiled, row = self._run(conn, params, _fetchone)
