@@ -11,12 +11,11 @@ import sys
 import pytest
 import sqlalchemy as sa
 
-from otaplane.store import Database
-from otaplane.store import read_versions
+from otaplane.store import Database, read_versions
 from otaplane.store.prepared import Prepared
-from otaplane.store.schema import accounts, channel_nodes, instances, products, signature_nonces
+from otaplane.store.schema import accounts, channel_nodes, devices, instances, products, signature_nonces
 
-# A watched table (store.read_versions.WATCHED_TABLES), read by "digest" (an account's id).
+# A watched table (store.read_versions.WATCHED), read by "digest" (an account's id).
 EXPIRY_OF = Prepared(sa.select(accounts.c.created_ms.label("expires_ms")).where(accounts.c.id == sa.bindparam("p_digest")))
 
 
@@ -279,3 +278,66 @@ def test_a_database_without_counters_forgets_everything_on_any_commit(tmp_path):
     finally:
         database.dispose()
     assert statements.selects == 2
+
+
+# --- devices: watched for rows and their product only --------------------------------------------
+DEVICE_COUNT = Prepared(sa.select(sa.func.count().label("n")).select_from(devices)
+                        .where(devices.c.product_id == sa.bindparam("p_product")))
+LAST_SEEN = Prepared(sa.select(devices.c.last_seen_ms).where(devices.c.id == sa.bindparam("p_device")))
+
+
+def _product_with_device(db: Database) -> tuple[int, int]:
+    with db.begin() as conn:
+        instance = conn.execute(sa.insert(instances).values(
+            instance_id="iot-1", account_id=1, is_default=True, created_ms=1).returning(instances.c.id)).scalar()
+        product = conn.execute(sa.insert(products).values(
+            instance_pk=instance, product_key="a1pk", product_name="p", product_secret_encrypted="x",
+            node_type=0, aliyun_commodity_code="iothub", auth_type="secret", id2=False,
+            status="DEVELOPMENT_STATUS", created_ms=1, modified_ms=1).returning(products.c.id)).scalar()
+        device = conn.execute(sa.insert(devices).values(
+            iot_id="d1", product_id=product, device_name="d1", device_secret_encrypted="x",
+            created_ms=1, modified_ms=1).returning(devices.c.id)).scalar()
+    return product, device
+
+
+def test_a_device_count_survives_heartbeats_but_not_a_new_device(db):
+    product, _device = _product_with_device(db)
+    counted = []
+
+    def count():
+        with db.loop_reads() as conn:
+            conn.connection.driver_connection.set_trace_callback(
+                lambda sql: counted.append(sql) if "count(*)" in sql else None)
+            return DEVICE_COUNT.all(conn, p_product=product)[0]["n"]
+
+    async def scenario():
+        assert count() == 1
+        await asyncio.sleep(0)
+        _commit(db, sa.update(devices).values(online=True, last_seen_ms=5, ip_address="10.0.0.1"))
+        await asyncio.sleep(0)
+        assert count() == 1
+        assert len(counted) == 1  # the update of columns the count does not read left it cached
+        _commit(db, sa.insert(devices).values(iot_id="d2", product_id=product, device_name="d2",
+                                              device_secret_encrypted="x", created_ms=1, modified_ms=1))
+        await asyncio.sleep(0)
+        assert count() == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_statement_reading_an_unwatched_column_is_never_cached():
+    assert DEVICE_COUNT.cacheable
+    assert not LAST_SEEN.cacheable  # last_seen_ms changes without moving the devices counter
+
+
+def test_upgrade_replaces_a_trigger_defined_otherwise(db):
+    """An older otaplane's trigger (here: every UPDATE of devices) is redefined at upgrade."""
+    name = f"{read_versions.TABLE}_devices_update"
+    with db.begin() as conn:
+        conn.exec_driver_sql(f"DROP TRIGGER {name}")
+        conn.exec_driver_sql(f"CREATE TRIGGER {name} AFTER UPDATE ON devices BEGIN SELECT 1; END")
+    db.upgrade()
+    with db.begin() as conn:
+        sql = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = ?", (name,)).scalar_one()
+    assert sql == read_versions._triggers()[name]
+    assert "UPDATE OF id, product_id ON devices" in sql

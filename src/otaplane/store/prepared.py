@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.sql.selectable import ReturnsRows, Select
 
-from otaplane.store.read_versions import WATCHED_TABLES, tables_read
+from otaplane.store.read_versions import tables_read, watches
 
 # SQLite, inside Database.loop_reads(): the results of Prepared SELECTs while the tables they
 # read are unchanged ({Prepared: {call and parameters: result}}; store.database._ReadTurn drops
@@ -48,8 +48,8 @@ class Prepared:
     def __init__(self, statement: ReturnsRows):
         self.statement = statement
         self.tables = tables_read(statement)
-        # Only a SELECT whose every table has change counters: any other result could go stale.
-        self.cacheable = isinstance(statement, Select) and self.tables <= WATCHED_TABLES
+        # Only a SELECT whose every change the counters see: any other result could go stale.
+        self.cacheable = isinstance(statement, Select) and watches(statement)
         self._compiled: dict[str, _Compiled] = {}
         # The dialect seen last and its compiled form: a process talks to one database, so this
         # is a hit on every call but the first (the dict above still serves a second dialect).
