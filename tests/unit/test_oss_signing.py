@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
-from urllib.parse import parse_qs, urlsplit
+import random
+from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
 
@@ -13,6 +14,8 @@ from otaplane.blobs.oss_signing import (
     build_policy,
     check_policy,
     presigned_url,
+    quote_key,
+    quote_param,
     sign_policy,
     verify_post,
     verify_presigned,
@@ -225,3 +228,14 @@ def test_presigned_urls_agree_with_oss2(monkeypatch):
         assert query_of(theirs) == query_of(ours)
         assert urlsplit(theirs).path == urlsplit(ours).path
         check(query_of(theirs), key=key)
+
+
+def test_quote_key_and_param_match_urllib_quote():
+    # Their fast path (nothing to escape) must agree with quote() on every kind of text.
+    rng = random.Random(11)
+    alphabet = "aZ09_.-~/+= %?#&é\u4e2d\x00"
+    samples = ["ota/iot-1/abc.bin", "a b/c", "", "~/x", "é", "a%2Fb", "LTAI5tAbc"]
+    samples += ["".join(rng.choice(alphabet) for _ in range(rng.randrange(12))) for _ in range(5_000)]
+    for text in samples:
+        assert quote_key(text) == quote(text, safe="/"), text
+        assert quote_param(text) == quote(text, safe=""), text
