@@ -9,7 +9,8 @@ Reading the request happens on the event loop. Database work does not block it:
 - nonces go to a file beside SQLite (store.nonce_file), inline, or are group-committed in
   the database by one writer thread (store.nonces.NonceWriter);
 - on PostgreSQL the rest runs in one worker-thread hop, so the loop (and the MQTT broker
-  sharing it) never waits on a network round trip;
+  sharing it) never waits on a network round trip; quick reads there take at most
+  QUICK_READ_CONNECTIONS threads and connections kept in autocommit mode (Database.autocommit_read);
 - on SQLite the short reads of `quick_read` actions run on the loop itself (a local indexed
   SELECT costs less than the thread hop would); every other action takes the thread hop.
 """
@@ -31,6 +32,7 @@ from otaplane.openapi.params import parse_params
 from otaplane.openapi.ratelimit import RateLimiter
 from otaplane.openapi.registry import API_VERSION, Action, build_table
 from otaplane.services.container import Services
+from otaplane.store.database import QUICK_READ_CONNECTIONS
 
 log = logging.getLogger("otaplane.gateway")
 
@@ -55,6 +57,8 @@ class Gateway:
         self.limiter = RateLimiter(settings.rate_limit, settings.rate_limit_burst)
         self.camel = settings.response_case == "camel"
         self.inline_reads = services.db.is_sqlite
+        # PostgreSQL: quick reads wait here rather than in the read pool's checkout (store.database).
+        self._quick_reads = anyio.CapacityLimiter(QUICK_READ_CONNECTIONS)
         self.auth = Authenticator(services.accounts, services.nonces, settings.signature_window_seconds,
                                   self._run_db)
 
@@ -163,12 +167,9 @@ class Gateway:
             with self.services.db.loop_reads():
                 return self._run_action(action, caller, values)
         if action.quick_read:
-            return await anyio.to_thread.run_sync(self._run_quick_read, action, caller, values)
+            return await anyio.to_thread.run_sync(self.services.db.autocommit_read, self._run_action, action,
+                                                  caller, values, limiter=self._quick_reads)
         return await anyio.to_thread.run_sync(self._run_action, action, caller, values)
-
-    def _run_quick_read(self, action: Action, caller: Caller, values: dict) -> dict:
-        with self.services.db.autocommit_reads():  # one round trip fewer: no ROLLBACK at the end
-            return self._run_action(action, caller, values)
 
     def _run_action(self, action: Action, caller: Caller, values: dict) -> dict:
         services = self.services

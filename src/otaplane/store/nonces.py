@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from otaplane.store.database import Database
+from otaplane.store.database import Database, broke_connection
 from otaplane.store.prepared import Prepared
 from otaplane.store.schema import signature_nonces as nonces
 
@@ -159,6 +159,10 @@ def take_all_in_use(conn: Connection, now_ms: int) -> list[tuple[int, int]]:
     return rows
 
 
+class _BrokenBeforeCommit(Exception):
+    """A nonce batch failed on a connection that is gone, before its COMMIT was sent."""
+
+
 class _Waiting(NamedTuple):
     use: NonceUse
     future: asyncio.Future
@@ -273,6 +277,15 @@ class NonceWriter:
                 pass
 
     def _write(self, uses: list[NonceUse]) -> list[bool]:
+        try:
+            return self._write_once(uses)
+        except _BrokenBeforeCommit as broken:
+            # The thread's connection was gone (e.g. PostgreSQL restarted while it sat idle) and
+            # nothing was committed: the batch goes again, once, on a new connection.
+            log.warning("the nonce writer's connection broke (%s); writing the batch again", broken.__cause__)
+            return self._write_once(uses)
+
+    def _write_once(self, uses: list[NonceUse]) -> list[bool]:
         conn = self._connection()
         try:
             with self.db.write_turn():
@@ -283,8 +296,17 @@ class NonceWriter:
                         return remember_many(conn, uses, expect_fresh=True)
                     except SomeNonceUsed:  # a replay (rare): nothing went in, now learn which
                         pass
-                with conn.begin():  # on SQLite, each statement commits itself all the same
-                    return remember_many(conn, uses)
+                transaction = conn.begin()  # on SQLite, each statement commits itself all the same
+                try:
+                    outcomes = remember_many(conn, uses)
+                except Exception as exc:
+                    if broke_connection(conn, exc):
+                        raise _BrokenBeforeCommit() from exc
+                    raise
+                # Past this point a broken connection leaves the outcome unknown: no retry (a
+                # nonce that did go in would come back as used).
+                transaction.commit()
+                return outcomes
         except BaseException:
             self._conn = None
             conn.invalidate()  # closed for good: never back to the pool (SQLite: autocommit)
