@@ -269,6 +269,51 @@ def test_firmware_get_answers_empty_data_when_nothing_is_pending(fleet):
     assert device.expect(device.get_reply_topic).json()["id"] == 9
 
 
+def _legacy_answer(device, topic: str) -> dict:
+    """The next answer on iotkit's request topic: the device's own request comes back to it there
+    too (it is subscribed to the topic it publishes on) and has no `code`."""
+    while True:
+        body = device.expect(topic).json()
+        if "code" in body:
+            return body
+
+
+def test_legacy_request_is_answered_on_its_own_topic(fleet, local, tenant):
+    # iotkit-embedded 2.x/3.x: subscribe to /ota/device/request/{pk}/{dn}, publish the request there.
+    content = os.urandom(5_000)
+    name = fleet.register()
+    device = fleet.connect(name)
+    topic = f"/ota/device/request/{fleet.product_key}/{name}"
+    assert device.subscribe(topic) == [1]
+    device.publish(topic, {"id": 11, "params": {"version": "1.0.0"}})
+    assert _legacy_answer(device, topic) == {"code": "1000", "data": {}, "id": 11, "message": "success"}
+
+    pushed = push(local, tenant, fleet, name, fleet.firmware(content))
+    device.publish(topic, {"id": 12, "params": {"version": "1.0.0"}})
+    answer = _legacy_answer(device, topic)
+    # What IOTKIT3's ota_callback needs: "message":"success", version, url, a 32-character md5, size.
+    assert answer["message"] == "success" and answer["code"] == "1000" and answer["id"] == pushed.message_id
+    data = answer["data"]
+    assert data["version"] == "2.0.0" and data["size"] == len(content)
+    assert data["md5"] == hashlib.md5(content).hexdigest()
+    assert httpx.get(data["url"], timeout=30).content == content
+    assert _answers_within(device, topic, 1.5) == []  # one answer per request
+
+
+def _answers_within(device, topic: str, seconds: float) -> list[dict]:
+    """Every answer (a message with `code`) on `topic` for `seconds`; requests are skipped."""
+    answers = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            body = device.expect(topic, timeout=left).json()
+        except AssertionError:
+            break
+        if "code" in body:
+            answers.append(body)
+    return answers
+
+
 # --- downstream: pushes ------------------------------------------------------------------------
 def test_push_reaches_an_online_device_with_every_field_and_a_working_url(fleet, local, tenant):
     content = os.urandom(200_000)

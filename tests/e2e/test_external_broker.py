@@ -24,7 +24,7 @@ import pytest
 from otaplane.services.container import Services
 from otaplane.services.devices import DeviceRef
 from otaplane.settings import Settings
-from tests.e2e.test_device_channel import ACCOUNT, Fleet, unique
+from tests.e2e.test_device_channel import ACCOUNT, Fleet, _answers_within, unique
 from tests.support.clients import SdkCaller
 from tests.support.devices import Device, connect, device_password
 from tests.support.waiting import eventually
@@ -155,6 +155,24 @@ def test_push_reaches_the_device_with_the_exact_payload_and_firmware_get_answers
     eventually(lambda: local.device_ota.offer(device_id, None).progress == 50)
     device.inform("2.0.0")
     eventually(lambda: local.device_ota.offer(device_id, None) is None)
+
+
+def test_legacy_request_through_the_broker_gets_one_answer(fleet, local, tenant):
+    # otaplane subscribes to the request topic and answers on it: its own answer comes back to
+    # it through the broker and must not be taken for a request (that would answer forever).
+    content = os.urandom(3_000)
+    firmware_id = fleet.firmware(content)
+    name = fleet.register()
+    device = fleet.connect(name)
+    topic = f"/ota/device/request/{fleet.product_key}/{name}"
+    assert [code.value for code in device.subscribe(topic)] == [1]
+    pushed = _push(local, tenant, fleet, name, firmware_id)
+    device.publish(topic, {"id": 21, "params": {"version": "1.0.0"}})
+    answers = _answers_within(device, topic, 3.0)
+    assert len(answers) == 1, answers
+    assert answers[0]["id"] == pushed.message_id and answers[0]["message"] == "success"
+    assert answers[0]["data"]["md5"] == hashlib.md5(content).hexdigest()
+    assert httpx.get(answers[0]["data"]["url"], timeout=30).content == content
 
 
 def test_a_device_reads_a_package_block_by_block_through_the_broker(fleet, local):

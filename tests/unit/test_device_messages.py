@@ -157,3 +157,24 @@ def test_parse_firmware_get():
         b'{"id": "123", "version": "1.0", "params": {"module": "MCU"}, "method": "thing.ota.firmware.get"}')
     assert query == messages.FirmwareQuery("123", "MCU")
     assert messages.parse_firmware_get(b'{"id": 1}') == messages.FirmwareQuery(1, None)
+
+
+def test_parse_legacy_request_as_iotkit_writes_it():
+    assert messages.parse_legacy_request(b'{"id":3,"params":{"version":"1.0.0"}}') == messages.FirmwareQuery(3, None)
+    assert messages.parse_legacy_request(b'{"id":"4","params":{"version":"1.0.0","module":"MCU"}}') == \
+        messages.FirmwareQuery("4", "MCU")
+    with pytest.raises(MalformedMessage):
+        messages.parse_legacy_request(b'{"id":3,"params":"1.0.0"}')
+
+
+def test_answers_on_the_request_topic_are_not_requests():
+    # The answer travels on the topic the request came on: otaplane sees its own answers there.
+    assert messages.parse_legacy_request(messages.legacy_request_reply(3, None)) is None
+    assert messages.parse_legacy_request(messages.legacy_request_reply(3, PACKAGE)) is None
+
+
+def test_legacy_request_reply():
+    assert json.loads(messages.legacy_request_reply(3, None)) == {
+        "code": "1000", "data": {}, "id": 3, "message": "success"}
+    # With a package: the push itself, which iotkit handles once it finds `url` in it.
+    assert messages.legacy_request_reply(3, PACKAGE) == messages.upgrade_push(PACKAGE)

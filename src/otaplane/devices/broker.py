@@ -100,8 +100,8 @@ class Connection:
 
     @property
     def downstream(self) -> tuple[str, ...]:
-        """The exact topics otaplane publishes to this device (its server-side subscriptions)."""
-        return topics.server_subscriptions(self.identity.product_key, self.identity.device_name)
+        """The exact topics otaplane publishes to this device (topics.downstream_topics)."""
+        return topics.downstream_topics(self.identity.product_key, self.identity.device_name)
 
 
 class DeviceChannel:

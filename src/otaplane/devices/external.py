@@ -2,17 +2,18 @@
 devices connect to Mosquitto or EMQX, and otaplane is one privileged client of that broker.
 
 - Upstream: otaplane subscribes (QoS 1) to `/ota/device/inform/+/+`, `/ota/device/progress/+/+`,
-  `/sys/+/+/thing/ota/firmware/get` and `/sys/+/+/thing/file/download` (blocks of DownloadProtocol
-  MQTT packages), as a shared subscription (`$share/<group>/...`, group
+  `/sys/+/+/thing/ota/firmware/get`, `/sys/+/+/thing/file/download` (blocks of DownloadProtocol
+  MQTT packages) and `/ota/device/request/+/+` (iotkit's legacy pull, whose answers on the same
+  topic come back to otaplane too and are told apart by their `code`), as a shared subscription (`$share/<group>/...`, group
   OTAPLANE_MQTT_SHARE_GROUP, default `otaplane`) so that several otaplane processes split the
   messages instead of each handling all of them. Messages go through devices/upstream.py, the
   code the embedded broker uses. The device is named by the topic: the broker's ACL (the
   `/mqtt/acl` endpoint, devices/topics.py) must keep devices on their own topics.
 - Authentication of devices is the broker's: it can call otaplane's `POST /mqtt/auth`
   (devices/http_auth.py) with the CONNECT's clientid, username and password.
-- Downstream: pushes, firmware/get answers and file blocks are PUBLISHed at QoS 1 to
-  `/ota/device/upgrade/{pk}/{dn}`, `/sys/{pk}/{dn}/thing/ota/firmware/get_reply` and
-  `/sys/{pk}/{dn}/thing/file/download_reply`.
+- Downstream: pushes, firmware/get answers, file blocks and legacy pull answers are PUBLISHed at
+  QoS 1 to `/ota/device/upgrade/{pk}/{dn}`, `/sys/{pk}/{dn}/thing/ota/firmware/get_reply`,
+  `/sys/{pk}/{dn}/thing/file/download_reply` and `/ota/device/request/{pk}/{dn}`.
 - Online state: the broker does not tell otaplane about connects, so devices never turn ONLINE;
   each upstream message stamps `last_seen_ms` (and activates a new device), which
   QueryDeviceDetail shows (Status OFFLINE once activated, the last-seen time in the details).
@@ -54,7 +55,7 @@ from otaplane.services.device_ota import UNDELIVERED_BATCH, PendingKey, PendingP
 log = logging.getLogger("otaplane.devices")
 
 UPSTREAM_FILTERS = ("/ota/device/inform/+/+", "/ota/device/progress/+/+", "/sys/+/+/thing/ota/firmware/get",
-                    "/sys/+/+/thing/file/download")
+                    "/sys/+/+/thing/file/download", "/ota/device/request/+/+")
 # How often pushes made by another process (CLI, another replica) are looked for: the bound on
 # their publish latency. Pushes of this process wake the channel at once.
 PENDING_POLL_INTERVAL_S = 0.25

@@ -91,7 +91,10 @@ def loads_lenient(payload: bytes) -> Any:
 
 
 def _envelope(payload: bytes) -> tuple[RequestId, dict[str, Any]]:
-    body = loads_lenient(payload)
+    return _envelope_of(loads_lenient(payload))
+
+
+def _envelope_of(body: Any) -> tuple[RequestId, dict[str, Any]]:
     if not isinstance(body, dict):
         raise MalformedMessage("payload is not a JSON object")
     request_id = body.get("id")
@@ -157,6 +160,16 @@ def parse_progress(payload: bytes) -> ProgressReport:
 def parse_firmware_get(payload: bytes) -> FirmwareQuery:
     """`{"id": 1, "params": {}}` or with `"module"`; `version`/`method` may be there and are ignored."""
     request_id, params = _envelope(payload)
+    return FirmwareQuery(request_id, _module(params))
+
+
+def parse_legacy_request(payload: bytes) -> FirmwareQuery | None:
+    """iotkit's `{"id": 1, "params": {"version": "1.0.0"}}` on `/ota/device/request/...`; None for
+    an answer on that topic (it carries `code`: ours, coming back to a subscriber of the topic)."""
+    body = loads_lenient(payload)
+    if isinstance(body, dict) and "code" in body and "params" not in body:
+        return None
+    request_id, params = _envelope_of(body)
     return FirmwareQuery(request_id, _module(params))
 
 
@@ -238,6 +251,18 @@ def block_reply(header: dict[str, Any], data: bytes = b"") -> bytes:
     JSON header, the data, and its CRC-16/ARC, little-endian (the SDK reads a native uint16)."""
     head = _dumps(header)
     return len(head).to_bytes(2, "big") + head + data + crc16_arc(data).to_bytes(2, "little")
+
+
+def legacy_request_reply(request_id: RequestId, package: PendingPackage | None) -> bytes:
+    """The answer on `/ota/device/request/...`: the push of the pending package (iotkit handles it
+    as one, once it finds a `url` in it), or `data: {}` under the request's id."""
+    if package is not None:
+        return upgrade_push(package)
+    body: dict[str, Any] = {"code": "1000", "data": {}}
+    if request_id is not None:
+        body["id"] = request_id
+    body["message"] = "success"
+    return _dumps(body)
 
 
 def upgrade_push(package: PendingPackage) -> bytes:

@@ -13,6 +13,11 @@ def upgrade_topic(product_key: str, device_name: str) -> str:
     return f"/ota/device/upgrade/{product_key}/{device_name}"
 
 
+def legacy_request_topic(product_key: str, device_name: str) -> str:
+    """Both ways: iotkit 2.x/3.x asks for its package here, and reads the answer here too."""
+    return f"/ota/device/request/{product_key}/{device_name}"
+
+
 def firmware_get_reply_topic(product_key: str, device_name: str) -> str:
     return f"/sys/{product_key}/{device_name}/thing/ota/firmware/get_reply"
 
@@ -27,11 +32,17 @@ def server_subscriptions(product_key: str, device_name: str) -> tuple[str, ...]:
             file_download_reply_topic(product_key, device_name))
 
 
+def downstream_topics(product_key: str, device_name: str) -> tuple[str, ...]:
+    """Every topic otaplane sends a device messages on: its server subscriptions, and the legacy
+    request topic, to which iotkit subscribes itself and where it reads the answer to its pull."""
+    return (*server_subscriptions(product_key, device_name), legacy_request_topic(product_key, device_name))
+
+
 class Upstream(Enum):
     INFORM = "inform"  # /ota/device/inform/{pk}/{dn}: version report
     PROGRESS = "progress"  # /ota/device/progress/{pk}/{dn}
     FIRMWARE_GET = "firmware_get"  # /sys/{pk}/{dn}/thing/ota/firmware/get
-    REQUEST = "request"  # /ota/device/request/{pk}/{dn}: legacy pull (iotkit 2.x)
+    REQUEST = "request"  # /ota/device/request/{pk}/{dn}: legacy pull (iotkit 2.x/3.x)
     FILE_DOWNLOAD = "file_download"  # /sys/{pk}/{dn}/thing/file/download: a block (DownloadProtocol MQTT)
 
 

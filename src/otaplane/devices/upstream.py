@@ -73,7 +73,15 @@ async def handle(
             await reply(topics.file_download_reply_topic(product_key, device_name),
                         await run_db(_block_reply, device_ota, device_id, request))
             return Handled(upstream.kind)
-        log.debug("legacy %s from %s is not supported", upstream.kind.value, who)
+        if upstream.kind is topics.Upstream.REQUEST:
+            query = messages.parse_legacy_request(data)
+            if query is None:
+                return None  # an answer on the request topic, not a request
+            package = await run_db(device_ota.offer, device_id, query.module)
+            await reply(topics.legacy_request_topic(product_key, device_name),
+                        messages.legacy_request_reply(query.request_id, package))
+            return Handled(upstream.kind, query.module)
+        log.debug("%s from %s is not handled", upstream.kind.value, who)
     except messages.MalformedMessage as problem:
         log.warning("dropped %s message of %s: %s", upstream.kind.value, who, problem)
     except Exception:
