@@ -148,6 +148,7 @@ def create_app(services: Services) -> ASGIApp:
         finally:
             if channel is not None:
                 await channel.stop()
+            gateway.close()
             services.close()
 
     mqtt_auth, mqtt_acl = make_mqtt_endpoints(services)

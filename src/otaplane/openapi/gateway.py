@@ -17,7 +17,9 @@ Reading the request happens on the event loop. Database work does not block it:
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import unquote
 
 import anyio.to_thread
@@ -57,10 +59,16 @@ class Gateway:
         self.limiter = RateLimiter(settings.rate_limit, settings.rate_limit_burst)
         self.camel = settings.response_case == "camel"
         self.inline_reads = services.db.is_sqlite
-        # PostgreSQL: quick reads wait here rather than in the read pool's checkout (store.database).
-        self._quick_reads = anyio.CapacityLimiter(QUICK_READ_CONNECTIONS)
+        # PostgreSQL: the threads of quick reads, one per connection of the read pool (store.database),
+        # so none waits in its checkout. An executor, not anyio.to_thread: a hop through it costs a
+        # third to half the CPU.
+        self._quick_reads = ThreadPoolExecutor(QUICK_READ_CONNECTIONS, thread_name_prefix="otaplane-reads")
         self.auth = Authenticator(services.accounts, services.nonces, settings.signature_window_seconds,
                                   self._run_db)
+
+    def close(self) -> None:
+        """After the last request: the quick-read threads finish what they run, then end."""
+        self._quick_reads.shutdown(wait=True)
 
     def in_front_of(self, app: ASGIApp) -> ASGIApp:
         """`app`, with the requests for `/` handed straight to the gateway."""
@@ -167,8 +175,8 @@ class Gateway:
             with self.services.db.loop_reads():
                 return self._run_action(action, caller, values)
         if action.quick_read:
-            return await anyio.to_thread.run_sync(self.services.db.autocommit_read, self._run_action, action,
-                                                  caller, values, limiter=self._quick_reads)
+            return await asyncio.get_running_loop().run_in_executor(
+                self._quick_reads, self.services.db.autocommit_read, self._run_action, action, caller, values)
         return await anyio.to_thread.run_sync(self._run_action, action, caller, values)
 
     def _run_action(self, action: Action, caller: Caller, values: dict) -> dict:
