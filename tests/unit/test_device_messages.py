@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import replace
 
 import pytest
@@ -78,6 +79,14 @@ def test_parse_block_request_as_lsdk4_writes_it():
 def test_parse_block_request_refuses_garbage(params):
     with pytest.raises(MalformedMessage):
         messages.parse_block_request(json.dumps({"id": 1, "params": params}).encode())
+
+
+def test_crc16_arc_agrees_with_the_table_driven_one():
+    rng = random.Random(4)
+    for size in (0, 1, 2, 9, 255, 5120, 131072):
+        data = rng.randbytes(size)
+        assert messages.crc16_arc(data) == messages.crc16_arc_python(data), size
+    assert messages.crc16_arc_python(b"123456789") == 0xBB3D
 
 
 def test_crc16_arc_and_the_block_reply_layout():
