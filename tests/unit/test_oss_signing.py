@@ -15,11 +15,11 @@ from otaplane.blobs.oss_signing import (
     check_policy,
     presigned_url,
     quote_key,
-    quote_param,
     sign_policy,
     verify_post,
     verify_presigned,
 )
+from otaplane.openapi.signing import percent_encode
 from otaplane.timefmt import parse_utc_seconds
 
 SECRET = "testSecret"
@@ -231,11 +231,12 @@ def test_presigned_urls_agree_with_oss2(monkeypatch):
 
 
 def test_quote_key_and_param_match_urllib_quote():
-    # Their fast path (nothing to escape) must agree with quote() on every kind of text.
+    # Their fast paths (nothing to escape) must agree with quote() on every kind of text; a URL's
+    # OSSAccessKeyId is quoted by signing.percent_encode.
     rng = random.Random(11)
     alphabet = "aZ09_.-~/+= %?#&é\u4e2d\x00"
     samples = ["ota/iot-1/abc.bin", "a b/c", "", "~/x", "é", "a%2Fb", "LTAI5tAbc"]
     samples += ["".join(rng.choice(alphabet) for _ in range(rng.randrange(12))) for _ in range(5_000)]
     for text in samples:
         assert quote_key(text) == quote(text, safe="/"), text
-        assert quote_param(text) == quote(text, safe=""), text
+        assert percent_encode(text) == quote(text, safe=""), text

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from otaplane.openapi.signing import hmac_digest
+from otaplane.openapi.signing import hmac_digest, percent_encode
 from otaplane.timefmt import parse_utc_seconds, utc_iso_ms
 
 # OSS caps a PostObject upload at 5 GB; a policy without content-length-range gets this.
@@ -164,13 +164,6 @@ def quote_key(key: str) -> str:
     return quote(key, safe="/")
 
 
-def quote_param(value: str) -> str:
-    """quote(value, safe=''): the form of a query parameter's value."""
-    if _LITERAL_IN_PATH(value) and "/" not in value:
-        return value
-    return quote(value, safe="")
-
-
 def _quote_base64(text: str) -> str:
     """quote(text, safe='') of base64 text, whose only reserved characters are + / =."""
     return text.replace("+", "%2B").replace("/", "%2F").replace("=", "%3D")
@@ -184,7 +177,7 @@ def presigned_url(
 ) -> str:
     """`<base_url>/<quoted key>?Expires=…&OSSAccessKeyId=…&Signature=…` (base_url is the bucket's URL)."""
     signature = sign(secret, url_string_to_sign(method, expires, bucket, key))
-    query = f"Expires={expires}&OSSAccessKeyId={quote_param(access_key_id)}&Signature={_quote_base64(signature)}"
+    query = f"Expires={expires}&OSSAccessKeyId={percent_encode(access_key_id)}&Signature={_quote_base64(signature)}"
     return f"{base_url}/{quote_key(key)}?{query}"
 
 
