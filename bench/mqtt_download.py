@@ -54,17 +54,6 @@ class JobRun:
         return self.server_cpu_s * 1000 / (self.devices * self.size / MB)
 
 
-def upload_package(api: Api, product_key: str, version: str, size: int) -> str:
-    upload = api.call("GenerateOTAUploadURL", FileSuffix="bin")["Data"]
-    files = {"key": (None, upload["Key"]), "policy": (None, upload["Policy"]),
-             "OSSAccessKeyId": (None, upload["OSSAccessKeyId"]), "Signature": (None, upload["Signature"]),
-             "success_action_status": (None, "200"), "file": ("fw.bin", os.urandom(size))}
-    api.http.post(upload["Host"], files=files).raise_for_status()
-    return api.call("CreateOTAFirmware", ProductKey=product_key, FirmwareName="bench_" + version.replace(".", "_"),
-                    DestVersion=version, FirmwareUrl=upload["FirmwareUrl"], NeedToVerify="false",
-                    )["Data"]["FirmwareId"]
-
-
 def job_seconds(engine, job_id: str) -> float:
     with engine.connect() as conn:
         created = conn.execute(sa.text("SELECT created_ms FROM ota_jobs WHERE job_id = :j"), {"j": job_id}).scalar()
@@ -102,7 +91,7 @@ def run_fleet(args, devices: int, workdir: Path) -> list[JobRun]:
         for number in range(1, args.rounds + 1):
             for protocol in PROTOCOLS:
                 version += 1
-                firmware_id = upload_package(api, product_key, f"{version}.0.0", size)
+                firmware_id = api.package(product_key, f"{version}.0.0", size)
                 before = read_stats(stats_path).get("succeeded", 0)
                 cpu_before = cpu_seconds(server.process.pid)
                 job_id = api.call("CreateOTAStaticUpgradeJob", ProductKey=product_key, FirmwareId=firmware_id,

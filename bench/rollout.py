@@ -97,9 +97,10 @@ class Api:
             raise RuntimeError(f"{action} failed: {body}")
         return body
 
-    def package(self, product_key: str, version: str) -> str:
+    def package(self, product_key: str, version: str, size: int = 4096) -> str:
+        """A package of `size` random bytes, uploaded and created through the API."""
         upload = self.call("GenerateOTAUploadURL", FileSuffix="bin")["Data"]
-        content = os.urandom(4096)
+        content = os.urandom(size)
         files = {"key": (None, upload["Key"]), "policy": (None, upload["Policy"]),
                  "OSSAccessKeyId": (None, upload["OSSAccessKeyId"]), "Signature": (None, upload["Signature"]),
                  "success_action_status": (None, "200"), "file": ("fw.bin", content)}
