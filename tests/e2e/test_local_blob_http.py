@@ -336,7 +336,19 @@ def test_single_ranges(http, blobs, stored):
         assert response.headers["content-range"] == f"bytes {start}-{end}/{size}"
         assert response.headers["content-length"] == str(end - start + 1)
         assert response.content == data[start : end + 1]
-    assert http.get(url, headers={"Range": f"bytes={size}-"}).status_code == 416
+    past_the_end = http.get(url, headers={"Range": f"bytes={size}-"})  # a finished download, resumed
+    assert past_the_end.status_code == 416
+    assert past_the_end.headers["content-range"] == f"bytes */{size}"
+    assert oss_error(past_the_end)["Code"] == "InvalidRange"
+
+
+@pytest.mark.parametrize("header", ["", "bytes", "bytes=", "items=0-9", "bytes=9-2", "bytes=a-b", "\u00e9"])
+def test_a_range_that_cannot_be_parsed_is_ignored(http, blobs, stored, header):
+    """As OSS and S3 do (and RFC 9110 allows): the whole object, not an error."""
+    key, data = stored
+    response = http.get(blobs.presigned_get(key, 60), headers={"Range": header.encode()})
+    assert response.status_code == 200
+    assert response.content == data
 
 
 def test_resume_an_interrupted_download_several_times(http, blobs, stored):

@@ -25,7 +25,7 @@ from xml.sax.saxutils import escape
 
 import anyio
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, Response
+from starlette.responses import FileResponse, MalformedRangeHeader, RangeNotSatisfiable, Response
 from starlette.routing import Route
 
 from otaplane import ids
@@ -232,7 +232,8 @@ class LocalBlobStore:
             f"  <Code>{escape(exc.code)}</Code>\n  <Message>{escape(exc.message)}</Message>\n"
             f"  <RequestId>{request_id}</RequestId>\n  <HostId>{escape(self._host_id)}</HostId>\n</Error>\n"
         )
-        return Response(body, exc.status, media_type="application/xml", headers={"x-oss-request-id": request_id})
+        headers = {**exc.headers, "x-oss-request-id": request_id}
+        return Response(body, exc.status, media_type="application/xml", headers=headers)
 
     # --- GET / HEAD --------------------------------------------------------------------------
 
@@ -249,6 +250,9 @@ class LocalBlobStore:
                 path, st, content = None, None, None
             if st is None or not stat.S_ISREG(st.st_mode):
                 raise OssError(404, "NoSuchKey", "The specified key does not exist.")
+            if _range_not_satisfiable(request.headers, st.st_size):
+                raise OssError(416, "InvalidRange", "The requested range cannot be satisfied.",
+                               {"Content-Range": f"bytes */{st.st_size}"})
         except OssError as exc:
             return self._error(exc)
         # FileResponse streams from disk and answers Range (206, multipart/byteranges) itself.
@@ -352,6 +356,28 @@ class _ObjectResponse(FileResponse):
     The price: a download holds up to one chunk in memory beyond the kernel's socket buffer."""
 
     chunk_size = DOWNLOAD_CHUNK
+
+    @classmethod
+    def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
+        """A Range that cannot be parsed is ignored: the whole object, 200, as OSS and S3 answer
+        (RFC 9110 14.2 lets a server ignore it; Starlette would answer a plain-text 400)."""
+        try:
+            return super()._parse_range_header(http_range, file_size)
+        except MalformedRangeHeader:
+            return []
+
+
+def _range_not_satisfiable(headers, size: int) -> bool:
+    """A Range that parses but starts past the end (`bytes=<size>-`: a finished download resumed):
+    416, which the caller answers with OSS's XML InvalidRange instead of Starlette's empty body."""
+    http_range = headers.get("range")
+    if http_range is None or "if-range" in headers:  # If-Range may turn the Range off: FileResponse decides
+        return False
+    try:
+        _ObjectResponse._parse_range_header(http_range, size)
+    except RangeNotSatisfiable:
+        return True
+    return False
 
 
 def _invalid_name() -> OssError:

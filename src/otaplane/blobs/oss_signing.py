@@ -27,11 +27,12 @@ POST_OBJECT_MAX_BYTES = 5 * 1024**3
 class OssError(Exception):
     """A refusal in OSS terms: rendered as the `<Error><Code>…` XML with this HTTP status."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(f"{code}: {message}")
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers or {}  # extra response headers (416: Content-Range)
 
 
 @dataclass(frozen=True)
