@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from tests.support.clients import SdkCaller
-from tests.support.devices import connect
+from tests.support.devices import connect, device_password, raw_connect
 from tests.support.uploads import post_upload
 
 EXAMPLES = int(os.environ.get("OTAPLANE_FUZZ_EXAMPLES", "20")) * 5
@@ -67,7 +67,7 @@ def device(make_server):
                                                  "TargetSelection": "SPECIFIC", "TargetDeviceName": ["fuzzer"]})
     assert job["Success"], job
     device.expect(device.upgrade_topic, timeout=30)  # a real task is in flight: reports reach it
-    device.server = server
+    device.server, device.secret = server, secret
     yield device
     device.close()
 
@@ -99,4 +99,47 @@ def test_generated_device_messages_leave_the_device_connected_and_answered(devic
     one_batch()
     assert sent["count"] >= EXAMPLES
     log = device.server.logs()
+    assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+
+
+def test_generated_connects_let_in_only_the_right_password(device):
+    """CONNECT with generated client ids (the SDKs' `id|securemode=..,signmethod=..,timestamp=..|`
+    grammar with odd values), user names and passwords: every one is answered with a CONNACK or a
+    closed connection, and none is let in without the device's real password."""
+    server, pk, dn = device.server, device.product_key, device.device_name
+    secret = device.secret
+    text = st.text(max_size=20)
+    client_ids = st.builds(
+        lambda head, fields: head + ("|" + ",".join(f"{k}={v}" for k, v in fields.items()) + "|" if fields else ""),
+        st.one_of(st.just(dn), text),
+        st.dictionaries(st.sampled_from(["securemode", "signmethod", "timestamp", "ext", "_ss"]),
+                        st.one_of(st.sampled_from(["2", "3", "-1", "hmacsha1", "hmacmd5", "hmacsha256", "HMACSHA1",
+                                                   "sha1", "", "1700000000000"]), text), max_size=3),
+    )
+    methods = st.sampled_from(["hmacsha1", "hmacmd5", "hmacsha256"])
+    answered = {"accepted": 0, "refused": 0}
+
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=SEED is None,
+              suppress_health_check=list(HealthCheck))
+    @given(client_id=client_ids, user=st.one_of(st.just(f"{dn}&{pk}"), text.map(lambda t: f"{t}&{pk}"), text),
+           real_password=st.booleans(), method=methods, garbage=text)
+    def one_connect(client_id, user, real_password, method, garbage):
+        password = device_password(secret, client_id.split("|")[0], dn, pk, None, method) if real_password else garbage
+        try:
+            sock, connack = raw_connect(server.mqtt_port, client_id, user, password, 30)
+        except (ConnectionError, OSError):
+            return  # closed at once: refused
+        with sock:
+            if not connack:
+                return  # closed without CONNACK: refused
+            assert connack[:2] == b"\x20\x02", connack
+            if connack[3] == 0:  # let in: only with the real device's real password
+                assert user == f"{dn}&{pk}" and real_password, (client_id, user, password)
+            answered["accepted" if connack[3] == 0 else "refused"] += 1
+
+    if SEED is not None:
+        one_connect = seed(int(SEED))(one_connect)
+    one_connect()
+    assert answered["accepted"] and answered["refused"], answered  # both sides of the check were seen
+    log = server.logs()
     assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
