@@ -20,6 +20,7 @@ from otaplane.devices.http_auth import make_endpoints as make_mqtt_endpoints
 from otaplane.openapi.gateway import Gateway
 from otaplane.services.container import Services
 from otaplane.store import nonces
+from otaplane.store.disconnects import log_loop_failure
 from otaplane.store.nonce_file import NonceFile
 from otaplane.timefmt import now_ms
 
@@ -62,7 +63,7 @@ async def _housekeeping(services: Services) -> None:
         try:
             await anyio.to_thread.run_sync(_tidy, services)
         except Exception:  # keep going: a failed purge only delays cleanup
-            log.exception("housekeeping failed")
+            log_loop_failure(log, "housekeeping")
 
 
 async def _purge_nonce_file(nonce_file: NonceFile) -> None:
@@ -74,7 +75,7 @@ async def _purge_nonce_file(nonce_file: NonceFile) -> None:
         try:
             await anyio.to_thread.run_sync(nonce_file.purge_expired, now_ms())
         except Exception:  # keep going: a failed purge only delays cleanup
-            log.exception("nonce purge failed")
+            log_loop_failure(log, "nonce purge")
 
 
 class _DispatchLoop:
@@ -101,7 +102,7 @@ class _DispatchLoop:
             try:
                 await anyio.to_thread.run_sync(dispatcher.tick)
             except Exception:  # keep going: the next tick retries from what the database says
-                log.exception("dispatcher tick failed")
+                log_loop_failure(log, "dispatcher tick")
             with anyio.move_on_after(self.interval):
                 await self._wake.wait()
             self._wake.clear()

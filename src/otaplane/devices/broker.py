@@ -51,6 +51,7 @@ from otaplane.devices import auth, messages, topics
 from otaplane.devices.batching import Batched, DeviceTurns
 from otaplane.devices.upstream import handle as handle_upstream
 from otaplane.services.device_ota import UNDELIVERED_BATCH, PendingKey, PendingPackage
+from otaplane.store.disconnects import log_loop_failure
 
 log = logging.getLogger("otaplane.devices")
 
@@ -330,7 +331,7 @@ class DeviceChannel:
                 if not await self._beat():
                     await self._mark_online_again()
             except Exception:
-                log.exception("channel heartbeat failed")
+                log_loop_failure(log, "channel heartbeat")
 
     async def _beat(self) -> bool:
         """Say this process is alive; release the devices of processes that died silently.
@@ -359,7 +360,7 @@ class DeviceChannel:
             try:
                 await self._deliver_undelivered()
             except Exception:
-                log.exception("pending package poll failed")
+                log_loop_failure(log, "pending package poll")
 
     async def _deliver_undelivered(self) -> None:
         """One sweep over the undelivered pushes, page after page (keyset: a page starts after

@@ -15,6 +15,7 @@ from alembic.config import Config
 from sqlalchemy.engine import Connection, Engine
 
 from otaplane.store import read_versions
+from otaplane.store.disconnects import broke_connection
 from otaplane.store.prepared import READ_CACHE
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
@@ -184,22 +185,6 @@ class Database:
 def _application_name(url: str, name: str) -> dict[str, str]:
     """PostgreSQL: which pool a session of pg_stat_activity belongs to, unless the URL names one."""
     return {} if "application_name" in url else {"application_name": name}
-
-
-def broke_connection(conn: Connection, exc: Exception) -> bool:
-    """Whether `exc`, raised while `conn` was in use, says the connection is gone: the driver's
-    error straight from a cursor (store.prepared runs on it) or SQLAlchemy's wrapping of one."""
-    if isinstance(exc, sa.exc.DBAPIError):
-        if exc.connection_invalidated:
-            return True
-        exc = exc.orig
-    if not isinstance(exc, conn.dialect.loaded_dbapi.Error):
-        return False
-    try:
-        driver_connection = conn.connection.dbapi_connection
-    except sa.exc.SQLAlchemyError:  # already invalidated
-        return True
-    return conn.dialect.is_disconnect(exc, driver_connection, None)
 
 
 class _LoopReads:

@@ -21,7 +21,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from otaplane.store.database import Database, broke_connection
+from otaplane.store.database import Database
+from otaplane.store.disconnects import broke_connection
 from otaplane.store.prepared import Prepared
 from otaplane.store.schema import signature_nonces as nonces
 

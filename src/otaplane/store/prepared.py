@@ -22,9 +22,11 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, NamedTuple
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.sql.selectable import ReturnsRows, Select
 
+from otaplane.store.disconnects import broke_connection
 from otaplane.store.read_versions import tables_read, watches
 
 # SQLite, inside Database.loop_reads(): the results of Prepared SELECTs while the tables they
@@ -84,6 +86,15 @@ class Prepared:
         try:
             cursor.execute(compiled.sql, values)
             return compiled, fetch(cursor)
+        except Exception as exc:
+            if not isinstance(exc, sa.exc.SQLAlchemyError) and broke_connection(conn, exc):
+                # SQLAlchemy did not run this, so it would not know: invalidate the connection
+                # (the pool drops it instead of failing to roll it back, with a logged traceback)
+                # and raise what Connection.execute raises for a lost connection.
+                conn.invalidate()
+                raise sa.exc.DBAPIError.instance(compiled.sql, values, exc, conn.dialect.loaded_dbapi.Error,
+                                                 connection_invalidated=True) from exc
+            raise
         finally:
             cursor.close()
 
