@@ -417,6 +417,17 @@ def test_bad_page_parameters_are_a_business_error(server, signer, page):
     business_error(signer.v3("QueryProductList", {**PAGE, **page}), "iot.common.InvalidPageParams")
 
 
+@pytest.mark.parametrize("token", ["0", "x", "1000001", "922337203685477582"])
+def test_a_next_token_this_server_never_issued_is_refused(server, signer, token):
+    """QueryDevice's NextToken is a page number held to CurrentPage's bounds (found by the fuzz:
+    a huge one overflowed PostgreSQL's OFFSET, a 500)."""
+    created = signer.v1("CreateProduct", {"ProductName": f"tok_{uuid.uuid4().hex[:8]}", "NodeType": "0"}).json()
+    query = {"ProductKey": created["ProductKey"], "NextToken": token}
+    body = gateway_error(signer.v1("QueryDevice", query), 400, "InvalidParameter")
+    assert body["Message"].startswith("The specified parameter NextToken is not valid: ")
+    assert signer.v1("QueryDevice", {**query, "NextToken": "1000000"}).json()["Success"]  # the last page allowed
+
+
 @pytest.mark.parametrize("node_type", ["7", "-1", "x", "1.0", "99999999999999999999"])
 def test_invalid_parameter(server, signer, node_type):
     body = gateway_error(signer.v1("CreateProduct", {"ProductName": "valid_name", "NodeType": node_type}), 400,

@@ -8,7 +8,7 @@ from math import ceil
 from typing import Any
 
 from otaplane import errors
-from otaplane.openapi.actions.common import PRODUCT_KEY, paging
+from otaplane.openapi.actions.common import MAX_PAGE, PRODUCT_KEY, paging
 from otaplane.openapi.params import Int, Param, Str
 from otaplane.openapi.registry import action
 from otaplane.services.devices import Device, DeviceRef
@@ -100,7 +100,8 @@ def query_device_info(services, tenant, p):
 def query_device(services, tenant, p):
     current_page = p["CurrentPage"]
     if p["NextToken"]:  # our NextToken is simply the next page number
-        if not p["NextToken"].isdigit() or int(p["NextToken"]) < 1:
+        # Held to CurrentPage's bounds: a token past them made PostgreSQL's OFFSET overflow (a 500).
+        if not p["NextToken"].isdigit() or not 1 <= int(p["NextToken"]) <= MAX_PAGE:
             raise errors.invalid("NextToken", "is not a token this server issued")
         current_page = int(p["NextToken"])
     page = services.devices.page(tenant, p["ProductKey"], current_page, p["PageSize"])
