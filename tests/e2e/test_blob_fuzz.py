@@ -5,7 +5,7 @@ text or added, and a file part that may be missing, empty or too big. Downloads:
 URL with its query parameters tampered with and Range headers of every shape. What must hold: a
 status under 500; every refusal an OSS-style XML error with a Code; no object stored by a refused
 upload; a 200 or 206 download holding exactly the bytes asked for; no traceback in the log.
-Derandomized like test_gateway_fuzz.py (OTAPLANE_FUZZ_EXAMPLES, OTAPLANE_FUZZ_SEED).
+Examples and seed: tests/support/fuzzing.py.
 """
 
 from __future__ import annotations
@@ -16,14 +16,13 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.support.clients import RawSigner
+from tests.support.fuzzing import EXAMPLES, assert_clean_log, fuzzing
 from tests.support.uploads import form_fields
 
-EXAMPLES = int(os.environ.get("OTAPLANE_FUZZ_EXAMPLES", "20")) * 3
-SEED = os.environ.get("OTAPLANE_FUZZ_SEED")
 CONTENT = os.urandom(3000)
 HOSTILE = st.one_of(
     st.text(max_size=30),
@@ -35,12 +34,6 @@ HOSTILE = st.one_of(
 
 def _no_controls(text: str) -> bool:
     return not any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
-
-
-def fuzz_settings(test):
-    configured = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=SEED is None,
-                          suppress_health_check=list(HealthCheck))(test)
-    return seed(int(SEED))(configured) if SEED is not None else configured
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +60,7 @@ def assert_oss_error(response: httpx.Response, where: str) -> None:
 
 def test_generated_uploads_are_answered_and_refused_ones_store_nothing(signer):
     blobs = signer.server.data_dir / "blobs"  # the local store's files (blobs/factory.py)
-    @fuzz_settings
+    @fuzzing(EXAMPLES * 3)
     @given(
         dropped=st.sets(st.sampled_from(["key", "policy", "OSSAccessKeyId", "Signature", "success_action_status"])),
         replaced=st.dictionaries(st.sampled_from(["key", "policy", "OSSAccessKeyId", "Signature",
@@ -95,8 +88,7 @@ def test_generated_uploads_are_answered_and_refused_ones_store_nothing(signer):
     one_upload()
     incoming = blobs / ".incoming"
     assert not incoming.exists() or not any(incoming.iterdir()), list(incoming.iterdir())  # no half-written files
-    log = signer.server.logs()
-    assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+    assert_clean_log(signer.server)
 
 
 def test_generated_downloads_are_answered_with_the_right_bytes(signer):
@@ -111,14 +103,15 @@ def test_generated_downloads_are_answered_with_the_right_bytes(signer):
     real = dict(parse_qsl(url.query))
     base = f"{url.scheme}://{url.netloc}{url.path}"
 
-    @fuzz_settings
+    @fuzzing(EXAMPLES * 3)
     @given(
         query=st.dictionaries(st.sampled_from(["Expires", "OSSAccessKeyId", "Signature", "x"]), HOSTILE, max_size=2),
         dropped=st.sets(st.sampled_from(sorted(real))),
         # No control characters: a header holding one is not HTTP, and uvicorn refuses the
         # message itself (a plain 400) before any application sees it.
-        range_header=st.one_of(st.none(), HOSTILE.filter(_no_controls), st.tuples(st.integers(0, 3100), st.integers(0, 3100)).map(
-            lambda r: f"bytes={r[0]}-{r[1]}")),
+        range_header=st.one_of(st.none(), HOSTILE.filter(_no_controls),
+                               st.tuples(st.integers(0, 3100), st.integers(0, 3100)).map(
+                                   lambda r: f"bytes={r[0]}-{r[1]}")),
         method=st.sampled_from(["GET", "HEAD"]),
     )
     def one_download(query, dropped, range_header, method):
@@ -138,5 +131,4 @@ def test_generated_downloads_are_answered_with_the_right_bytes(signer):
             assert response.content == CONTENT[int(first):int(last) + 1], where
 
     one_download()
-    log = signer.server.logs()
-    assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+    assert_clean_log(signer.server)

@@ -8,7 +8,7 @@ strings, nested objects), plus bytes that are not JSON at all. The device has a 
 it (a real upgrade task), so reports and block requests reach the services, not only the parsers.
 After each batch the device asks firmware/get with a sentinel id and must get its answer: the
 messages before it were all handled (one connection's messages are handled in order).
-Derandomized like test_gateway_fuzz.py (OTAPLANE_FUZZ_EXAMPLES, OTAPLANE_FUZZ_SEED).
+Examples and seed: tests/support/fuzzing.py.
 """
 
 from __future__ import annotations
@@ -17,15 +17,16 @@ import json
 import os
 
 import pytest
-from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.support.clients import SdkCaller
 from tests.support.devices import connect, device_password, raw_connect
+from tests.support.fuzzing import EXAMPLES as BASE_EXAMPLES
+from tests.support.fuzzing import assert_clean_log, fuzzing
 from tests.support.uploads import post_upload
 
-EXAMPLES = int(os.environ.get("OTAPLANE_FUZZ_EXAMPLES", "20")) * 5
-SEED = os.environ.get("OTAPLANE_FUZZ_SEED")
+EXAMPLES = BASE_EXAMPLES * 5
 
 SCALARS = st.one_of(
     st.none(), st.booleans(), st.floats(allow_nan=False), st.text(max_size=80),
@@ -79,8 +80,7 @@ def test_generated_device_messages_leave_the_device_connected_and_answered(devic
               f"/ota/device/request/{pk}/{dn}"]
     sent = {"count": 0}
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=SEED is None,
-              suppress_health_check=list(HealthCheck))
+    @fuzzing(EXAMPLES)
     @given(st.lists(st.tuples(st.sampled_from(topics), PAYLOAD), min_size=1, max_size=5))
     def one_batch(messages):
         for topic, payload in messages:
@@ -94,12 +94,9 @@ def test_generated_device_messages_leave_the_device_connected_and_answered(devic
                 break
         assert not device.disconnected.is_set()
 
-    if SEED is not None:
-        one_batch = seed(int(SEED))(one_batch)
     one_batch()
     assert sent["count"] >= EXAMPLES
-    log = device.server.logs()
-    assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+    assert_clean_log(device.server)
 
 
 def test_generated_connects_let_in_only_the_right_password(device):
@@ -119,8 +116,7 @@ def test_generated_connects_let_in_only_the_right_password(device):
     methods = st.sampled_from(["hmacsha1", "hmacmd5", "hmacsha256"])
     answered = {"accepted": 0, "refused": 0}
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=SEED is None,
-              suppress_health_check=list(HealthCheck))
+    @fuzzing(EXAMPLES)
     @given(client_id=client_ids, user=st.one_of(st.just(f"{dn}&{pk}"), text.map(lambda t: f"{t}&{pk}"), text),
            real_password=st.booleans(), method=methods, garbage=text)
     def one_connect(client_id, user, real_password, method, garbage):
@@ -137,9 +133,6 @@ def test_generated_connects_let_in_only_the_right_password(device):
                 assert user == f"{dn}&{pk}" and real_password, (client_id, user, password)
             answered["accepted" if connack[3] == 0 else "refused"] += 1
 
-    if SEED is not None:
-        one_connect = seed(int(SEED))(one_connect)
     one_connect()
     assert answered["accepted"] and answered["refused"], answered  # both sides of the check were seen
-    log = server.logs()
-    assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+    assert_clean_log(server)

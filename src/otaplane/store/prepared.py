@@ -87,7 +87,7 @@ class Prepared:
             cursor.execute(compiled.sql, values)
             return compiled, fetch(cursor)
         except Exception as exc:
-            if not isinstance(exc, sa.exc.SQLAlchemyError) and broke_connection(conn, exc):
+            if broke_connection(conn, exc):
                 # SQLAlchemy did not run this, so it would not know: invalidate the connection
                 # (the pool drops it instead of failing to roll it back, with a logged traceback)
                 # and raise what Connection.execute raises for a lost connection.
