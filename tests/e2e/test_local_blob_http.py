@@ -342,6 +342,25 @@ def test_single_ranges(http, blobs, stored):
     assert oss_error(past_the_end)["Code"] == "InvalidRange"
 
 
+def test_if_range_decides_whether_a_range_past_the_end_is_refused(http, blobs, stored):
+    """If-Range that matches: the Range counts, and past the end it is OSS's XML InvalidRange
+    (not FileResponse's plain 416); If-Range that does not match: the whole object, 200."""
+    key, data = stored
+    url = blobs.presigned_get(key, 60)
+    etag = http.head(url).headers["etag"]
+    size = len(data)
+    matching = http.get(url, headers={"Range": f"bytes={size}-", "If-Range": etag})
+    assert matching.status_code == 416
+    assert matching.headers["content-range"] == f"bytes */{size}"
+    assert oss_error(matching)["Code"] == "InvalidRange"
+    changed = http.get(url, headers={"Range": f"bytes={size}-", "If-Range": '"another-version"'})
+    assert changed.status_code == 200
+    assert changed.content == data
+    ranged = http.get(url, headers={"Range": "bytes=10-19", "If-Range": etag})
+    assert ranged.status_code == 206
+    assert ranged.content == data[10:20]
+
+
 @pytest.mark.parametrize("header", ["", "bytes", "bytes=", "items=0-9", "bytes=9-2", "bytes=a-b", "\u00e9"])
 def test_a_range_that_cannot_be_parsed_is_ignored(http, blobs, stored, header):
     """As OSS and S3 do (and RFC 9110 allows): the whole object, not an error."""

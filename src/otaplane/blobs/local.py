@@ -250,13 +250,13 @@ class LocalBlobStore:
                 path, st, content = None, None, None
             if st is None or not stat.S_ISREG(st.st_mode):
                 raise OssError(404, "NoSuchKey", "The specified key does not exist.")
-            if _range_not_satisfiable(request.headers, st.st_size):
+            # FileResponse streams from disk and answers Range (206, multipart/byteranges) itself.
+            response = _ObjectResponse(path, stat_result=st, headers={"x-oss-request-id": ids.oss_request_id()})
+            if response.range_not_satisfiable(request.headers):
                 raise OssError(416, "InvalidRange", "The requested range cannot be satisfied.",
                                {"Content-Range": f"bytes */{st.st_size}"})
         except OssError as exc:
             return self._error(exc)
-        # FileResponse streams from disk and answers Range (206, multipart/byteranges) itself.
-        response = _ObjectResponse(path, stat_result=st, headers={"x-oss-request-id": ids.oss_request_id()})
         if content is not None and len(content) == st.st_size:
             # A small package, read in the same worker-thread hop as the stat: the same headers,
             # without FileResponse's three more hops (open, read, close) per download.
@@ -366,18 +366,22 @@ class _ObjectResponse(FileResponse):
         except MalformedRangeHeader:
             return []
 
-
-def _range_not_satisfiable(headers, size: int) -> bool:
-    """A Range that parses but starts past the end (`bytes=<size>-`: a finished download resumed):
-    416, which the caller answers with OSS's XML InvalidRange instead of Starlette's empty body."""
-    http_range = headers.get("range")
-    if http_range is None or "if-range" in headers:  # If-Range may turn the Range off: FileResponse decides
+    def range_not_satisfiable(self, headers) -> bool:
+        """A Range that FileResponse would use and that starts past the end (`bytes=<size>-`: a
+        finished download resumed): 416, answered with OSS's XML InvalidRange instead of the
+        plain one FileResponse builds. If-Range is weighed as FileResponse weighs it: a Range it
+        turns off gets the whole object."""
+        http_range = headers.get("range")
+        if http_range is None:
+            return False
+        if_range = headers.get("if-range")
+        if if_range is not None and not self._should_use_range(if_range):
+            return False
+        try:
+            self._parse_range_header(http_range, self.stat_result.st_size)
+        except RangeNotSatisfiable:
+            return True
         return False
-    try:
-        _ObjectResponse._parse_range_header(http_range, size)
-    except RangeNotSatisfiable:
-        return True
-    return False
 
 
 def _invalid_name() -> OssError:
