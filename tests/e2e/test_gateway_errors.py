@@ -194,6 +194,20 @@ def test_v1_params_in_a_form_body_are_signed_and_used(server, signer):
                        headers={"content-type": "text/plain"}), 400, "SignatureDoesNotMatch")
 
 
+def test_v1_every_parameter_in_a_form_body(server, signer):
+    """Action, Version and the signature's own parameters too: a signed request posted as a
+    form, with nothing in the query string."""
+    name = "form_" + uuid.uuid4().hex[:8]
+    signed = signer.v1_params("CreateProduct", {"ProductName": name, "NodeType": "0"})
+    created = ok(send(server, {}, body=qs(signed).encode(), headers={"content-type": FORM}))
+    assert created["Data"]["ProductName"] == name
+    queried = send(server, {}, body=qs(signer.v1_params("QueryProduct", {"ProductKey": created["ProductKey"],
+                                                                        "Format": "XML"})).encode(),
+                   headers={"content-type": FORM})
+    assert queried.status_code == 200
+    assert queried.text.lstrip().startswith("<?xml") and "<QueryProductResponse>" in queried.text
+
+
 # --- V3 signature -------------------------------------------------------------------------------
 def test_v3_bad_signature(server, signer):
     headers = signer.v3_headers("QueryProductList", PAGE)
@@ -685,8 +699,7 @@ def test_garbage_values_never_break_the_server(server, signer, http, action, bas
         signed = signer.v1_params(action, params)
         what = f"{action} {name}={value[:20]!r}"
         if len(value) > 1000:
-            # Too long for a URL: everything but the common parameters goes in a form body
-            # (Action is only read from the query or the x-acs-action header).
+            # Too long for a URL: everything but the common parameters goes in a form body.
             common = {"Action", "Version", "Format", "AccessKeyId", "Signature", "SignatureNonce",
                       "SignatureMethod", "SignatureVersion", "Timestamp"} - {name}
             query = {k: v for k, v in signed.items() if k in common}

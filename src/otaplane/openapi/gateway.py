@@ -127,6 +127,10 @@ class Gateway:
             if body and first.get("content-type", "").startswith(FORM_TYPE):
                 form_text = body.decode("utf-8", "replace")
                 params = {**params, **dict(parse_query(form_text))}
+                # A form may carry every parameter, common ones too (signed all the same): a
+                # browser or a plain HTTP client posting the signed request as a form.
+                fmt = "XML" if params.get("Format", "").upper() == "XML" else "JSON"
+                action_name = params.get("Action") or first.get("x-acs-action")
             if _may_hold_nul(query_text) or _may_hold_nul(form_text):
                 _refuse_nul(params)
             action = self._resolve_action(action_name, params, method, first)
