@@ -8,9 +8,10 @@ parameter left out, just past a limit, of the wrong kind or hostile (control cha
 scripts, thousands of characters); the rest are every parameter at random. Requests are signed
 with the official util (RawSigner), V1 or V3, and sent as GET queries or POST form bodies or
 queries, so they get past
-the signature check and reach the parsers and the services (30 of the 40 actions succeed at
-least once at the default count; the others need state this module does not build, such as a
-task waiting for confirmation or a batch registration's ApplyId).
+the signature check and reach the parsers and the services: the fixtures build what each action
+needs to succeed at all (a task waiting for confirmation, a cancelled task, a batch
+registration's ApplyId, a dynamic job, packages with and without jobs, a module without
+packages, an empty product). With -s each action prints how many of its requests succeeded.
 
 What must hold for every request: an HTTP status under 500, a JSON envelope with a RequestId,
 a Code from the catalogue on every refusal; and at the end, no ERROR line or traceback in the
@@ -20,6 +21,7 @@ OTAPLANE_FUZZ_EXAMPLES=500 runs more (per action), OTAPLANE_FUZZ_SEED=N other on
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from urllib.parse import urlencode
@@ -52,26 +54,62 @@ HOSTILE = st.one_of(
 
 
 class Fixtures:
-    """Real identifiers of the fuzzing account, for the generated requests to reach deep."""
+    """Real identifiers of the fuzzing account, for the generated requests to reach deep: the
+    state each action needs to succeed at all (a package needing verification, one without
+    jobs, a dynamic job, a task waiting for confirmation, a cancelled task, a batch
+    registration's ApplyId, a custom module, a product with nothing in it)."""
 
     def __init__(self, signer: RawSigner):
         self.signer = signer
-        product = self.call("CreateProduct", {"ProductName": f"fuzz_{uuid.uuid4().hex[:8]}", "NodeType": "0"})
-        self.product_key = product["ProductKey"]
+        self.product_key = self._product()
+        self.empty_product_key = self._product()  # no device, no package: DeleteProduct may succeed
+        self.call("CreateOTAModule", {"ProductKey": self.product_key, "ModuleName": "fuzzmod"})  # deletable
+        blob = os.urandom(2048)
         upload = self.call("GenerateOTAUploadURL", {})["Data"]
-        assert post_upload(upload, os.urandom(2048)).status_code in (200, 204)
+        assert post_upload(upload, blob).status_code in (200, 204)
         self.firmware_url = upload["FirmwareUrl"]
-        firmware = self.call("CreateOTAFirmware", {"ProductKey": self.product_key, "FirmwareName": "fuzz-base",
-                                                   "DestVersion": "1.0.1", "FirmwareUrl": self.firmware_url,
-                                                   "NeedToVerify": "false"})
-        self.firmware_id = firmware["Data"]["FirmwareId"]
-        device = self.call("RegisterDevice", {"ProductKey": self.product_key, "DeviceName": "fuzz-device"})["Data"]
-        self.device_name, self.iot_id = device["DeviceName"], device["IotId"]
-        job = self.call("CreateOTAStaticUpgradeJob", {
-            "FirmwareId": self.firmware_id, "ProductKey": self.product_key,
-            "TargetSelection": "SPECIFIC", "TargetDeviceName.1": "fuzz-device",
-        })
-        self.job_id = job["Data"]["JobId"]
+        self.blob_size, self.blob_md5 = str(len(blob)), hashlib.md5(blob).hexdigest()
+        self.firmware_id = self._package("fuzz-base", "1.0.1", need_to_verify=False)
+        self.unverified_id = self._package("fuzz-unverified", "1.0.2")  # for CreateOTAVerifyJob
+        self.spare_id = self._package("fuzz-spare", "1.0.3", need_to_verify=False)  # no job: deletable
+        dynamic_package = self._package("fuzz-dynamic", "1.0.4", need_to_verify=False)
+        devices = [self.call("RegisterDevice", {"ProductKey": self.product_key, "DeviceName": f"fuzz-device-{n}"})
+                   ["Data"] for n in range(3)]
+        self.device_names = [device["DeviceName"] for device in devices]
+        self.device_name, self.iot_id = self.device_names[0], devices[0]["IotId"]
+        self.job_id = self._static_job(self.firmware_id, self.device_names[0])
+        confirm_job = self._static_job(self.firmware_id, self.device_names[1], NeedConfirm="true")
+        cancelled_job = self._static_job(self.spare_id, self.device_names[2])  # ends once cancelled:
+        # then nothing holds the spare package, and DeleteOTAFirmware may succeed
+        self.call("CancelOTATaskByJob", {"JobId": cancelled_job, "CancelQueuedTask": "true",
+                                         "CancelNotifiedTask": "true"})
+        dynamic_job = self.call("CreateOTADynamicUpgradeJob", {
+            "FirmwareId": dynamic_package, "ProductKey": self.product_key, "SrcVersion.1": "1.0.0",
+        })["Data"]["JobId"]
+        self.job_ids = [self.job_id, confirm_job, cancelled_job, dynamic_job]
+        self.task_ids = [self._task_of(confirm_job), self._task_of(cancelled_job)]
+        self.apply_id = str(self.call("BatchRegisterDevice", {"ProductKey": self.product_key,
+                                                              "Count": "2"})["Data"]["ApplyId"])
+
+    def _product(self) -> str:
+        return self.call("CreateProduct", {"ProductName": f"fuzz_{uuid.uuid4().hex[:8]}",
+                                           "NodeType": "0"})["Data"]["ProductKey"]
+
+    def _package(self, name: str, version: str, need_to_verify: bool = True) -> str:
+        return self.call("CreateOTAFirmware", {
+            "ProductKey": self.product_key, "FirmwareName": name, "DestVersion": version,
+            "FirmwareUrl": self.firmware_url, "NeedToVerify": str(need_to_verify).lower(),
+        })["Data"]["FirmwareId"]
+
+    def _static_job(self, firmware_id: str, device_name: str, **extra: str) -> str:
+        return self.call("CreateOTAStaticUpgradeJob", {
+            "FirmwareId": firmware_id, "ProductKey": self.product_key,
+            "TargetSelection": "SPECIFIC", "TargetDeviceName.1": device_name, **extra,
+        })["Data"]["JobId"]
+
+    def _task_of(self, job_id: str) -> str:
+        tasks = self.call("ListOTATaskByJob", {"JobId": job_id})["Data"]["SimpleOTATaskInfo"]
+        return tasks[0]["TaskId"]
 
     def call(self, action: str, params: dict[str, str]) -> dict:
         response = self.signer.v1(action, params)
@@ -82,17 +120,21 @@ class Fixtures:
     def known(self, name: str) -> list[str]:
         """Real values for parameters of this name (or of these names' family)."""
         return {
-            "ProductKey": [self.product_key],
-            "FirmwareId": [self.firmware_id],
+            "ProductKey": [self.product_key, self.product_key, self.empty_product_key],
+            "FirmwareId": [self.firmware_id, self.unverified_id, self.spare_id],
             "FirmwareUrl": [self.firmware_url],
             "Url": [self.firmware_url],
-            "JobId": [self.job_id],
-            "DeviceName": [self.device_name],
-            "TargetDeviceName": [self.device_name],
+            "FirmwareSize": [self.blob_size],
+            "FirmwareSign": [self.blob_md5],
+            "JobId": self.job_ids,
+            "TaskId": self.task_ids,
+            "ApplyId": [self.apply_id],
+            "DeviceName": self.device_names,
+            "TargetDeviceName": self.device_names,
             "IotId": [self.iot_id],
-            "ModuleName": ["default"],
+            "ModuleName": ["default", "fuzzmod"],
             "SrcVersion": ["1.0.0"],
-            "DestVersion": ["1.0.2"],
+            "DestVersion": ["1.0.9"],
         }.get(name, [])
 
 
