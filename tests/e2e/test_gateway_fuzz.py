@@ -7,11 +7,11 @@ or real identifiers of this account: a product, a package, a device, a job) with
 parameter left out, just past a limit, of the wrong kind or hostile (control characters, other
 scripts, thousands of characters); the rest are every parameter at random. Requests are signed
 with the official util (RawSigner), V1 or V3, and sent as GET queries or POST form bodies or
-queries, so they get past
-the signature check and reach the parsers and the services: the fixtures build what each action
-needs to succeed at all (a task waiting for confirmation, a cancelled task, a batch
-registration's ApplyId, a dynamic job, packages with and without jobs, a module without
-packages, an empty product). With -s each action prints how many of its requests succeeded.
+queries, so they get past the signature check and reach the parsers and the services: the
+fixtures build what each action needs to succeed at all (a task waiting for confirmation, a
+cancelled task, a batch registration's ApplyId, a dynamic job, packages with and without jobs,
+a module without packages, an empty product). With -s each action prints how many of its
+requests succeeded: 35 of the 40 succeed at least once at the default count.
 
 What must hold for every request: an HTTP status under 500, a JSON envelope with a RequestId,
 a Code from the catalogue on every refusal; and at the end, no ERROR line or traceback in the
