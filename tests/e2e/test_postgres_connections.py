@@ -39,7 +39,7 @@ def _terminate(database_url: str, application_name: str) -> int:
     """End the server's sessions of one pool; how many were ended."""
     with psycopg.connect(database_url, autocommit=True) as admin:
         rows = admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity"
             " WHERE datname = current_database() AND application_name = %s AND pid <> pg_backend_pid()",
             (application_name,),
         ).fetchall()

@@ -15,7 +15,7 @@ from alembic.config import Config
 from sqlalchemy.engine import Connection, Engine
 
 from otaplane.store import read_versions
-from otaplane.store.disconnects import broke_connection
+from otaplane.store.disconnects import broke_connection, quiet_lost_connection_resets
 from otaplane.store.prepared import READ_CACHE
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
@@ -75,6 +75,7 @@ class Database:
             # a few more: an overflow connection is opened per use (~5 ms) and closed after.
             self.engine = sa.create_engine(url, pool_size=40, max_overflow=10, pool_pre_ping=True,
                                            connect_args=_application_name(url, "otaplane"))
+            quiet_lost_connection_resets()  # a session ended under a checked-out connection: a warning
             # The short reads of `autocommit_read`: connections in autocommit mode for good, so a
             # checkout is a pop from the pool (pre-ping, the autocommit switch and the reset on
             # return cost ~140 us of CPU and a round trip per read). Without pre-ping a connection
