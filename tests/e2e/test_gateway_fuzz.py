@@ -120,6 +120,7 @@ class Fixtures:
     def known(self, name: str) -> list[str]:
         """Real values for parameters of this name (or of these names' family)."""
         return {
+            # The empty product a third of the time: most actions need the one with things in it.
             "ProductKey": [self.product_key, self.product_key, self.empty_product_key],
             "FirmwareId": [self.firmware_id, self.unverified_id, self.spare_id],
             "FirmwareUrl": [self.firmware_url],

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from otaplane.store.database import Database
-from otaplane.store.disconnects import log_loop_failure
+from otaplane.store.disconnects import LostConnectionResetFilter, log_loop_failure
 from otaplane.store.prepared import Prepared
 from tests.conftest import POSTGRES_URL
 
@@ -91,8 +91,6 @@ def test_a_connection_lost_while_checked_out_comes_back_with_one_warning(db, cap
 
 
 def test_any_other_failed_reset_stays_an_error_with_its_traceback():
-    from otaplane.store.disconnects import LostConnectionResetFilter
-
     for exc in (psycopg.errors.InFailedSqlTransaction("current transaction is aborted"), RuntimeError("bug")):
         try:
             raise exc

@@ -115,8 +115,7 @@ class Gateway:
         first = headers  # a header sent more than once: lookups by name see its first value
         if len(headers) != len(raw_headers):
             first = {k.decode("latin-1"): v.decode("latin-1") for k, v in reversed(raw_headers)}
-        fmt = "XML" if params.get("Format", "").upper() == "XML" else "JSON"
-        action_name = params.get("Action") or first.get("x-acs-action")
+        fmt, action_name = _format_and_action(params, first)
         try:
             if method not in ("GET", "POST"):
                 raise errors.UnsupportedHTTPMethod()
@@ -129,8 +128,7 @@ class Gateway:
                 params = {**params, **dict(parse_query(form_text))}
                 # A form may carry every parameter, common ones too (signed all the same): a
                 # browser or a plain HTTP client posting the signed request as a form.
-                fmt = "XML" if params.get("Format", "").upper() == "XML" else "JSON"
-                action_name = params.get("Action") or first.get("x-acs-action")
+                fmt, action_name = _format_and_action(params, first)
             if _may_hold_nul(query_text) or _may_hold_nul(form_text):
                 _refuse_nul(params)
             action = self._resolve_action(action_name, params, method, first)
@@ -190,6 +188,12 @@ class Gateway:
             with services.db.connect() as conn:
                 tenant = services.accounts.tenant(conn, caller.account_id, values["IotInstanceId"])
         return action.handler(services, tenant, values)
+
+
+def _format_and_action(params: dict[str, str], headers: dict[str, str]) -> tuple[str, str | None]:
+    """The answer's format and the action's name, as far as the request says them so far."""
+    fmt = "XML" if params.get("Format", "").upper() == "XML" else "JSON"
+    return fmt, params.get("Action") or headers.get("x-acs-action")
 
 
 def parse_query(text: str) -> list[tuple[str, str]]:
