@@ -431,10 +431,10 @@ def test_bad_page_parameters_are_a_business_error(server, signer, page):
     business_error(signer.v3("QueryProductList", {**PAGE, **page}), "iot.common.InvalidPageParams")
 
 
-@pytest.mark.parametrize("token", ["0", "x", "1000001", "922337203685477582"])
+@pytest.mark.parametrize("token", ["0", "x", "1000001", "922337203685477582", "\u00b2"])
 def test_a_next_token_this_server_never_issued_is_refused(server, signer, token):
     """QueryDevice's NextToken is a page number held to CurrentPage's bounds (found by the fuzz:
-    a huge one overflowed PostgreSQL's OFFSET, a 500)."""
+    a huge one overflowed PostgreSQL's OFFSET, a 500; '²' passed str.isdigit() and failed int())."""
     created = signer.v1("CreateProduct", {"ProductName": f"tok_{uuid.uuid4().hex[:8]}", "NodeType": "0"}).json()
     query = {"ProductKey": created["ProductKey"], "NextToken": token}
     body = gateway_error(signer.v1("QueryDevice", query), 400, "InvalidParameter")

@@ -200,6 +200,10 @@ def test_verify_presigned_refusals():
     assert refusal(check, {**query, "Signature": "AAAA" + query["Signature"][4:]}).code == "SignatureDoesNotMatch"
     assert refusal(check, {**query, "OSSAccessKeyId": "other"}).code == "InvalidAccessKeyId"
     assert refusal(check, {**query, "Expires": "soon"}).code == "AccessDenied"
+    # Digits str.isdigit() passes and int() refuses (each was a 500 with a traceback).
+    for expires in ("\u00b2", "\u0661\u0667", "9" * 4301, "9" * 20):
+        error = refusal(check, {**query, "Expires": expires})
+        assert (error.status, error.code, error.message) == (403, "AccessDenied", "Invalid Expires.")
     for name in query:
         incomplete = {k: v for k, v in query.items() if k != name}
         error = refusal(check, incomplete)

@@ -22,6 +22,7 @@ from otaplane.timefmt import parse_utc_seconds, utc_iso_ms
 
 # OSS caps a PostObject upload at 5 GB; a policy without content-length-range gets this.
 POST_OBJECT_MAX_BYTES = 5 * 1024**3
+_EXPIRES = re.compile(r"[0-9]{1,19}")  # a presigned URL's Expires: Unix seconds
 
 
 class OssError(Exception):
@@ -195,7 +196,9 @@ def verify_presigned(
     expires, signature, key_id = query.get("Expires"), query.get("Signature"), query.get("OSSAccessKeyId")
     if not expires or not signature or not key_id:
         raise OssError(403, "AccessDenied", "You have no right to access this object because of bucket acl.")
-    if not expires.isdigit():
+    # ASCII digits only and at most 19 of them: str.isdigit() also passes '²' and 5,000-digit
+    # strings, on which int() raises (an unsigned 500).
+    if not _EXPIRES.fullmatch(expires):
         raise OssError(403, "AccessDenied", "Invalid Expires.")
     if int(expires) < now_s:
         raise OssError(403, "AccessDenied", "Request has expired.")

@@ -101,7 +101,8 @@ def query_device(services, tenant, p):
     current_page = p["CurrentPage"]
     if p["NextToken"]:  # our NextToken is simply the next page number
         # Held to CurrentPage's bounds: a token past them made PostgreSQL's OFFSET overflow (a 500).
-        if not p["NextToken"].isdigit() or not 1 <= int(p["NextToken"]) <= MAX_PAGE:
+        # ASCII digits: str.isdigit() passes '²', on which int() raises (a 500).
+        if not (p["NextToken"].isascii() and p["NextToken"].isdigit()) or not 1 <= int(p["NextToken"]) <= MAX_PAGE:
             raise errors.invalid("NextToken", "is not a token this server issued")
         current_page = int(p["NextToken"])
     page = services.devices.page(tenant, p["ProductKey"], current_page, p["PageSize"])
