@@ -189,6 +189,56 @@ def test_an_interrupted_upload_leaves_nothing(blobs):
     assert_nothing_stored(blobs, key)  # ...and left nothing behind
 
 
+def test_a_key_is_written_once(http, blobs):
+    """A form stays valid for its policy's lifetime, but what a package adopted must not change
+    under it: posting it again is refused as OSS refuses with x-oss-forbid-overwrite."""
+    key = new_key()
+    form = blobs.upload_form(key, max_bytes=10 * MiB, expires_in_s=60)
+    first = os.urandom(1000)
+    assert post(http, form.host, form.fields, first).status_code == 204
+    again = post(http, form.host, form.fields, b"other bytes")
+    assert again.status_code == 409
+    assert oss_error(again)["Code"] == "FileAlreadyExists"
+    assert (blobs.root / key).read_bytes() == first
+    assert_nothing_stored(blobs)
+
+
+def test_of_two_uploads_racing_to_one_key_one_is_stored_whole(blobs):
+    """Both pass the early check (the key is free when their files start); the link at the end
+    lets exactly one in."""
+    key = new_key()
+    form = blobs.upload_form(key, max_bytes=10 * MiB, expires_in_s=60)
+    both_started = threading.Barrier(2, timeout=30)
+    results: dict[bytes, httpx.Response] = {}
+
+    def send(fill: bytes) -> None:
+        boundary = uuid.uuid4().hex
+
+        def body() -> Iterator[bytes]:
+            for name, value in form.fields.items():
+                yield f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+            yield f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.bin"\r\n\r\n'.encode()
+            yield fill * MiB
+            time.sleep(0.3)  # the server has checked this upload's fields by now
+            both_started.wait()
+            yield fill * MiB
+            yield f"\r\n--{boundary}--\r\n".encode()
+
+        headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+        results[fill] = httpx.post(form.host, content=body(), headers=headers, timeout=60)
+
+    threads = [threading.Thread(target=send, args=(fill,)) for fill in (b"a", b"b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    statuses = sorted(response.status_code for response in results.values())
+    assert statuses == [204, 409], statuses
+    winner = next(fill for fill, response in results.items() if response.status_code == 204)
+    assert (blobs.root / key).read_bytes() == winner * (2 * MiB)
+    assert_nothing_stored(blobs)
+
+
 # --- upload refusals ---------------------------------------------------------------------------
 
 

@@ -3,7 +3,8 @@
 Uploads arrive as OSS PostObject forms at `{public_url}/oss/otaplane`; downloads are OSS V1
 presigned URLs under the same prefix. So SDKs, consoles and devices written for Aliyun OSS work
 against it unchanged. Files live under `root/<key>`; uploads stream into `root/.incoming/` and are
-renamed into place, so a reader never sees half an object.
+linked into place, so a reader never sees half an object, and each key is written once (as with
+OSS's `x-oss-forbid-overwrite`): a form posted again gets 409 FileAlreadyExists.
 """
 
 from __future__ import annotations
@@ -330,6 +331,8 @@ class LocalBlobStore:
         target = self._path(fields["key"])
         if target is None:
             raise _invalid_name()
+        if target.exists():  # refused before the file is sent; commit checks again, atomically
+            raise _already_exists()
         return target, sizes
 
 
@@ -490,7 +493,7 @@ class _FormReader:
 
 
 class _Upload:
-    """A temp file in root/.incoming that becomes the object only on commit (fsync + rename)."""
+    """A temp file in root/.incoming that becomes the object only on commit (fsync + link)."""
 
     def __init__(self, handle: IO[bytes], temp: Path, target: Path, fields: dict[str, str], sizes: SizeRange):
         self.handle, self.temp, self.target = handle, temp, target
@@ -515,7 +518,7 @@ class _Upload:
         os.fsync(self.handle.fileno())
         self.handle.close()
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.temp, self.target)
+        _publish_once(self.temp, self.target)
         self.committed = True
         _fsync_dir(self.target.parent)
 
@@ -523,6 +526,32 @@ class _Upload:
         self.handle.close()
         if not self.committed:
             self.temp.unlink(missing_ok=True)
+
+
+def _publish_once(temp: Path, target: Path) -> None:
+    """Make the temp file the object, whole and at once, unless the key already holds one.
+
+    Objects are written once: CreateOTAFirmware checks an object's size and digest once and
+    downloads, the chunk cache and devices rely on them after that, so an upload form posted
+    again (it stays valid for its whole policy lifetime) must not replace what a package
+    adopted. A hard link appears atomically and fails when the name is taken."""
+    try:
+        os.link(temp, target)
+    except FileExistsError:
+        raise _already_exists() from None
+    except OSError as exc:  # a file system without hard links (FAT, some network shares)
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        if target.exists():
+            raise _already_exists() from None
+        os.replace(temp, target)  # atomic, but two racing uploads may both get here
+        return
+    temp.unlink()
+
+
+def _already_exists() -> OssError:
+    message = "The object you specified already exists and can not be overwritten."
+    return OssError(409, "FileAlreadyExists", message)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -250,7 +250,9 @@ async def _read_body(receive: Receive, declared: str | None, chunked: bool) -> b
     if not chunked and (declared is None or declared == "0"):
         return b""  # HTTP/1.1 framing: no Content-Length nor Transfer-Encoding, no body
     # ASCII digits, and a length before int(): int() refuses '²' and strings of 4,300+ digits.
-    if declared and declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > MAX_BODY_BYTES):
+    too_long = declared and declared.isascii() and declared.isdigit() and (
+        len(declared) > 18 or int(declared) > MAX_BODY_BYTES)
+    if too_long:
         raise errors.invalid("Body", f"the request body must be at most {MAX_BODY_BYTES} bytes")
     chunks, size = [], 0
     while True:

@@ -217,8 +217,15 @@ class FirmwareService:
 
         now = now_ms()
         firmware_id = ids.random_alnum(26)
+        adopted = [(single_key, new.firmware_url)] if single_key else []
+        adopted += [(key, spec.url) for spec, key in zip(new.files, file_keys)]
         try:
             with self.db.begin() as conn:
+                # The objects were hashed outside any transaction: a collector or the deletion of
+                # another package may have removed one since. Its upload row decides, under lock.
+                for key, url in adopted:
+                    if not upload_store.lock(conn, key, tenant.instance_pk):
+                        raise errors.FirmwareFileNotFound(url=url)
                 self._check_name_and_quota(conn, tenant, new.name)
                 store.insert(
                     conn,
@@ -243,9 +250,19 @@ class FirmwareService:
                     },
                     stored_files,
                 )
-        except IntegrityError:  # a concurrent create took the name
-            raise errors.FirmwareNameExists() from None
+        except IntegrityError:
+            self._explain_refused_insert(tenant, new)
+            raise
         return self.get(tenant, firmware_id)
+
+    def _explain_refused_insert(self, tenant: Tenant, new: NewFirmware) -> None:
+        """Raise the business error behind a refused package INSERT: a concurrent create took
+        the name, or the product or module was deleted while the object was being hashed."""
+        with self.db.connect() as conn:
+            if store.name_taken(conn, tenant.instance_pk, new.name):
+                raise errors.FirmwareNameExists() from None
+            product = product_row(conn, tenant, new.product_key)
+            module_row(conn, product["id"], new.module_name)
 
     def _check_name_and_quota(self, conn, tenant: Tenant, name: str) -> None:
         if store.name_taken(conn, tenant.instance_pk, name):
@@ -319,6 +336,7 @@ class FirmwareService:
     def _remove_unreferenced(self, keys: list[str]) -> None:
         for key in set(keys):
             with self.db.begin() as conn:
+                upload_store.lock(conn, key)  # a create adopting it goes first, or finds it gone
                 if upload_store.is_referenced(conn, key):
                     continue
                 upload_store.forget(conn, key)

@@ -18,6 +18,17 @@ def owned_by(conn: Connection, blob_key: str, instance_pk: int) -> bool:
     ).first() is not None
 
 
+def lock(conn: Connection, blob_key: str, instance_pk: int | None = None) -> bool:
+    """Hold the upload's row against every other adopter and collector until the transaction
+    ends (run it first: on SQLite a write begins the transaction and takes the database's write
+    lock; on PostgreSQL it takes the row's lock, and a later statement sees what a transaction
+    that held it committed). False when there is no such row (of that instance)."""
+    statement = sa.update(uploads).where(uploads.c.blob_key == blob_key).values(created_ms=uploads.c.created_ms)
+    if instance_pk is not None:
+        statement = statement.where(uploads.c.instance_pk == instance_pk)
+    return conn.execute(statement).rowcount > 0
+
+
 def is_referenced(conn: Connection, blob_key: str) -> bool:
     """True while any package (single- or multi-file) still points at the object."""
     single = sa.select(firmware.c.id).where(firmware.c.blob_key == blob_key).limit(1)
