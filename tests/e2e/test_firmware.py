@@ -213,6 +213,12 @@ def test_parameter_limits_are_gateway_errors(api):
     with pytest.raises(ClientException) as raised:
         create(api, product_key, None, MultiFiles=files)
     assert gateway_error_code(raised.value) == "InvalidParameter"
+    # FirmwareSize and FirmwareSign describe a single file: with MultiFiles they were ignored.
+    for case in ({"FirmwareSize": 99}, {"FirmwareSign": "0" * 32}):
+        with pytest.raises(ClientException) as raised:
+            create(api, product_key, None, MultiFiles=[{"Name": "f", "Url": url}], **case)
+        assert gateway_error_code(raised.value) == "InvalidParameter", case
+        assert next(iter(case)) in str(raised.value)
 
 
 def test_names_are_unique_per_instance(api):
