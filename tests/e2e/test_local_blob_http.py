@@ -411,6 +411,55 @@ def test_if_range_decides_whether_a_range_past_the_end_is_refused(http, blobs, s
     assert ranged.content == data[10:20]
 
 
+def test_other_methods_get_oss_xml_405(http, blobs, server, stored):
+    key, data = stored
+    url = blobs.presigned_get(key, 60)
+    bucket = f"{server.base_url}/oss/otaplane"
+    cases = [("PUT", url, "GET, HEAD"), ("DELETE", url, "GET, HEAD"), ("POST", url, "GET, HEAD"),
+             ("OPTIONS", url, "GET, HEAD"), ("GET", bucket, "POST"), ("PUT", bucket + "/", "POST")]
+    for method, target, allowed in cases:
+        response = http.request(method, target, content=b"x")
+        assert response.status_code == 405, (method, target)
+        assert oss_error(response)["Code"] == "MethodNotAllowed"
+        assert response.headers["allow"] == allowed
+    assert http.get(url).content == data  # nothing changed
+
+
+def test_conditional_downloads_answer_304_and_412_as_oss_does(http, blobs, stored):
+    """OSS GetObject's four conditions (they were ignored: always 200/206). A device resuming
+    with If-Match learns that the object changed instead of splicing two versions."""
+    key, data = stored
+    url = blobs.presigned_get(key, 60)
+    head = http.head(url)
+    etag, modified = head.headers["etag"], head.headers["last-modified"]
+    before, after = "Thu, 01 Jan 1970 00:00:00 GMT", "Fri, 01 Jan 2100 00:00:00 GMT"
+
+    for headers in ({"If-None-Match": etag}, {"If-None-Match": f'"x", W/{etag}'}, {"If-None-Match": "*"},
+                    {"If-Modified-Since": modified}, {"If-Modified-Since": after}):
+        for method in (http.get, http.head):
+            response = method(url, headers=headers)
+            assert response.status_code == 304, (headers, method)
+            assert response.content == b""
+            assert response.headers["etag"] == etag and response.headers["last-modified"] == modified
+    for headers in ({"If-Match": '"another-version"'}, {"If-Match": f"W/{etag}"},
+                    {"If-Unmodified-Since": before}, {"If-Match": '"x"', "Range": "bytes=0-9"}):
+        response = http.get(url, headers=headers)
+        assert response.status_code == 412, headers
+        assert oss_error(response)["Code"] == "PreconditionFailed"
+    for headers in ({"If-Match": etag}, {"If-Match": f'"x", {etag}'}, {"If-Match": "*"},
+                    {"If-None-Match": '"another-version"'}, {"If-Modified-Since": before},
+                    {"If-Unmodified-Since": modified}, {"If-Unmodified-Since": after},
+                    {"If-Modified-Since": "not a date"}, {"If-Unmodified-Since": "not a date"},
+                    # an ETag condition outweighs its date counterpart (RFC 9110 13.2.2)
+                    {"If-Match": etag, "If-Unmodified-Since": before},
+                    {"If-None-Match": '"another-version"', "If-Modified-Since": after}):
+        response = http.get(url, headers=headers)
+        assert response.status_code == 200, headers
+        assert response.content == data
+    resumed = http.get(url, headers={"If-Match": etag, "Range": "bytes=10-19"})
+    assert resumed.status_code == 206 and resumed.content == data[10:20]
+
+
 @pytest.mark.parametrize("header", ["", "bytes", "bytes=", "items=0-9", "bytes=9-2", "bytes=a-b", "\u00e9"])
 def test_a_range_that_cannot_be_parsed_is_ignored(http, blobs, stored, header):
     """As OSS and S3 do (and RFC 9110 allows): the whole object, not an error."""

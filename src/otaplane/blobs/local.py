@@ -9,6 +9,8 @@ OSS's `x-oss-forbid-overwrite`): a form posted again gets 409 FileAlreadyExists.
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import errno
 import functools
 import hashlib
@@ -56,6 +58,7 @@ log = logging.getLogger("otaplane.blobs")
 BUCKET = "otaplane"
 ACCESS_KEY_ID = "otaplane-local"  # not a secret: only the signing secret is
 ROUTE_PREFIX = f"/oss/{BUCKET}"
+_HTTP_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 INCOMING_DIR = ".incoming"  # segments starting with "." are never valid keys, so never served
 FIELDS_CAP = 64 * 1024  # form fields before `file` are held in memory: keep them small
 CHUNK = 1024 * 1024
@@ -159,7 +162,17 @@ class LocalBlobStore:
             Route(ROUTE_PREFIX, self._post_object, methods=["POST"]),
             Route(ROUTE_PREFIX + "/", self._post_object, methods=["POST"]),
             Route(ROUTE_PREFIX + "/{key:path}", self._get_object, methods=["GET", "HEAD"]),
+            # Any other method on these paths (PutObject, DeleteObject, ListObjects, a CORS
+            # preflight): OSS's XML 405, not Starlette's plain-text one. Routes are tried in order.
+            Route(ROUTE_PREFIX, self._not_allowed, methods=_HTTP_METHODS),
+            Route(ROUTE_PREFIX + "/{key:path}", self._not_allowed, methods=_HTTP_METHODS),
         ]
+
+    async def _not_allowed(self, request: Request) -> Response:
+        allowed = "POST" if request.url.path.rstrip("/") == ROUTE_PREFIX else "GET, HEAD"
+        error = OssError(405, "MethodNotAllowed", "The specified method is not allowed against this resource.",
+                         {"Allow": allowed})
+        return self._error(error)
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -253,6 +266,13 @@ class LocalBlobStore:
                 raise OssError(404, "NoSuchKey", "The specified key does not exist.")
             # FileResponse streams from disk and answers Range (206, multipart/byteranges) itself.
             response = _ObjectResponse(path, stat_result=st, headers={"x-oss-request-id": ids.oss_request_id()})
+            precondition = precondition_status(request.headers, response.headers["etag"], int(st.st_mtime))
+            if precondition == 412:
+                raise OssError(412, "PreconditionFailed",
+                               "At least one of the pre-conditions you specified did not hold.")
+            if precondition == 304:
+                kept = ("etag", "last-modified", "x-oss-request-id")
+                return Response(status_code=304, headers={name: response.headers[name] for name in kept})
             if response.range_not_satisfiable(request.headers):
                 raise OssError(416, "InvalidRange", "The requested range cannot be satisfied.",
                                {"Content-Range": f"bytes */{st.st_size}"})
@@ -336,7 +356,7 @@ class LocalBlobStore:
         return target, sizes
 
 
-# Requests that FileResponse answers itself (ranges, conditions): never the small-file path.
+# Requests with conditions (precondition_status) or ranges (FileResponse): never the small-file path.
 _CONDITIONAL_HEADERS = ("range", "if-range", "if-none-match", "if-modified-since", "if-match", "if-unmodified-since")
 SMALL_OBJECT_BYTES = 256 * 1024
 
@@ -385,6 +405,53 @@ class _ObjectResponse(FileResponse):
         except RangeNotSatisfiable:
             return True
         return False
+
+
+def precondition_status(headers, etag: str, mtime_s: int) -> int | None:
+    """412 or 304 when a GET/HEAD's conditions say so (OSS GetObject: If-Match, If-None-Match,
+    If-Modified-Since, If-Unmodified-Since), None to answer normally. Weighed in RFC 9110
+    13.2.2's order: a date condition counts only without its ETag counterpart, and a date that
+    cannot be parsed is ignored. FileResponse weighs only Range and If-Range."""
+    if_match = headers.get("if-match")
+    if if_match is not None:
+        if not _etag_listed(if_match, etag, weak=False):
+            return 412
+    elif (since := _http_date(headers.get("if-unmodified-since"))) is not None and mtime_s > since:
+        return 412
+    if_none_match = headers.get("if-none-match")
+    if if_none_match is not None:
+        if _etag_listed(if_none_match, etag, weak=True):
+            return 304
+    elif (since := _http_date(headers.get("if-modified-since"))) is not None and mtime_s <= since:
+        return 304
+    return None
+
+
+def _etag_listed(header: str, etag: str, weak: bool) -> bool:
+    """Whether an If-Match / If-None-Match list names the ETag (`*` names any). If-Match compares
+    strongly (a W/ tag never matches), If-None-Match weakly (W/ ignored)."""
+    for candidate in (item.strip() for item in header.split(",")):
+        if candidate == "*":
+            return True
+        if candidate.startswith("W/"):
+            if not weak:
+                continue
+            candidate = candidate[2:]
+        if candidate == etag:
+            return True
+    return False
+
+
+def _http_date(value: str | None) -> int | None:
+    if not value:
+        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if parsed.tzinfo is None:  # HTTP dates are GMT, whether or not they say so
+        parsed = parsed.replace(tzinfo=datetime.timezone.utc)
+    return int(parsed.timestamp())
 
 
 def _invalid_name() -> OssError:
