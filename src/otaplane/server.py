@@ -55,6 +55,9 @@ def _tidy(services: Services) -> None:
     if not isinstance(services.nonces, NonceFile):  # the file has a loop of its own (below)
         services.nonces.purge_expired(now_ms())
     services.firmware.collect_abandoned_uploads()
+    sweep_incoming = getattr(services.blobs, "sweep_incoming", None)
+    if sweep_incoming is not None:  # the local store: uploads of a process that died midway
+        sweep_incoming()
 
 
 async def _housekeeping(services: Services) -> None:

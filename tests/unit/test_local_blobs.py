@@ -217,3 +217,34 @@ def test_read_range(store):
     assert store.read_range(KEY, len(data), 10) == b""  # none past it
     assert store.read_range("ota/missing.bin", 0, 10) is None
     assert store.read_range("../escape", 0, 10) is None
+
+
+def test_sweep_incoming_deletes_only_temp_files_idle_past_the_limit(store):
+    """The temp files of a process killed mid-upload were kept for ever (found by an audit)."""
+    assert store.sweep_incoming() == 0  # no .incoming folder yet
+    incoming = store.root / ".incoming"
+    incoming.mkdir(parents=True)
+    day_ago = time.time() - 24 * 3600 - 60
+    for name in ("dead.part", "not-a-temp-file"):
+        (incoming / name).write_bytes(b"x")
+        os.utime(incoming / name, (day_ago, day_ago))
+    (incoming / "live.part").write_bytes(b"being written")
+    assert store.sweep_incoming() == 1
+    assert sorted(path.name for path in incoming.iterdir()) == ["live.part", "not-a-temp-file"]
+
+
+def test_an_upload_whose_temp_file_was_swept_is_refused_at_commit(store):
+    """A client silent for the whole idle limit mid-upload: its commit answers OSS's
+    RequestTimeout, not a 500, and stores nothing."""
+    from otaplane.blobs.local import _Upload
+    from otaplane.blobs.oss_signing import SizeRange
+
+    target = store.root / KEY
+    upload = _Upload.open(store.root / ".incoming", target, {"key": KEY}, SizeRange(0, 100))
+    upload.handle.write(b"partial")
+    assert store.sweep_incoming(idle_s=-1) == 1
+    with pytest.raises(OssError) as refused:
+        upload.commit()
+    assert (refused.value.status, refused.value.code) == (400, "RequestTimeout")
+    upload.discard()
+    assert not target.exists()

@@ -60,6 +60,8 @@ ACCESS_KEY_ID = "otaplane-local"  # not a secret: only the signing secret is
 ROUTE_PREFIX = f"/oss/{BUCKET}"
 _HTTP_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 INCOMING_DIR = ".incoming"  # segments starting with "." are never valid keys, so never served
+# An upload temp file unwritten for this long belongs to a process that died (sweep_incoming).
+INCOMING_IDLE_S = 24 * 3600
 FIELDS_CAP = 64 * 1024  # form fields before `file` are held in memory: keep them small
 CHUNK = 1024 * 1024
 DOWNLOAD_CHUNK = 1024 * 1024  # per read of a GET (see _ObjectResponse)
@@ -167,6 +169,26 @@ class LocalBlobStore:
             Route(ROUTE_PREFIX, self._not_allowed, methods=_HTTP_METHODS),
             Route(ROUTE_PREFIX + "/{key:path}", self._not_allowed, methods=_HTTP_METHODS),
         ]
+
+    def sweep_incoming(self, idle_s: float = INCOMING_IDLE_S) -> int:
+        """Delete upload temp files nobody has written for `idle_s`: those of a process that
+        died mid-upload (a live upload writes as its bytes arrive). How many were deleted."""
+        deleted = 0
+        cutoff = time.time() - idle_s
+        try:
+            entries = list(os.scandir(self.root / INCOMING_DIR))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            try:
+                if entry.name.endswith(".part") and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    deleted += 1
+            except FileNotFoundError:  # committed or discarded meanwhile
+                continue
+        if deleted:
+            log.info("deleted %d abandoned upload temp file(s) in %s", deleted, self.root / INCOMING_DIR)
+        return deleted
 
     async def _not_allowed(self, request: Request) -> Response:
         allowed = "POST" if request.url.path.rstrip("/") == ROUTE_PREFIX else "GET, HEAD"
@@ -606,6 +628,9 @@ def _publish_once(temp: Path, target: Path) -> None:
         os.link(temp, target)
     except FileExistsError:
         raise _already_exists() from None
+    except FileNotFoundError:  # idle for a day mid-upload: sweep_incoming took the temp file
+        message = "Your socket connection to the server was not read from or written to within the timeout period."
+        raise OssError(400, "RequestTimeout", message) from None
     except OSError as exc:  # a file system without hard links (FAT, some network shares)
         if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
             raise
