@@ -156,6 +156,9 @@ FirmwareUrlInvalid = _business(
 FirmwareFileNotFound = _business(
     "iot.ota.FirmwareFileNotFound", "No uploaded object exists at {url!r}; upload it first."
 )
+FirmwareFileEmpty = _business(
+    "iot.ota.FirmwareFileEmpty", "The object at {url!r} is empty; a firmware file has at least one byte."
+)
 FirmwareSizeMismatch = _business(
     "iot.ota.FirmwareSizeMismatch", "{what} is {given} bytes but the uploaded object has {actual} bytes."
 )

@@ -183,6 +183,10 @@ def test_create_refuses_urls_that_are_not_our_uploads(server, api):
     assert body["Code"] == "iot.ota.InvalidFirmwareUrl"
     body = create(api, "a1NoSuchPK00", upload(api, b"x" * 10))
     assert body["Code"] == "iot.prod.NotExistedProduct"
+    empty = upload(api, b"")  # the upload policy allows it, as OSS's does; a package does not
+    assert create(api, product_key, empty)["Code"] == "iot.ota.FirmwareFileEmpty"
+    body = create(api, product_key, None, MultiFiles=[{"Name": "empty", "Url": empty}])
+    assert body["Code"] == "iot.ota.FirmwareFileEmpty"
 
 
 def test_parameter_limits_are_gateway_errors(api):

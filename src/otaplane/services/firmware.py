@@ -161,6 +161,8 @@ class FirmwareService:
         digest = self.blobs.digest(key)
         if digest is None:
             raise errors.FirmwareFileNotFound(url=url)
+        if digest.size == 0:  # as FirmwareSize and MultiFiles.N.Size, which must be >= 1
+            raise errors.FirmwareFileEmpty(url=url)
         if digest.size > MAX_FILE_BYTES:
             raise errors.FirmwareTooLarge(limit=MAX_FILE_BYTES, actual=digest.size)
         return digest
