@@ -32,8 +32,9 @@ class MotoServer:
     def endpoint_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 30) -> "MotoServer":
-        self.port = free_port()
+    def start(self, timeout_s: float = 30, port: int = 0) -> "MotoServer":
+        """Start on `port`, or on a free one; its state (buckets, objects) starts empty."""
+        self.port = port or free_port()
         log = open(self.log_path, "ab")
         # `python -m moto.server` is the `moto_server` entry point, without depending on PATH.
         self.process = subprocess.Popen(

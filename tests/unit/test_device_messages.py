@@ -187,3 +187,24 @@ def test_legacy_request_reply():
         "code": "1000", "data": {}, "id": 3, "message": "success"}
     # With a package: the push itself, which iotkit handles once it finds `url` in it.
     assert messages.legacy_request_reply(3, PACKAGE) == messages.upgrade_push(PACKAGE)
+
+
+def test_a_block_the_store_cannot_read_now_is_refused_with_503(caplog):
+    """S3 unreachable during an MQTT download: a header-only refusal the device can act on (ask
+    again), and a warning; it was an exception logged with a traceback and no reply at all."""
+    from otaplane.blobs.base import BlobStoreUnavailable
+    from otaplane.devices.upstream import _block_reply
+
+    class StoreDown:  # stands in for DeviceOtaService: only its file_block is called
+        def file_block(self, *args):
+            raise BlobStoreUnavailable("S3 GetObject on bucket 'b' at http://s3 failed: timed out")
+
+    request = messages.parse_block_request(json.dumps({
+        "id": 1, "params": {"fileToken": "t1", "fileInfo": {"streamId": 7, "fileId": 0},
+                            "fileBlock": {"size": 1024, "offset": 0}}}).encode())
+    reply = _block_reply(StoreDown(), 3, request)
+    length = int.from_bytes(reply[:2], "big")
+    header = json.loads(reply[2:2 + length])
+    assert header["code"] == 503 and header["data"] == {"fileToken": "t1"}
+    assert reply[2 + length:-2] == b""
+    assert "not read" in caplog.text

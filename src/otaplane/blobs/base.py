@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 
+class BlobStoreUnavailable(RuntimeError):
+    """The object store could not be reached or refused us (down, wrong bucket, bad credentials):
+    the request that needed it is answered 503 ServiceUnavailable (openapi.gateway)."""
+
+
 @dataclass(frozen=True)
 class UploadForm:
     """A browser-style form POST upload (OSS PostObject V1 names, as GenerateOTAUploadURL answers).

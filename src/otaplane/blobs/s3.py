@@ -15,16 +15,12 @@ from botocore.client import BaseClient
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from otaplane.blobs.base import BlobDigest, UploadForm
+from otaplane.blobs.base import BlobDigest, BlobStoreUnavailable, UploadForm
 
 CHUNK = 1024 * 1024
 # SigV4 presigned URLs cannot live longer than 7 days; S3 rejects them outright beyond that.
 MAX_PRESIGN_S = 7 * 24 * 3600
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-class BlobStoreUnavailable(RuntimeError):
-    """The object store could not be reached or refused us (down, wrong bucket, bad credentials)."""
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -42,7 +38,7 @@ class S3BlobStore:
 
     @classmethod
     def from_url(
-        cls, url: str, *, connect_timeout_s: float = 5, read_timeout_s: float = 60, max_attempts: int = 2
+        cls, url: str, *, connect_timeout_s: float = 5, read_timeout_s: float = 15, max_attempts: int = 2
     ) -> "S3BlobStore":
         parts = urlsplit(url)
         if parts.scheme != "s3" or not parts.netloc:
@@ -58,7 +54,8 @@ class S3BlobStore:
         config = Config(
             signature_version="s3v4",
             s3={"addressing_style": style},
-            # Small timeouts and retries: a dead store must fail a request quickly, not hang it.
+            # Small timeouts and retries: a dead store must fail a request quickly, not hang it (a
+            # socket read waits at most read_timeout; a hung endpoint fails a request in ~30 s).
             connect_timeout=connect_timeout_s,
             read_timeout=read_timeout_s,
             retries={"max_attempts": max_attempts, "mode": "standard"},

@@ -14,6 +14,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
+from otaplane.blobs.base import BlobStoreUnavailable
 from otaplane.devices import messages, topics
 from otaplane.services.device_ota import ProgressReport, VersionReport
 
@@ -92,7 +93,12 @@ async def handle(
 def _block_reply(device_ota: Any, device_id: int, request: messages.BlockRequest) -> bytes:
     """The download_reply to a block request: the block, or a header-only refusal."""
     size = min(request.size, messages.MAX_BLOCK_BYTES)
-    found = device_ota.file_block(device_id, request.stream_id, request.file_id, request.offset, size)
+    try:
+        found = device_ota.file_block(device_id, request.stream_id, request.file_id, request.offset, size)
+    except BlobStoreUnavailable as problem:  # S3 down: the device asks again, as after a lost reply
+        log.warning("block of file %s for device %s not read: %s", request.file_id, device_id, problem)
+        return messages.block_reply({"code": 503, "message": "the package store is unavailable; ask again later",
+                                     "data": {"fileToken": request.file_token}})
     if found is None:
         return messages.block_reply({"code": 404, "message": "no such file for this device",
                                      "data": {"fileToken": request.file_token}})

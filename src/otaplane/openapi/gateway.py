@@ -27,6 +27,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from otaplane import errors, ids
+from otaplane.blobs.base import BlobStoreUnavailable
 from otaplane.errors import ApiError
 from otaplane.openapi import envelope
 from otaplane.openapi.auth import Authenticator, Caller, SignedRequest
@@ -139,6 +140,10 @@ class Gateway:
                 log.error("request %s failed: %s", request_id, error.code)
             return request_id, envelope.failure(action_name, request_id, error, fmt, self.camel,
                                                 first.get("host", ""))
+        except BlobStoreUnavailable as problem:  # S3 down, hung or refusing us: temporary, no traceback
+            log.error("request %s (%s) failed: %s", request_id, action_name, problem)
+            return request_id, envelope.failure(action_name, request_id, errors.ServiceUnavailable(), fmt,
+                                                self.camel, first.get("host", ""))
         except Exception:
             log.exception("request %s (%s) failed unexpectedly", request_id, action_name)
             return request_id, envelope.failure(action_name, request_id, errors.InternalError(), fmt,

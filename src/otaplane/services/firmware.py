@@ -6,6 +6,7 @@ object, computes both, and refuses a package whose declared values disagree.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any, NamedTuple
 from sqlalchemy.exc import IntegrityError
 
 from otaplane import errors, ids
-from otaplane.blobs import BlobDigest, BlobStore, UploadForm
+from otaplane.blobs import BlobDigest, BlobStore, BlobStoreUnavailable, UploadForm
 from otaplane.services.modules import module_row, product_row
 from otaplane.services.row_memo import RowMemo
 from otaplane.services.tenancy import Tenant
@@ -24,6 +25,8 @@ from otaplane.store import firmware as store
 from otaplane.store import jobs as job_store
 from otaplane.store import uploads as upload_store
 from otaplane.timefmt import now_ms
+
+log = logging.getLogger("otaplane.firmware")
 
 MAX_FILE_BYTES = 1000 * 1024 * 1024  # the platform's HTTPS download limit per file
 MAX_PACKAGES_PER_INSTANCE = 500
@@ -340,13 +343,23 @@ class FirmwareService:
         self._remove_unreferenced(keys)
 
     def _remove_unreferenced(self, keys: list[str]) -> None:
-        for key in set(keys):
+        """Delete the objects no package refers to any more, and their upload records. Best
+        effort: an object the store fails to delete (S3 unreachable) keeps its record, so the
+        collector of abandoned uploads tries again later; the caller's change stands."""
+        for key in sorted(set(keys)):
             with self.db.begin() as conn:
                 upload_store.lock(conn, key)  # a create adopting it goes first, or finds it gone
                 if upload_store.is_referenced(conn, key):
                     continue
-                upload_store.forget(conn, key)
-            self.blobs.delete(key)
+                record = upload_store.forget(conn, key)
+            try:
+                self.blobs.delete(key)
+            except BlobStoreUnavailable as problem:
+                log.warning("object %s not deleted, left for the next collection: %s", key, problem)
+                if record is not None:
+                    with self.db.begin() as conn:
+                        upload_store.record(conn, key, record["instance_pk"], record["created_ms"])
+                return  # the store is down: the other keys stay recorded too, for the next collection
 
     def collect_abandoned_uploads(self) -> int:
         """Delete uploads that no package adopted within the grace period."""

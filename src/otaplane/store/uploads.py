@@ -48,5 +48,8 @@ def abandoned(conn: Connection, older_than_ms: int, limit: int = 500) -> list[st
     return [row.blob_key for row in rows]
 
 
-def forget(conn: Connection, blob_key: str) -> None:
-    conn.execute(sa.delete(uploads).where(uploads.c.blob_key == blob_key))
+def forget(conn: Connection, blob_key: str) -> dict | None:
+    """Delete the upload's record: what it held ({instance_pk, created_ms}), None if none."""
+    row = conn.execute(sa.delete(uploads).where(uploads.c.blob_key == blob_key)
+                       .returning(uploads.c.instance_pk, uploads.c.created_ms)).first()
+    return None if row is None else dict(row._mapping)
