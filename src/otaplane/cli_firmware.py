@@ -15,9 +15,14 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 from rich.table import Table
 
 from otaplane.client import ApiCallError, Credentials, OtaplaneClient
+from otaplane.errors import ApiError
+from otaplane.openapi.params import parse_params
+from otaplane.openapi.registry import build_table
 
 app = typer.Typer(help="Firmware packages on an otaplane endpoint.", no_args_is_help=True)
 console = Console()
+progress_console = Console(stderr=True)
+UPLOAD_STALL_S = 120  # the longest the store may leave an upload without reading or answering
 
 SUFFIXES = ("tar.gz", "tar.xz", "bin", "dav", "apk", "tar", "gz", "zip", "gzip", "pack")
 
@@ -34,9 +39,18 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print the raw response bod
 def _client(endpoint: str, key_id: str | None, secret: str | None, data_dir: Path) -> OtaplaneClient:
     if key_id and secret:
         return OtaplaneClient(endpoint, Credentials(key_id, secret))
+    if key_id or secret:  # half a pair: never fall back to the admin key of the data directory
+        given, missing = ("AccessKeyId", "AccessKeySecret") if key_id else ("AccessKeySecret", "AccessKeyId")
+        console.print(f"[red]An {given} without its {missing}: pass both (--access-key-id/--access-key-secret "
+                      "or OTAPLANE_ACCESS_KEY_ID/OTAPLANE_ACCESS_KEY_SECRET).[/]")
+        raise typer.Exit(2)
     fallback = data_dir / "admin-credentials.json"
     if fallback.exists():
-        return OtaplaneClient(endpoint, Credentials.from_file(fallback))
+        try:
+            return OtaplaneClient(endpoint, Credentials.from_file(fallback))
+        except ValueError as problem:
+            console.print(f"[red]{problem}[/]")
+            raise typer.Exit(2) from None
     console.print("[red]No AccessKey: pass --access-key-id/--access-key-secret or set "
                   "OTAPLANE_ACCESS_KEY_ID/OTAPLANE_ACCESS_KEY_SECRET.[/]")
     raise typer.Exit(2)
@@ -83,12 +97,50 @@ def _post_file(data: dict, path: Path) -> None:
     }
     size = path.stat().st_size
     columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn())
-    with Progress(*columns, console=console, transient=False) as progress, path.open("rb") as handle:
+    # On stderr: stdout carries the result (--json prints only JSON there).
+    with Progress(*columns, console=progress_console, transient=False) as progress, path.open("rb") as handle:
         task = progress.add_task(f"upload {path.name}", total=size)
         body = _ProgressFile(handle, lambda n: progress.advance(task, n))
-        response = httpx.post(data["Host"], data=fields, files={"file": (path.name, body)}, timeout=None)
+        try:
+            # No bound on the whole upload (a big file on a slow link), but on each wait for the store.
+            response = httpx.post(data["Host"], data=fields, files={"file": (path.name, body)},
+                                  timeout=httpx.Timeout(UPLOAD_STALL_S, connect=10))
+        except httpx.HTTPError as problem:
+            console.print(f"[red]Upload to {data['Host']} failed:[/] {type(problem).__name__}: {problem}")
+            raise typer.Exit(1) from None
     if response.status_code not in (200, 201, 204):
         console.print(f"[red]Upload refused ({response.status_code}):[/] {response.text[:500]}")
+        raise typer.Exit(1)
+
+
+def _default_name(file: Path, version: str) -> str:
+    """`<file stem>-<version>` as a valid FirmwareName: allowed characters only, starting with a
+    letter or digit, at most 40."""
+    name = "".join(c if c.isalnum() or c in "_-()" else "-" for c in f"{file.stem}-{version}")
+    return (name.lstrip("_-()") or "firmware")[:40]
+
+
+def _check_before_upload(client: OtaplaneClient, params: dict, file: Path) -> None:
+    """Refuse now what CreateOTAFirmware would refuse after a long upload: the parameters by
+    the server's own rules (otaplane.openapi's declarations), an empty file, an unknown product
+    or module (asked of the server)."""
+    flat = {key: str(value).lower() if isinstance(value, bool) else str(value)
+            for key, value in params.items() if value is not None}
+    try:
+        parse_params(build_table()["CreateOTAFirmware"].params, {**flat, "FirmwareUrl": "https://checked.later/x"})
+    except ApiError as refused:
+        console.print(f"[red]{refused.code}[/]: {refused.message}")
+        raise typer.Exit(2) from None
+    if file.stat().st_size == 0:
+        console.print(f"[red]{file} is empty[/]: a firmware file has at least one byte.")
+        raise typer.Exit(2)
+    try:
+        modules = client.call("ListOTAModuleByProduct", {"ProductKey": params["ProductKey"]}, method="GET")["Data"]
+    except ApiCallError as error:
+        _fail(error)
+    if params["ModuleName"].lower() not in {module["ModuleName"].lower() for module in modules}:
+        console.print(f"[red]iot.ota.ModuleNotFound[/]: product {params['ProductKey']} has no OTA module "
+                      f"{params['ModuleName']!r}.")
         raise typer.Exit(1)
 
 
@@ -123,16 +175,19 @@ def upload(
     """Upload FILE and create a firmware package from it."""
     client = _client(endpoint, access_key_id, access_key_secret, data_dir)
     method = sign_method.upper()
+    params = {
+        "ProductKey": product, "FirmwareName": name or _default_name(file, version), "DestVersion": version,
+        "ModuleName": module, "SrcVersion": src_version, "Type": 1 if src_version else 0, "FirmwareDesc": desc,
+        "Udi": udi, "NeedToVerify": not no_verify, "SignMethod": method,
+    }
+    _check_before_upload(client, params, file)
     try:
         data = client.call("GenerateOTAUploadURL", {"FileSuffix": _suffix(file)})["Data"]
         _post_file(data, file)
-        default_name = "".join(c if c.isalnum() or c in "_-()" else "-" for c in f"{file.stem}-{version}")
         created = client.call("CreateOTAFirmware", {
-            "ProductKey": product, "FirmwareName": (name or default_name)[:40], "DestVersion": version,
-            "FirmwareUrl": data["FirmwareUrl"], "ModuleName": module, "SrcVersion": src_version,
-            "Type": 1 if src_version else 0, "FirmwareDesc": desc, "Udi": udi, "NeedToVerify": not no_verify,
+            **params, "FirmwareUrl": data["FirmwareUrl"],
             # The server recomputes both from the stored object: this catches a corrupted upload.
-            "SignMethod": method, "FirmwareSign": _digest(file, method), "FirmwareSize": os.path.getsize(file),
+            "FirmwareSign": _digest(file, method), "FirmwareSize": os.path.getsize(file),
         })
         info = client.call("QueryOTAFirmware", {"FirmwareId": created["Data"]["FirmwareId"]})["FirmwareInfo"]
     except ApiCallError as error:

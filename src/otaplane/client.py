@@ -37,8 +37,12 @@ class Credentials:
 
     @classmethod
     def from_file(cls, path: Path) -> "Credentials":
-        data = json.loads(path.read_text())
-        return cls(data["AccessKeyId"], data["AccessKeySecret"])
+        """The pair in a JSON file such as admin-credentials.json; ValueError saying what is wrong."""
+        try:
+            data = json.loads(path.read_text())
+            return cls(str(data["AccessKeyId"]), str(data["AccessKeySecret"]))
+        except (OSError, ValueError, KeyError, TypeError) as problem:
+            raise ValueError(f"{path} holds no AccessKey pair ({type(problem).__name__}: {problem})") from None
 
 
 def _flatten(params: dict[str, Any]) -> dict[str, str]:
@@ -84,7 +88,11 @@ class OtaplaneClient:
         }
         string_to_sign = signing.v1_string_to_sign(method, query)
         query["Signature"] = signing.v1_signature(self.credentials.access_key_secret, string_to_sign)
-        response = self.http.request(method, f"{self.endpoint}/?{urlencode(query)}")
+        try:
+            response = self.http.request(method, f"{self.endpoint}/?{urlencode(query)}")
+        except httpx.HTTPError as problem:  # refused, unreachable, timed out, not an HTTP URL
+            raise ApiCallError("EndpointUnreachable", f"{self.endpoint}: {type(problem).__name__}: {problem}",
+                               0) from None
         try:
             body = response.json()
         except ValueError:

@@ -25,7 +25,7 @@ def test_cli_upload_show_list_delete(server, tmp_path):
 
     out = otaplane_cli("firmware", "upload", str(firmware), "--product", product_key, "--version", "2.1.0",
                        "--sign-method", "sha256", "--no-verify", "--json", env=env)
-    info = json.loads(out.stdout.strip().splitlines()[-1])
+    info = json.loads(out.stdout)  # only JSON on stdout: the progress bar goes to stderr
     assert info["FirmwareSize"] == len(content)
     assert info["FirmwareSign"] == hashlib.sha256(content).hexdigest()
     assert info["SignMethod"] == "SHA256" and info["Status"] == -1 and info["DestVersion"] == "2.1.0"
@@ -47,3 +47,59 @@ def test_cli_reports_a_wrong_secret_clearly(server):
            "OTAPLANE_ACCESS_KEY_SECRET": "wrong"}
     result = otaplane_cli("firmware", "list", env=env, check=False)
     assert result.returncode == 1 and "SignatureDoesNotMatch" in result.stdout
+
+
+def test_cli_refuses_half_a_key_pair_instead_of_using_the_admin_key(server):
+    """With admin-credentials.json at hand, an AccessKeyId without its secret ran as the admin
+    (another account's packages listed, uploads made there)."""
+    key_id, secret = server.create_key("cli-half")
+    common = {"OTAPLANE_ENDPOINT": server.base_url, "OTAPLANE_DATA_DIR": str(server.data_dir)}
+    for half in ({"OTAPLANE_ACCESS_KEY_ID": key_id}, {"OTAPLANE_ACCESS_KEY_SECRET": secret}):
+        result = otaplane_cli("firmware", "list", env={**common, **half}, check=False)
+        assert result.returncode == 2, result.stdout
+        assert "without its" in " ".join(result.stdout.split()) and "FirmwareInfo" not in result.stdout
+
+
+def test_cli_reports_an_unreachable_endpoint_in_one_line(server, tmp_path):
+    key_id, secret = server.create_key("cli-unreachable")
+    env = {"OTAPLANE_ENDPOINT": "http://127.0.0.1:9", "OTAPLANE_ACCESS_KEY_ID": key_id,
+           "OTAPLANE_ACCESS_KEY_SECRET": secret}
+    result = otaplane_cli("firmware", "list", env=env, check=False)
+    assert result.returncode == 1
+    assert "EndpointUnreachable" in result.stdout and "Traceback" not in result.stdout + result.stderr
+    broken = tmp_path / "admin-credentials.json"
+    broken.write_text("{not json")
+    result = otaplane_cli("firmware", "list", env={"OTAPLANE_ENDPOINT": server.base_url,
+                                                   "OTAPLANE_DATA_DIR": str(tmp_path)}, check=False)
+    assert result.returncode == 2 and "holds no AccessKey pair" in " ".join(result.stdout.split())
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_cli_refuses_before_uploading_what_create_would_refuse(server, tmp_path):
+    key_id, secret = server.create_key("cli-early")
+    env = {"OTAPLANE_ENDPOINT": server.base_url, "OTAPLANE_ACCESS_KEY_ID": key_id,
+           "OTAPLANE_ACCESS_KEY_SECRET": secret}
+    product_key = SdkCaller("tea-v3", server.endpoint, key_id, secret).call(
+        "CreateProduct", {"ProductName": "cli_" + uuid.uuid4().hex[:8], "NodeType": 0})["ProductKey"]
+    firmware = tmp_path / "_leading-underscore.bin"
+    firmware.write_bytes(b"firmware")
+    upload = ("firmware", "upload", str(firmware), "--product", product_key)
+    cases = [
+        (("--version", "2 0"), 2, "InvalidParameter"),
+        (("--version", "2.0", "--name", "n" * 41), 2, "InvalidParameter"),
+        (("--version", "2.0", "--sign-method", "sha1"), 2, "InvalidParameter"),
+        (("--version", "2.0", "--module", "nosuchmodule"), 1, "iot.ota.ModuleNotFound"),
+    ]
+    for flags, code, message in cases:
+        result = otaplane_cli(*upload, *flags, env=env, check=False)
+        assert (result.returncode, message in result.stdout) == (code, True), (flags, result.stdout)
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    result = otaplane_cli("firmware", "upload", str(empty), "--product", product_key, "--version", "2.0",
+                          env=env, check=False)
+    assert result.returncode == 2 and "is empty" in " ".join(result.stdout.split())  # Rich wraps lines
+    signer_view = SdkCaller("tea-v3", server.endpoint, key_id, secret)
+    assert signer_view.call("ListOTAFirmware", {"CurrentPage": 1, "PageSize": 10})["Total"] == 0
+    # The default name is made valid: the file name starts with '_', which a name may not.
+    out = otaplane_cli(*upload, "--version", "2.0", "--json", env=env)
+    assert json.loads(out.stdout)["FirmwareName"] == "leading-underscore-2-0"
