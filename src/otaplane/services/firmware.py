@@ -180,10 +180,10 @@ class FirmwareService:
             raise errors.FirmwareUrlConflict()
         if not new.firmware_url and not new.files:
             raise errors.missing("FirmwareUrl")
-        if new.files and new.firmware_size is not None:
-            raise errors.invalid("FirmwareSize", "describes a single-file package; give each file's MultiFiles.N.Size")
-        if new.files and new.firmware_sign:
-            raise errors.invalid("FirmwareSign", "describes a single-file package; give each file's MultiFiles.N.SignValue")
+        single_file_only = {"FirmwareSize": new.firmware_size is not None, "FirmwareSign": bool(new.firmware_sign)}
+        for name, given in single_file_only.items():
+            if new.files and given:
+                raise errors.invalid(name, "describes a single-file package; MultiFiles.N give each file's own")
         names = [f.name for f in new.files]
         for name in names:
             if names.count(name) > 1:
