@@ -116,6 +116,7 @@ def serve(
     """Run the server (OpenAPI gateway and MQTT device channel) on embedded defaults or the configured backends."""
     import uvicorn
 
+    from otaplane.blobs import BlobStoreUnavailable
     from otaplane.http_protocol import CoalescingHttpToolsProtocol
     from otaplane.server import create_app, prepare
     from otaplane.services.container import Services
@@ -130,8 +131,12 @@ def serve(
     )
     if not settings.mqtt_url:
         _check_mqtt_port_free(settings.resolved_mqtt_host(), settings.mqtt_port)
-    services = Services.build(settings)
-    prepare(services)
+    try:
+        services = Services.build(settings)
+        prepare(services)
+    except (ValueError, BlobStoreUnavailable) as problem:  # a bad setting, a store that cannot be used
+        console.print(f"[red]otaplane cannot start:[/] {problem}")
+        raise typer.Exit(1) from None
     uvicorn.run(
         create_app(services),
         host=settings.host,

@@ -51,3 +51,21 @@ def test_requests_that_need_a_store_gone_away_get_503_and_deletions_stand(make_s
     assert "Traceback" not in log, log[-3000:]
     assert "left for the next collection" in log
     assert httpx.get(f"{server.base_url}/healthz", timeout=10).status_code == 200
+
+
+def test_serve_with_a_store_it_cannot_use_says_so_in_one_line(store, tmp_path):
+    """A missing bucket (or a blob URL with credentials in it) stops `otaplane serve` with one
+    line, not a traceback of a hundred."""
+    from tests.support.server import free_port, otaplane_cli
+
+    urls = {
+        f"s3://no-such-bucket?endpoint_url={store.endpoint_url}&region={REGION}": "no-such-bucket",
+        f"s3://AKID:s3cr3t@{BUCKET}?endpoint_url={store.endpoint_url}": "must not carry credentials",
+    }
+    for blob_url, said in urls.items():
+        result = otaplane_cli("serve", "--port", str(free_port()), "--mqtt-port", str(free_port()),
+                              env={"OTAPLANE_DATA_DIR": str(tmp_path), "OTAPLANE_BLOB_URL": blob_url}, check=False)
+        output = " ".join((result.stdout + result.stderr).split())  # Rich wraps lines
+        assert result.returncode == 1, output
+        assert "otaplane cannot start" in output and said in output
+        assert "Traceback" not in output and "s3cr3t" not in output

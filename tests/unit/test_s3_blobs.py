@@ -219,11 +219,24 @@ def test_hung_endpoint_times_out_instead_of_hanging(silent_endpoint: str) -> Non
         "https://bucket/x",
         "s3://bucket?endpoint_url=http://x&access_key_id=AKID&secret_access_key=s",
         "s3://bucket?endpoint=http://x",
+        "s3://AKID:s3cr3t@bucket?endpoint_url=http://x",  # was taken as a bucket named "AKID:s3cr3t@bucket"
+        "s3://bucket/tenant/?endpoint_url=http://x&prefix=other/",
     ],
 )
 def test_from_url_rejects_bad_urls_and_secrets_in_urls(url: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError) as refused:
         S3BlobStore.from_url(url)
+    assert "s3cr3t" not in str(refused.value)
+
+
+@pytest.mark.parametrize("url_tail, prefix", [
+    ("", ""), ("/", ""), ("/tenant-b/", "tenant-b/"), ("/a/b", "a/b/"),  # the path was ignored
+    ("?prefix=fw", "fw/"), ("?prefix=/fw/", "fw/"), ("/?prefix=fw", "fw/"),  # "fw" made keys "fwota/..."
+])
+def test_from_url_takes_the_key_prefix_from_the_path_or_prefix_as_a_folder(url_tail: str, prefix: str) -> None:
+    separator = "&" if "?" in url_tail else "?"
+    blob_store = S3BlobStore.from_url(f"s3://bucket{url_tail}{separator}endpoint_url=http://127.0.0.1:9&region=us-east-1")
+    assert blob_store.bucket == "bucket" and blob_store.prefix == prefix
 
 
 def test_factory_opens_s3_store(s3_blob_url: str) -> None:

@@ -41,13 +41,18 @@ class S3BlobStore:
         cls, url: str, *, connect_timeout_s: float = 5, read_timeout_s: float = 15, max_attempts: int = 2
     ) -> "S3BlobStore":
         parts = urlsplit(url)
+        if "@" in parts.netloc:  # said without the URL: it would print the secret
+            raise ValueError("the s3 blob URL must not carry credentials: the AWS environment or config provides them")
         if parts.scheme != "s3" or not parts.netloc:
-            raise ValueError(f"expected s3://BUCKET?endpoint_url=...&region=..., got {url!r}")
+            raise ValueError(f"expected s3://BUCKET[/PREFIX/]?endpoint_url=...&region=..., got {url!r}")
         query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
         unknown = set(query) - {"endpoint_url", "region", "prefix", "addressing_style"}
         if unknown:
             # Catch typos and refuse credentials smuggled into the URL alike.
             raise ValueError(f"unsupported s3 blob URL parameter(s): {', '.join(sorted(unknown))}")
+        if parts.path.strip("/") and "prefix" in query:
+            raise ValueError("give the s3 key prefix once: as the URL's path or as prefix=, not both")
+        prefix = parts.path.strip("/") or query.get("prefix", "").strip("/")
         endpoint_url = query.get("endpoint_url") or None
         # Self-hosted stores (MinIO, Ceph, moto) rarely have wildcard DNS, so default to path-style there.
         style = query.get("addressing_style") or ("path" if endpoint_url else "auto")
@@ -62,7 +67,7 @@ class S3BlobStore:
         )
         session = boto3.session.Session(region_name=query.get("region") or None)
         client = session.client("s3", endpoint_url=endpoint_url, config=config)
-        return cls(client, parts.netloc, query.get("prefix", "").lstrip("/"))
+        return cls(client, parts.netloc, prefix + "/" if prefix else "")  # a folder: "fw" means "fw/..."
 
     def _full(self, key: str) -> str:
         return self.prefix + key
