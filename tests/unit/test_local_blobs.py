@@ -236,15 +236,15 @@ def test_sweep_incoming_deletes_only_temp_files_idle_past_the_limit(store):
 def test_an_upload_whose_temp_file_was_swept_is_refused_at_commit(store):
     """A client silent for the whole idle limit mid-upload: its commit answers OSS's
     RequestTimeout, not a 500, and stores nothing."""
-    from otaplane.blobs.local import _Upload
     from otaplane.blobs.oss_signing import SizeRange
+    from otaplane.blobs.post_object import Upload
 
     target = store.root / KEY
-    upload = _Upload.open(store.root / ".incoming", target, {"key": KEY}, SizeRange(0, 100))
+    upload = Upload.open(store.root / ".incoming", {"key": KEY}, SizeRange(0, 100))
     upload.handle.write(b"partial")
     assert store.sweep_incoming(idle_s=-1) == 1
     with pytest.raises(OssError) as refused:
-        upload.commit()
+        store._publish(upload)
     assert (refused.value.status, refused.value.code) == (400, "RequestTimeout")
     upload.discard()
     assert not target.exists()

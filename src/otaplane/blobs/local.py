@@ -12,102 +12,61 @@ from __future__ import annotations
 import datetime
 import email.utils
 import errno
-import functools
 import hashlib
 import logging
 import os
-import re
 import stat
 import time
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO
-from urllib.parse import unquote, urlsplit
-from xml.sax.saxutils import escape
+from urllib.parse import unquote
 
 import anyio
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import FileResponse, MalformedRangeHeader, RangeNotSatisfiable, Response
 from starlette.routing import Route
 
 from otaplane import ids
 from otaplane.blobs.base import BlobDigest, UploadForm
-from otaplane.blobs.oss_signing import (
-    OssError,
-    SizeRange,
-    build_policy,
-    presigned_url,
-    quote_key,
-    sign_policy,
-    verify_post,
-    verify_presigned,
+from otaplane.blobs.oss_signing import OssError, presigned_url, quote_key, verify_presigned
+from otaplane.blobs.post_object import (  # noqa: F401  (BUCKET, ACCESS_KEY_ID, is_valid_key: this store's names too)
+    ACCESS_KEY_ID,
+    BUCKET,
+    HTTP_METHODS,
+    INCOMING_IDLE_S,
+    ROUTE_PREFIX,
+    PostObjectReceiver,
+    Upload,
+    already_exists,
+    invalid_name,
+    is_valid_key,
+    not_allowed,
+    oss_error_response,
+    swept_while_idle,
 )
-
-try:  # python-multipart >= 0.0.13 renamed its import package
-    from python_multipart import MultipartParser
-    from python_multipart.exceptions import FormParserError
-    from python_multipart.multipart import parse_options_header
-except ModuleNotFoundError:  # pragma: no cover
-    from multipart import MultipartParser  # type: ignore[no-redef]
-    from multipart.exceptions import FormParserError  # type: ignore[no-redef]
-    from multipart.multipart import parse_options_header  # type: ignore[no-redef]
 
 log = logging.getLogger("otaplane.blobs")
 
-BUCKET = "otaplane"
-ACCESS_KEY_ID = "otaplane-local"  # not a secret: only the signing secret is
-ROUTE_PREFIX = f"/oss/{BUCKET}"
-_HTTP_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 INCOMING_DIR = ".incoming"  # segments starting with "." are never valid keys, so never served
-# An upload temp file unwritten for this long belongs to a process that died (sweep_incoming).
-INCOMING_IDLE_S = 24 * 3600
-FIELDS_CAP = 64 * 1024  # form fields before `file` are held in memory: keep them small
 CHUNK = 1024 * 1024
 DOWNLOAD_CHUNK = 1024 * 1024  # per read of a GET (see _ObjectResponse)
-MAX_KEY_LENGTH = 1023  # OSS's own limit
-# `/`-separated segments, each 1-255 of [A-Za-z0-9._-] not starting with a dot: one regex
-# for the whole key (a split and a match per segment cost 2.5 times as much).
-_KEY = re.compile(r"(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}/)*[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}")
-_SUCCESS_STATUSES = {"200": 200, "201": 201, "204": 204}
-
-
-# Memoized: every QueryOTAFirmware and every download checks its package's key again, and a
-# polled package's key is checked again and again.
-@functools.lru_cache(maxsize=4096)
-def is_valid_key(key: str) -> bool:
-    """Conservative: `/`-separated segments of [A-Za-z0-9._-], none empty or starting with a dot.
-
-    That excludes `..`, absolute paths, backslashes, NUL and our own `.incoming` folder.
-    """
-    return 0 < len(key) <= MAX_KEY_LENGTH and _KEY.fullmatch(key) is not None
 
 
 class LocalBlobStore:
     def __init__(self, root: Path | str, public_url: str, secret: str):
         self.root = Path(root).resolve()
         self._folders_inside: dict[Path, bool] = {}  # key folder -> resolves inside root
-        self.public_url = public_url.rstrip("/")
-        self.host = self.public_url + ROUTE_PREFIX
         self._secret = secret
-        self._host_id = urlsplit(self.public_url).netloc or BUCKET
+        self._uploads = PostObjectReceiver(secret, public_url, self.root / INCOMING_DIR, exists=self._exists,
+                                           publish=self._publish, object_url=self.object_url)
+        self.public_url = self._uploads.public_url
+        self.host = self._uploads.host
+        self._host_id = self._uploads.host_id
 
     # --- BlobStore ---------------------------------------------------------------------------
 
     def upload_form(self, key: str, max_bytes: int, expires_in_s: int) -> UploadForm:
-        self._check_key(key)
-        policy = build_policy(key, max_bytes, int((time.time() + expires_in_s) * 1000))
-        signature = sign_policy(self._secret, policy)
-        return UploadForm(
-            key=key,
-            host=self.host,
-            policy=policy,
-            access_key_id=ACCESS_KEY_ID,
-            signature=signature,
-            object_url=self.object_url(key),
-            object_storage="OSS",
-            fields={"key": key, "policy": policy, "OSSAccessKeyId": ACCESS_KEY_ID, "Signature": signature},
-        )
+        return self._uploads.upload_form(key, max_bytes, expires_in_s, self.object_url(key))
 
     def object_url(self, key: str) -> str:
         self._check_key(key)
@@ -161,40 +120,32 @@ class LocalBlobStore:
 
     def routes(self) -> list[Route]:
         return [
-            Route(ROUTE_PREFIX, self._post_object, methods=["POST"]),
-            Route(ROUTE_PREFIX + "/", self._post_object, methods=["POST"]),
+            *self._uploads.routes(),
             Route(ROUTE_PREFIX + "/{key:path}", self._get_object, methods=["GET", "HEAD"]),
-            # Any other method on these paths (PutObject, DeleteObject, ListObjects, a CORS
-            # preflight): OSS's XML 405, not Starlette's plain-text one. Routes are tried in order.
-            Route(ROUTE_PREFIX, self._not_allowed, methods=_HTTP_METHODS),
-            Route(ROUTE_PREFIX + "/{key:path}", self._not_allowed, methods=_HTTP_METHODS),
+            # PutObject, DeleteObject, a CORS preflight...: OSS's XML 405 (routes are tried in order).
+            Route(ROUTE_PREFIX + "/{key:path}", self._not_allowed, methods=HTTP_METHODS),
         ]
 
     def sweep_incoming(self, idle_s: float = INCOMING_IDLE_S) -> int:
-        """Delete upload temp files nobody has written for `idle_s`: those of a process that
-        died mid-upload (a live upload writes as its bytes arrive). How many were deleted."""
-        deleted = 0
-        cutoff = time.time() - idle_s
-        try:
-            entries = list(os.scandir(self.root / INCOMING_DIR))
-        except FileNotFoundError:
-            return 0
-        for entry in entries:
-            try:
-                if entry.name.endswith(".part") and entry.stat().st_mtime < cutoff:
-                    os.unlink(entry.path)
-                    deleted += 1
-            except FileNotFoundError:  # committed or discarded meanwhile
-                continue
-        if deleted:
-            log.info("deleted %d abandoned upload temp file(s) in %s", deleted, self.root / INCOMING_DIR)
-        return deleted
+        return self._uploads.sweep_incoming(idle_s)
 
     async def _not_allowed(self, request: Request) -> Response:
-        allowed = "POST" if request.url.path.rstrip("/") == ROUTE_PREFIX else "GET, HEAD"
-        error = OssError(405, "MethodNotAllowed", "The specified method is not allowed against this resource.",
-                         {"Allow": allowed})
-        return self._error(error)
+        return self._error(not_allowed("GET, HEAD"))
+
+    # --- uploads: PostObjectReceiver's store side ----------------------------------------------
+
+    def _exists(self, key: str) -> bool:
+        path = self._path(key)
+        return path is not None and path.exists()
+
+    def _publish(self, upload: Upload) -> None:
+        target = self._path(upload.key)
+        if target is None:
+            raise invalid_name()
+        upload.finish()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _publish_once(upload.temp, target)
+        _fsync_dir(target.parent)
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -252,24 +203,17 @@ class LocalBlobStore:
         `whole` (one thread hop per GET)."""
         path = self._path(key)
         if path is None:
-            raise _invalid_name()
+            raise invalid_name()
         descriptor = self._open_descriptor(path)
         if descriptor is None:  # the file is a symlink
-            raise _invalid_name()
+            raise invalid_name()
         try:
             return (path, *_stat_and_small_read(descriptor, whole))
         finally:
             os.close(descriptor)
 
     def _error(self, exc: OssError) -> Response:
-        request_id = ids.oss_request_id()
-        body = (
-            '<?xml version="1.0" encoding="UTF-8"?>\n<Error>\n'
-            f"  <Code>{escape(exc.code)}</Code>\n  <Message>{escape(exc.message)}</Message>\n"
-            f"  <RequestId>{request_id}</RequestId>\n  <HostId>{escape(self._host_id)}</HostId>\n</Error>\n"
-        )
-        headers = {**exc.headers, "x-oss-request-id": request_id}
-        return Response(body, exc.status, media_type="application/xml", headers=headers)
+        return oss_error_response(exc, self._host_id)
 
     # --- GET / HEAD --------------------------------------------------------------------------
 
@@ -305,78 +249,6 @@ class LocalBlobStore:
             # without FileResponse's three more hops (open, read, close) per download.
             return Response(content, headers=dict(response.headers))
         return response
-
-    # --- POST (PostObject) -------------------------------------------------------------------
-
-    async def _post_object(self, request: Request) -> Response:
-        upload: _Upload | None = None
-        try:
-            upload = await self._receive(request)
-            await anyio.to_thread.run_sync(upload.commit)
-        except OssError as exc:
-            return self._error(exc)
-        except ClientDisconnect:
-            return self._error(OssError(400, "IncompleteBody", "The client closed the connection."))
-        finally:
-            if upload is not None:
-                upload.discard()  # a no-op once committed
-        status = _SUCCESS_STATUSES.get(upload.fields.get("success_action_status", ""), 204)
-        headers = {"x-oss-request-id": ids.oss_request_id()}
-        if status != 201:
-            return Response(status_code=status, headers=headers)
-        body = (
-            '<?xml version="1.0" encoding="UTF-8"?>\n<PostResponse>'
-            f"<Bucket>{BUCKET}</Bucket><Location>{escape(self.object_url(upload.key))}</Location>"
-            f"<Key>{escape(upload.key)}</Key></PostResponse>\n"
-        )
-        return Response(body, 201, media_type="application/xml", headers=headers)
-
-    async def _receive(self, request: Request) -> _Upload:
-        """Streams the form: fields first (checked before any file byte is written), then the file."""
-        media_type, params = parse_options_header(request.headers.get("content-type", ""))
-        if media_type != b"multipart/form-data" or not params.get(b"boundary"):
-            raise _malformed()
-        form = _FormReader()
-        try:
-            parser = MultipartParser(params[b"boundary"], form.callbacks())
-        except (FormParserError, ValueError):
-            raise _malformed() from None
-        upload: _Upload | None = None
-        try:
-            async for chunk in request.stream():
-                _feed(parser.write, chunk)
-                if form.file_started and upload is None:
-                    target, sizes = self._authorize(form.fields)
-                    upload = await anyio.to_thread.run_sync(
-                        _Upload.open, self.root / INCOMING_DIR, target, form.fields, sizes
-                    )
-                if upload is not None and form.file_data:
-                    await upload.write(form.take_file_data())
-            _feed(parser.finalize)
-            if upload is None:
-                self._authorize(form.fields)  # reports missing or bad fields first
-                raise OssError(400, "InvalidArgument", "The form field file is missing.")
-            if not form.file_done:
-                raise _malformed()
-            if upload.size < upload.sizes.min_bytes:
-                raise OssError(400, "EntityTooSmall", "Your proposed upload is smaller than the minimum allowed size.")
-            return upload
-        except BaseException:
-            # Synchronous on purpose: this must also run when the request is being cancelled.
-            if upload is not None:
-                upload.discard()
-            raise
-
-    def _authorize(self, fields: dict[str, str]) -> tuple[Path, SizeRange]:
-        """Where the file may go and how big it may be, or OssError: all before any file byte."""
-        sizes = verify_post(self._secret, fields, time.time(), BUCKET, ACCESS_KEY_ID)
-        target = self._path(fields["key"])
-        if target is None:
-            raise _invalid_name()
-        if target.exists():  # refused before the file is sent; commit checks again, atomically
-            raise _already_exists()
-        return target, sizes
-
 
 # Requests with conditions (precondition_status) or ranges (FileResponse): never the small-file path.
 _CONDITIONAL_HEADERS = ("range", "if-range", "if-none-match", "if-modified-since", "if-match", "if-unmodified-since")
@@ -476,147 +348,6 @@ def _http_date(value: str | None) -> int | None:
     return int(parsed.timestamp())
 
 
-def _invalid_name() -> OssError:
-    return OssError(400, "InvalidObjectName", "The specified object name is not valid.")
-
-
-def _malformed() -> OssError:
-    message = "The body of your POST request is not well-formed multipart/form-data."
-    return OssError(400, "MalformedPOSTRequest", message)
-
-
-def _feed(call: Callable[..., object], *args: bytes) -> None:
-    try:
-        call(*args)
-    except FormParserError:
-        raise _malformed() from None
-
-
-class _FormReader:
-    """python-multipart callbacks: collects small fields, hands file bytes over to the caller.
-
-    Field names are case-insensitive (stored lower-case); fields after `file` are ignored, as OSS does.
-    """
-
-    def __init__(self) -> None:
-        self.fields: dict[str, str] = {}
-        self.file_started = False
-        self.file_done = False
-        self.file_data: list[bytes] = []
-        self._held = 0  # bytes of field names, headers and values kept in memory
-        self._header_name = b""
-        self._header_value = b""
-        self._disposition = b""
-        self._value = bytearray()
-        self._in_file = False
-        self._name = ""
-
-    def callbacks(self) -> dict:
-        return {
-            "on_part_begin": self._part_begin,
-            "on_header_field": self._header_field,
-            "on_header_value": self._header_val,
-            "on_header_end": self._header_end,
-            "on_headers_finished": self._headers_finished,
-            "on_part_data": self._part_data,
-            "on_part_end": self._part_end,
-        }
-
-    def take_file_data(self) -> bytes:
-        data = b"".join(self.file_data)
-        self.file_data.clear()
-        return data
-
-    def _hold(self, size: int) -> None:
-        self._held += size
-        if self._held > FIELDS_CAP:
-            message = "Your POST request fields preceding the upload file were too large."
-            raise OssError(400, "MaxPOSTPreDataLengthExceeded", message)
-
-    def _part_begin(self) -> None:
-        self._disposition = b""
-        self._value = bytearray()
-
-    def _header_field(self, data: bytes, start: int, end: int) -> None:
-        if not self.file_started:
-            self._hold(end - start)
-            self._header_name += data[start:end]
-
-    def _header_val(self, data: bytes, start: int, end: int) -> None:
-        if not self.file_started:
-            self._hold(end - start)
-            self._header_value += data[start:end]
-
-    def _header_end(self) -> None:
-        if self._header_name.lower() == b"content-disposition":
-            self._disposition = self._header_value
-        self._header_name = self._header_value = b""
-
-    def _headers_finished(self) -> None:
-        if self.file_started:
-            return
-        _, options = parse_options_header(self._disposition)
-        name = options.get(b"name")
-        if name is None:
-            raise _malformed()
-        self._name = name.decode("utf-8", "replace").lower()
-        if self._name == "file":
-            self.file_started = self._in_file = True
-
-    def _part_data(self, data: bytes, start: int, end: int) -> None:
-        if self._in_file:
-            self.file_data.append(data[start:end])
-        elif not self.file_started:
-            self._hold(end - start)
-            self._value += data[start:end]
-
-    def _part_end(self) -> None:
-        if self._in_file:
-            self._in_file = False
-            self.file_done = True
-        elif not self.file_started:
-            try:
-                self.fields.setdefault(self._name, self._value.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise _malformed() from None
-
-
-class _Upload:
-    """A temp file in root/.incoming that becomes the object only on commit (fsync + link)."""
-
-    def __init__(self, handle: IO[bytes], temp: Path, target: Path, fields: dict[str, str], sizes: SizeRange):
-        self.handle, self.temp, self.target = handle, temp, target
-        self.key, self.fields, self.sizes = fields["key"], fields, sizes
-        self.size = 0
-        self.committed = False
-
-    @classmethod
-    def open(cls, incoming: Path, target: Path, fields: dict[str, str], sizes: SizeRange) -> "_Upload":
-        incoming.mkdir(parents=True, exist_ok=True)
-        temp = incoming / f"{uuid.uuid4().hex}.part"
-        return cls(open(temp, "xb"), temp, target, fields, sizes)
-
-    async def write(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.size > self.sizes.max_bytes:  # stop as soon as the limit is passed
-            raise OssError(400, "EntityTooLarge", "Your proposed upload exceeds the maximum allowed size.")
-        await anyio.to_thread.run_sync(self.handle.write, data)
-
-    def commit(self) -> None:
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-        self.handle.close()
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        _publish_once(self.temp, self.target)
-        self.committed = True
-        _fsync_dir(self.target.parent)
-
-    def discard(self) -> None:
-        self.handle.close()
-        if not self.committed:
-            self.temp.unlink(missing_ok=True)
-
-
 def _publish_once(temp: Path, target: Path) -> None:
     """Make the temp file the object, whole and at once, unless the key already holds one.
 
@@ -627,23 +358,17 @@ def _publish_once(temp: Path, target: Path) -> None:
     try:
         os.link(temp, target)
     except FileExistsError:
-        raise _already_exists() from None
+        raise already_exists() from None
     except FileNotFoundError:  # idle for a day mid-upload: sweep_incoming took the temp file
-        message = "Your socket connection to the server was not read from or written to within the timeout period."
-        raise OssError(400, "RequestTimeout", message) from None
+        raise swept_while_idle() from None
     except OSError as exc:  # a file system without hard links (FAT, some network shares)
         if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
             raise
         if target.exists():
-            raise _already_exists() from None
+            raise already_exists() from None
         os.replace(temp, target)  # atomic, but two racing uploads may both get here
         return
     temp.unlink()
-
-
-def _already_exists() -> OssError:
-    message = "The object you specified already exists and can not be overwritten."
-    return OssError(409, "FileAlreadyExists", message)
 
 
 def _fsync_dir(path: Path) -> None:
