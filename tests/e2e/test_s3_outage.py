@@ -33,7 +33,10 @@ def test_requests_that_need_a_store_gone_away_get_503_and_deletions_stand(make_s
     created = signer.v1("CreateOTAFirmware", {**package, "FirmwareName": "before"}).json()
     assert created["Success"], created
 
+    late_form = signer.v1("GenerateOTAUploadURL", {}).json()["Data"]  # signed without the store
     store.stop()
+    posted = post_upload(late_form, b"firmware" * 100)  # otaplane receives it, the bucket cannot
+    assert posted.status_code == 503 and "<Code>ServiceUnavailable</Code>" in posted.text
     refused = signer.v1("CreateOTAFirmware", {**package, "FirmwareName": "during"})
     assert refused.status_code == 503 and refused.json()["Code"] == "ServiceUnavailable"
     deleted = signer.v1("DeleteOTAFirmware", {"FirmwareId": created["Data"]["FirmwareId"]}).json()

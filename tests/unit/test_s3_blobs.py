@@ -19,9 +19,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+from cryptography.fernet import Fernet
 
 from otaplane.blobs.base import BlobDigest, UploadForm
 from otaplane.blobs.s3 import MAX_PRESIGN_S, BlobStoreUnavailable, S3BlobStore
+from otaplane.secretbox import SecretBox
 from tests.support.server import free_port
 
 
@@ -239,13 +241,23 @@ def test_from_url_takes_the_key_prefix_from_the_path_or_prefix_as_a_folder(url_t
     assert blob_store.bucket == "bucket" and blob_store.prefix == prefix
 
 
-def test_factory_opens_s3_store(s3_blob_url: str) -> None:
+def test_factory_opens_s3_store(s3_blob_url: str, tmp_path) -> None:
     from otaplane.blobs.factory import open_blob_store
     from otaplane.settings import Settings
 
-    blob_store = open_blob_store(Settings(blob_url=s3_blob_url), box=None)  # the box is for local only
+    box = SecretBox(Fernet.generate_key())
+    blob_store = open_blob_store(Settings(blob_url=s3_blob_url, data_dir=tmp_path), box=box)
     assert isinstance(blob_store, S3BlobStore)
     assert blob_store.bucket == "otaplane-test" and blob_store.prefix == ""
+    # By default otaplane receives the uploads (an OSS form posted to it, put into the bucket)...
+    form = blob_store.upload_form(new_key(), 1000, 60)
+    assert form.object_storage == "OSS" and form.host.endswith("/oss/otaplane")
+    assert [route.path for route in blob_store.routes()][:2] == ["/oss/otaplane", "/oss/otaplane/"]
+    # ...unless the URL asks for S3's presigned POST.
+    direct = open_blob_store(Settings(blob_url=s3_blob_url + "&uploads=direct", data_dir=tmp_path), box=box)
+    assert direct.upload_form(new_key(), 1000, 60).object_storage == "S3" and direct.routes() == []
+    with pytest.raises(ValueError):
+        S3BlobStore.from_url(s3_blob_url + "&uploads=sometimes")
 
 
 def test_read_range(store: S3BlobStore) -> None:

@@ -21,5 +21,9 @@ def open_blob_store(settings: Settings, box: SecretBox) -> BlobStore:
     if url.startswith("s3://"):
         from otaplane.blobs.s3 import S3BlobStore
 
-        return S3BlobStore.from_url(url)
+        store = S3BlobStore.from_url(url)
+        if not store.direct_uploads:  # forms otaplane receives, as the local store's (blobs.s3)
+            store.receive_uploads(box.derive("otaplane local blob signing v1"), settings.resolved_public_url(),
+                                  settings.data_dir / "upload-incoming")
+        return store
     raise ValueError(f"unsupported OTAPLANE_BLOB_URL {url!r}: use an empty value, file://DIR or s3://BUCKET?...")

@@ -1,21 +1,31 @@
-"""Any S3-compatible object store through boto3: presigned POST in, presigned GET out.
+"""Any S3-compatible object store through boto3: uploads in, presigned GET out.
 
-OTAPLANE_BLOB_URL=s3://BUCKET?endpoint_url=URL&region=REGION&prefix=PATH/&addressing_style=path|virtual
-Credentials come only from the standard AWS chain (env, shared config, instance role):
-secrets never belong in a URL that ends up in logs and process listings.
+OTAPLANE_BLOB_URL=s3://BUCKET[/PREFIX/]?endpoint_url=URL&region=REGION&addressing_style=path|virtual
+&uploads=otaplane|direct. Credentials come only from the standard AWS chain (env, shared config,
+instance role): secrets never belong in a URL that ends up in logs and process listings.
+
+Uploads: by default (`uploads=otaplane`) GenerateOTAUploadURL hands out an OSS PostObject form
+that otaplane receives itself (blobs.post_object) and puts into the bucket: the official SDKs'
+answer carries only the OSS form fields, which an S3 POST cannot use, and no form can replace an
+object after CreateOTAFirmware measured it. `uploads=direct` hands out S3's presigned POST
+instead (its fields in the answer's FormFields, which otaplane's CLI uses): the bytes go
+straight to the bucket, but a form may overwrite its object until it expires.
 """
 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import boto3
+from boto3.exceptions import S3UploadFailedError
 from botocore.client import BaseClient
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from otaplane.blobs.base import BlobDigest, BlobStoreUnavailable, UploadForm
+from otaplane.blobs.post_object import PostObjectReceiver, Upload, already_exists
 
 CHUNK = 1024 * 1024
 # SigV4 presigned URLs cannot live longer than 7 days; S3 rejects them outright beyond that.
@@ -30,11 +40,47 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 
 
 class S3BlobStore:
-    def __init__(self, client: BaseClient, bucket: str, prefix: str = ""):
+    def __init__(self, client: BaseClient, bucket: str, prefix: str = "", direct_uploads: bool = False):
         self.client = client
         self.bucket = bucket
         self.prefix = prefix
         self.endpoint = client.meta.endpoint_url.rstrip("/")
+        self.direct_uploads = direct_uploads  # the URL's uploads=direct: S3 presigned POST forms
+        self._uploads: PostObjectReceiver | None = None
+
+    def receive_uploads(self, secret: str, public_url: str, incoming: Path) -> None:
+        """Hand out OSS PostObject forms that otaplane receives at `public_url` (signed with
+        `secret`, staged in `incoming`) and puts into the bucket, instead of S3 presigned POSTs."""
+        self._uploads = PostObjectReceiver(secret, public_url, incoming, exists=self.exists,
+                                           publish=self._publish, object_url=self.object_url)
+
+    def routes(self) -> list:
+        return self._uploads.routes() if self._uploads else []
+
+    def sweep_incoming(self) -> int:
+        return self._uploads.sweep_incoming() if self._uploads else 0
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._full(key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise self._fail("HeadObject", exc) from exc
+        except BotoCoreError as exc:
+            raise self._fail("HeadObject", exc) from exc
+        return True
+
+    def _publish(self, upload: Upload) -> None:
+        """Put a received upload into the bucket, unless the key holds an object (write once;
+        two replicas receiving one form at the same instant could both pass this check)."""
+        upload.finish()
+        if self.exists(upload.key):
+            raise already_exists()
+        try:
+            self.client.upload_file(str(upload.temp), self.bucket, self._full(upload.key))
+        except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
+            raise self._fail("PutObject", exc) from exc
 
     @classmethod
     def from_url(
@@ -46,10 +92,12 @@ class S3BlobStore:
         if parts.scheme != "s3" or not parts.netloc:
             raise ValueError(f"expected s3://BUCKET[/PREFIX/]?endpoint_url=...&region=..., got {url!r}")
         query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
-        unknown = set(query) - {"endpoint_url", "region", "prefix", "addressing_style"}
+        unknown = set(query) - {"endpoint_url", "region", "prefix", "addressing_style", "uploads"}
         if unknown:
             # Catch typos and refuse credentials smuggled into the URL alike.
             raise ValueError(f"unsupported s3 blob URL parameter(s): {', '.join(sorted(unknown))}")
+        if query.get("uploads", "otaplane") not in ("otaplane", "direct"):
+            raise ValueError("uploads= is otaplane (forms received by otaplane, the default) or direct")
         if parts.path.strip("/") and "prefix" in query:
             raise ValueError("give the s3 key prefix once: as the URL's path or as prefix=, not both")
         prefix = parts.path.strip("/") or query.get("prefix", "").strip("/")
@@ -67,7 +115,8 @@ class S3BlobStore:
         )
         session = boto3.session.Session(region_name=query.get("region") or None)
         client = session.client("s3", endpoint_url=endpoint_url, config=config)
-        return cls(client, parts.netloc, prefix + "/" if prefix else "")  # a folder: "fw" means "fw/..."
+        return cls(client, parts.netloc, prefix + "/" if prefix else "",  # a folder: "fw" means "fw/..."
+                   direct_uploads=query.get("uploads") == "direct")
 
     def _full(self, key: str) -> str:
         return self.prefix + key
@@ -76,6 +125,8 @@ class S3BlobStore:
         return BlobStoreUnavailable(f"S3 {action} on bucket {self.bucket!r} at {self.endpoint} failed: {exc}")
 
     def upload_form(self, key: str, max_bytes: int, expires_in_s: int) -> UploadForm:
+        if self._uploads is not None:
+            return self._uploads.upload_form(key, max_bytes, expires_in_s, self.object_url(key))
         full = self._full(key)
         post = self.client.generate_presigned_post(
             Bucket=self.bucket,
