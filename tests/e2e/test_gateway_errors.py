@@ -7,6 +7,9 @@ strings-to-sign are rebuilt here from the reference text, independently of otapl
 from __future__ import annotations
 
 import hashlib
+import json
+import socket
+import time
 import uuid
 import xml.etree.ElementTree as ET
 from datetime import datetime, timedelta, timezone
@@ -19,6 +22,7 @@ from aliyunsdkcore.acs_exception.exceptions import ServerException
 from aliyunsdkiot.request.v20180120.QueryProductListRequest import QueryProductListRequest
 from alibabacloud_openapi_util.client import Client as OpenApiUtil
 
+from tests.conftest import BACKENDS
 from tests.support.clients import API_VERSION, RawSigner, legacy_call, legacy_client
 
 FORM = "application/x-www-form-urlencoded"
@@ -307,6 +311,98 @@ def test_replayed_nonce_v3(server, signer):
     headers = signer.v3_headers("QueryProductList", PAGE)
     ok(signer.v3("QueryProductList", PAGE, headers=headers))
     gateway_error(signer.v3("QueryProductList", PAGE, headers=headers), 400, "SignatureNonceUsed", NONCE_USED)
+
+
+def raw_request(server, target: str, headers: list[tuple[str, str]], body: bytes = b"",
+                close_early: bool = False) -> tuple[int, dict] | None:
+    """A request written on a socket as given: repeated headers, values with trailing blanks
+    (an HTTP client would merge or trim them). close_early: the body is cut short, no answer."""
+    head = [f"POST {target} HTTP/1.1", *(f"{name}: {value}" for name, value in headers)]
+    declared = len(body) * 2 if close_early else len(body)
+    head += [f"Content-Length: {declared}", "Connection: close", "", ""]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall("\r\n".join(head).encode("latin-1") + body)
+        if close_early:
+            return None
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    status_line, _, rest = data.partition(b"\r\n")
+    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
+
+
+def v3_signed(signer: RawSigner, action: str, query: dict) -> list[tuple[str, str]]:
+    headers = signer.v3_headers(action, query)
+    request = SimpleNamespace(method="POST", pathname="/", query=dict(query), headers=dict(headers))
+    authorization = OpenApiUtil.get_authorization(request, "ACS3-HMAC-SHA256", headers["x-acs-content-sha256"],
+                                                  signer.access_key_id, signer.secret)
+    return [*headers.items(), ("Authorization", authorization)]
+
+
+@pytest.mark.parametrize("blank", [" ", "  ", "\t", "\xa0"])
+def test_a_v3_nonce_with_blanks_around_it_is_the_same_nonce(server, signer, blank):
+    """The signature trims header values, so `nonce ` signs as `nonce`: recorded untrimmed, each
+    blank made it a fresh nonce, and one captured request could be replayed again and again."""
+    headers = v3_signed(signer, "QueryProductList", PAGE)
+    status, body = raw_request(server, f"/?{qs(PAGE)}", headers)
+    assert (status, body.get("Success")) == (200, True), body
+    padded = [(name, value + blank if name == "x-acs-signature-nonce" else value) for name, value in headers]
+    status, body = raw_request(server, f"/?{qs(PAGE)}", padded)
+    assert (status, body["Code"]) == (400, "SignatureNonceUsed"), body
+
+
+def test_a_repeated_action_header_is_refused(server, signer):
+    """The signature was checked on the last x-acs-action and the first one was run: a signed
+    QueryProduct with `x-acs-action: DeleteProduct` put in front deleted the product."""
+    product_key = signer.v1("CreateProduct", {"ProductName": f"dup_{uuid.uuid4().hex[:8]}",
+                                              "NodeType": "0"}).json()["ProductKey"]
+    query = {"ProductKey": product_key}
+    headers = v3_signed(signer, "QueryProduct", query)
+    status, body = raw_request(server, f"/?{qs(query)}", [("x-acs-action", "DeleteProduct"), *headers])
+    assert (status, body["Code"]) == (400, "InvalidParameter"), body
+    assert "x-acs-action" in body["Message"]
+    assert signer.v1("QueryProduct", query).json()["Success"]  # still there
+
+
+def test_every_x_acs_header_must_be_signed(server, signer):
+    headers = signer.v3_headers("QueryProductList", PAGE)
+    authorization = (f"ACS3-HMAC-SHA256 Credential={signer.access_key_id},"
+                     f"SignedHeaders=host;x-acs-date;x-acs-signature-nonce,Signature=00")
+    response = httpx.post(f"{server.base_url}/?{qs(PAGE)}", headers={**headers, "Authorization": authorization},
+                          timeout=30)
+    body = gateway_error(response, 400, "IncompleteSignature")
+    assert "must be signed" in body["Message"]
+
+
+def test_a_client_gone_mid_body_is_not_a_server_error(server, signer):
+    params = signer.v1_params("QueryProductList", PAGE)
+    raw_request(server, "/", [("Content-Type", "application/x-www-form-urlencoded")],
+                body=qs(params).encode(), close_early=True)
+    time.sleep(0.5)
+    assert "ClientDisconnect" not in server.logs() and "failed unexpectedly" not in server.logs()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)  # the nonce file, and the database's nonce table
+def test_a_request_dated_ahead_keeps_its_nonce_until_its_own_window_ends(make_server, backend):
+    """The clock check lets a request dated ahead of the server through until its own time plus
+    the window; its nonce was kept only for the window from its arrival, so in between it could
+    be sent again (V1 and V3)."""
+    window_s = 4
+    fast = make_server(backend, "--rate-limit", "0", env={"OTAPLANE_SIGNATURE_WINDOW_SECONDS": str(window_s)})
+    signer = RawSigner(fast.base_url, *fast.create_key("clock-ahead"))
+    ahead = (datetime.now(timezone.utc) + timedelta(seconds=3)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    params = signer.v1_params("QueryProductList", PAGE, Timestamp=ahead)
+    v3_headers = [(name, ahead if name == "x-acs-date" else value) for name, value in
+                  signer.v3_headers("QueryProductList", PAGE).items()]
+    request = SimpleNamespace(method="POST", pathname="/", query=dict(PAGE), headers=dict(v3_headers))
+    v3_headers.append(("Authorization", OpenApiUtil.get_authorization(
+        request, "ACS3-HMAC-SHA256", dict(v3_headers)["x-acs-content-sha256"], signer.access_key_id, signer.secret)))
+    ok(send(fast, params))
+    assert raw_request(fast, f"/?{qs(PAGE)}", v3_headers)[0] == 200
+    time.sleep(window_s + 1)  # the window from arrival is over; the request's own is not
+    gateway_error(send(fast, params), 400, "SignatureNonceUsed", NONCE_USED)
+    status, body = raw_request(fast, f"/?{qs(PAGE)}", v3_headers)
+    assert (status, body["Code"]) == (400, "SignatureNonceUsed"), body
 
 
 def test_nonces_are_per_access_key(server, signer, gw_key):

@@ -38,7 +38,7 @@ class Caller(NamedTuple):
     account_id: int
 
 
-def _check_clock(timestamp: str | None, window_s: int, now_s: float) -> None:
+def _check_clock(timestamp: str | None, window_s: int, now_s: float) -> float:
     if not timestamp:
         raise errors.missing("Timestamp")
     seconds = parse_utc_seconds(timestamp)
@@ -46,6 +46,7 @@ def _check_clock(timestamp: str | None, window_s: int, now_s: float) -> None:
         raise errors.InvalidTimeStampFormat()
     if abs(now_s - seconds) > window_s:
         raise errors.InvalidTimeStampExpired()
+    return seconds
 
 
 # SDKs send 32 hex digits or a UUID; anything past 128 characters is not a nonce but garbage.
@@ -82,12 +83,18 @@ def claim_of(req: SignedRequest) -> Claim:
     return _claim_v1(req)
 
 
-def verify(req: SignedRequest, claim: Claim, key: ActiveKey, window_s: int, now_s: float) -> None:
-    """The clock window and the signature, with the claimed key's secret."""
+def verify(req: SignedRequest, claim: Claim, key: ActiveKey, window_s: int, now_s: float) -> float:
+    """The clock window and the signature, with the claimed key's secret: the request's own time."""
     if claim.v3 is None:
-        _verify_v1(req, key, window_s, now_s)
-    else:
-        _verify_v3(req, claim, key, window_s, now_s)
+        return _verify_v1(req, key, window_s, now_s)
+    return _verify_v3(req, claim, key, window_s, now_s)
+
+
+def nonce_ttl_ms(signed_at_s: float, window_s: int, now_s: float) -> int:
+    """How long a nonce stays used: until its request fails the clock check anyway. A request
+    dated ahead of the server's clock passes it until its own time plus the window, later than
+    now plus the window: counted from now, its nonce expired first and it could be replayed."""
+    return int((window_s + max(0.0, signed_at_s - now_s)) * 1000)
 
 
 class Authenticator:
@@ -128,17 +135,18 @@ class Authenticator:
             key = await self.run_db(self.accounts.active_key, claim.access_key_id)
         if self._remember_now is not None:
             return self._check(req, claim, key, now_s)
-        verify(req, claim, key, self.window_s, now_s)
-        window_ms = self.window_s * 1000
-        if not await self.nonces.remember(claim.access_key_id, claim.nonce, int(now_s * 1000), window_ms):
+        signed_at = verify(req, claim, key, self.window_s, now_s)
+        ttl_ms = nonce_ttl_ms(signed_at, self.window_s, now_s)
+        if not await self.nonces.remember(claim.access_key_id, claim.nonce, int(now_s * 1000), ttl_ms):
             raise errors.SignatureNonceUsed()
         return Caller(claim.access_key_id, key.account_id)
 
     def _check(self, req: SignedRequest, claim: Claim, key: ActiveKey, now_s: float) -> Caller:
         """Clock, signature, then the nonce, into the nonce file."""
-        verify(req, claim, key, self.window_s, now_s)
+        signed_at = verify(req, claim, key, self.window_s, now_s)
         try:
-            fresh = self._remember_now(claim.access_key_id, claim.nonce, int(now_s * 1000), self.window_s * 1000)
+            fresh = self._remember_now(claim.access_key_id, claim.nonce, int(now_s * 1000),
+                                       nonce_ttl_ms(signed_at, self.window_s, now_s))
         except NonceFileFull:
             log.error("the nonce file is full: signed requests are refused until nonces expire")
             raise errors.ServiceUnavailable() from None
@@ -162,12 +170,13 @@ def _claim_v1(req: SignedRequest) -> Claim:
     return Claim(key_id, _check_nonce(_require(params, "SignatureNonce")))
 
 
-def _verify_v1(req: SignedRequest, key: ActiveKey, window_s: int, now_s: float) -> None:
+def _verify_v1(req: SignedRequest, key: ActiveKey, window_s: int, now_s: float) -> float:
     params = req.params
-    _check_clock(params.get("Timestamp"), window_s, now_s)
+    signed_at = _check_clock(params.get("Timestamp"), window_s, now_s)
     string_to_sign = signing.v1_string_to_sign(req.method, params)
     if not signing.signatures_equal(signing.v1_signature(key.secret, string_to_sign), params["Signature"]):
         raise errors.SignatureDoesNotMatch(sts=string_to_sign)
+    return signed_at
 
 
 def _claim_v3(req: SignedRequest, authorization: str) -> Claim:
@@ -179,14 +188,19 @@ def _claim_v3(req: SignedRequest, authorization: str) -> Claim:
     for needed in ("host", "x-acs-date", "x-acs-signature-nonce"):
         if needed not in signed_headers:
             raise errors.IncompleteSignature(detail=f"The header {needed} must be signed.")
-    nonce = req.headers.get("x-acs-signature-nonce", "")
+    # Every x-acs-* header is signed, as the SDKs do: otherwise the action (x-acs-action) or the
+    # version could be swapped under a valid signature.
+    for name in req.headers:
+        if name.startswith("x-acs-") and name not in signed_headers:
+            raise errors.IncompleteSignature(detail=f"The header {name} must be signed.")
+    nonce = signing.v3_header_value(req.headers, "x-acs-signature-nonce")
     if not nonce:
         raise errors.missing("SignatureNonce")
     return Claim(key_id, _check_nonce(nonce), fields, tuple(signed_headers))
 
 
-def _verify_v3(req: SignedRequest, claim: Claim, key: ActiveKey, window_s: int, now_s: float) -> None:
-    _check_clock(req.headers.get("x-acs-date"), window_s, now_s)
+def _verify_v3(req: SignedRequest, claim: Claim, key: ActiveKey, window_s: int, now_s: float) -> float:
+    signed_at = _check_clock(signing.v3_header_value(req.headers, "x-acs-date"), window_s, now_s)
     body_hash = hashlib.sha256(req.body).hexdigest()
     claimed_hash = req.headers.get("x-acs-content-sha256", body_hash)
     if claimed_hash != body_hash:
@@ -197,3 +211,4 @@ def _verify_v3(req: SignedRequest, claim: Claim, key: ActiveKey, window_s: int, 
     string_to_sign = signing.v3_string_to_sign(canonical)
     if not signing.signatures_equal(signing.v3_signature(key.secret, string_to_sign), claim.v3["Signature"]):
         raise errors.SignatureDoesNotMatchV3(sts=string_to_sign.replace("\n", " "))
+    return signed_at

@@ -118,6 +118,8 @@ class Gateway:
             first = {k.decode("latin-1"): v.decode("latin-1") for k, v in reversed(raw_headers)}
         fmt, action_name = _format_and_action(params, first)
         try:
+            if first is not headers:
+                _refuse_repeated_signed_headers(raw_headers)
             if method not in ("GET", "POST"):
                 raise errors.UnsupportedHTTPMethod()
             body = b""  # HTTP/1.1 framing: no Content-Length nor Transfer-Encoding, no body
@@ -143,6 +145,11 @@ class Gateway:
         except BlobStoreUnavailable as problem:  # S3 down, hung or refusing us: temporary, no traceback
             log.error("request %s (%s) failed: %s", request_id, action_name, problem)
             return request_id, envelope.failure(action_name, request_id, errors.ServiceUnavailable(), fmt,
+                                                self.camel, first.get("host", ""))
+        except ClientDisconnect:  # gone mid-body: nothing to answer, and not the server's fault
+            log.info("request %s (%s): the client closed the connection before its body ended", request_id,
+                     action_name)
+            return request_id, envelope.failure(action_name, request_id, errors.invalid("Body", "incomplete"), fmt,
                                                 self.camel, first.get("host", ""))
         except Exception:
             log.exception("request %s (%s) failed unexpectedly", request_id, action_name)
@@ -248,6 +255,20 @@ def _refuse_nul(params: dict[str, str]) -> None:
     for key, value in params.items():
         if "\x00" in key or "\x00" in value:
             raise errors.invalid(key.replace("\x00", "\\0"), "must not contain NUL characters")
+
+
+# Headers that decide what a request is or how its body is read: the signature is checked on
+# one copy, so a second copy could make the request mean something else (x-acs-action).
+_SINGLE_HEADERS = frozenset({"authorization", "host", "content-type", "content-length", "transfer-encoding"})
+
+
+def _refuse_repeated_signed_headers(raw_headers) -> None:
+    seen: set[str] = set()
+    for raw_name, _ in raw_headers:
+        name = raw_name.decode("latin-1")
+        if (name in _SINGLE_HEADERS or name.startswith("x-acs-")) and name in seen:
+            raise errors.invalid(name, "the header is given more than once")
+        seen.add(name)
 
 
 async def _read_body(receive: Receive, declared: str | None, chunked: bool) -> bytes:

@@ -82,6 +82,13 @@ def v1_signature(secret: str, string_to_sign: str) -> str:
 
 
 # --- V3 ----------------------------------------------------------------------------------------
+def v3_header_value(headers: Mapping[str, str], name: str) -> str:
+    """A header's value as V3 signs it, trimmed. Whatever the server takes from a signed header
+    (the nonce, the date) must be this very value: `nonce ` and `nonce` sign alike, and read
+    untrimmed they were two nonces, so a captured request could be replayed at will."""
+    return headers.get(name, "").strip()
+
+
 def v3_canonical_request(
     method: str,
     path: str,
@@ -91,7 +98,7 @@ def v3_canonical_request(
     hashed_payload: str,
 ) -> str:
     """Canonical request rebuilt from the headers the client says it signed."""
-    canonical_headers = "".join(f"{name}:{headers.get(name, '').strip()}\n" for name in signed_headers)
+    canonical_headers = "".join(f"{name}:{v3_header_value(headers, name)}\n" for name in signed_headers)
     return "\n".join(
         [
             method.upper(),
