@@ -583,10 +583,15 @@ def test_missing_version(server, signer):
     gateway_error(send(server, signer.v1_params("QueryProductList", PAGE, Version=None)), 400, "MissingVersion")
 
 
-def test_action_from_the_v3_header_only(server, signer):
-    # The Tea SDK sends Action/Version only as headers; the V1 dialect may do the same.
+def test_a_v1_action_comes_from_its_signed_parameters_only(server, signer):
+    """The Tea SDK's V3 sends Action only as a (signed) header; V1 signs its parameters only, so
+    an action from a V1 request's header could be changed by anyone on the way. Every V1 client
+    sends it as a parameter (the headers too, which then do not count)."""
     params = signer.v1_params("QueryProductList", PAGE, Action=None, Version=None)
-    ok(send(server, params, headers={"x-acs-action": "QueryProductList", "x-acs-version": API_VERSION}))
+    gateway_error(send(server, params, headers={"x-acs-action": "QueryProductList", "x-acs-version": API_VERSION}),
+                  400, "MissingAction")
+    signed = signer.v1_params("QueryProductList", PAGE)
+    ok(send(server, signed, headers={"x-acs-action": "DeleteProduct"}))  # the parameter decides
 
 
 @pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH"])

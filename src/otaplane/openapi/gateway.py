@@ -159,8 +159,8 @@ class Gateway:
 
     def _resolve_action(self, action_name: str | None, params: dict[str, str], method: str,
                         headers: dict[str, str]) -> Action:
-        if not action_name:
-            raise errors.missing("Action")
+        if not action_name or ("Action" not in params and not headers.get("authorization", "").startswith("ACS3-")):
+            raise errors.missing("Action")  # V1 signs the parameters only: an action in a header is unsigned
         version = params.get("Version") or headers.get("x-acs-version")
         if not version:
             raise errors.missing("Version")
@@ -203,7 +203,8 @@ class Gateway:
 
 
 def _format_and_action(params: dict[str, str], headers: dict[str, str]) -> tuple[str, str | None]:
-    """The answer's format and the action's name, as far as the request says them so far."""
+    """The answer's format and the action's name, as far as the request says them so far (a
+    parameter first: a V1 signature covers it; _resolve_action refuses a V1 header's)."""
     fmt = "XML" if params.get("Format", "").upper() == "XML" else "JSON"
     return fmt, params.get("Action") or headers.get("x-acs-action")
 
