@@ -205,6 +205,37 @@ def test_a_second_connection_of_a_device_replaces_the_first(fleet):
     eventually(lambda: fleet.detail(name).get("FirmwareVersion") == "3.3.3")
 
 
+def test_a_deleted_device_is_disconnected_at_once(fleet, server, local):
+    """Its connection outlived the row: on SQLite the next device registered (of any account)
+    took the deleted row's id, and the old connection then acted as that device: it was pushed
+    the other account's package and drove its task (found by an audit)."""
+    name = fleet.register()
+    device = fleet.connect(name)
+    eventually(lambda: fleet.detail(name)["Status"] == "ONLINE")
+    device.client.reconnect_delay_set(60, 120)  # do not come back on its own
+    deleted = fleet.api.call("DeleteDevice", {"ProductKey": fleet.product_key, "DeviceName": name})
+    assert deleted["Success"], deleted
+    assert device.disconnected.wait(10)
+    other = Fleet(server, SdkCaller("tea-v3", server.endpoint, *server.create_key("device-channel-other")),
+                  fleet.opened)
+    newcomer = other.register()  # may take the deleted row's id
+    with pytest.raises(ConnectRefused):
+        connect(server.mqtt_port, fleet.product_key, name, fleet.secrets[name])
+    assert other.detail(newcomer)["Status"] == "UNACTIVE"  # nothing acted as it
+
+
+def test_a_device_deleted_by_another_process_is_disconnected_within_a_heartbeat(fleet, local, tenant):
+    """Another process (the CLI, another server on the database) deletes it: this server's next
+    heartbeat (10 s) finds the row gone and closes the connection."""
+    name = fleet.register()
+    device = fleet.connect(name)
+    eventually(lambda: fleet.detail(name)["Status"] == "ONLINE")
+    device.client.reconnect_delay_set(60, 120)
+    other_tenant = local.accounts.tenant_by_name(ACCOUNT)
+    local.devices.delete(other_tenant, DeviceRef(product_key=fleet.product_key, device_name=name))
+    assert device.disconnected.wait(25)
+
+
 def test_a_silent_connection_is_closed_after_one_and_a_half_keepalives(fleet):
     name = fleet.register()
     client_id = f"{fleet.product_key}&{name}"

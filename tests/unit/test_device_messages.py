@@ -208,3 +208,12 @@ def test_a_block_the_store_cannot_read_now_is_refused_with_503(caplog):
     assert header["code"] == 503 and header["data"] == {"fileToken": "t1"}
     assert reply[2 + length:-2] == b""
     assert "not read" in caplog.text
+
+
+def test_a_payload_nested_thousands_deep_is_malformed_not_a_crash():
+    """json.loads raises RecursionError (not a ValueError) on it: each such message was logged
+    as a failure with a traceback (found by an audit)."""
+    payload = b'{"id": 1, "params": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"
+    assert len(payload) < messages.MAX_PAYLOAD_BYTES
+    with pytest.raises(messages.MalformedMessage, match="nested too deep"):
+        messages.parse_inform(payload)

@@ -163,6 +163,7 @@ class DeviceChannel:
         self.broker = DeviceBroker(config, channel=self)
         await self.broker.start()
         self.services.device_ota.add_listener(self._pushed)
+        self.services.devices.add_removal_listener(self._removed)
         await self._beat()
         self._spawn(self._poll_loop())
         self._spawn(self._heartbeat_loop())
@@ -172,6 +173,7 @@ class DeviceChannel:
     async def stop(self) -> None:
         self._stopping = True
         self.services.device_ota.remove_listener(self._pushed)
+        self.services.devices.remove_removal_listener(self._removed)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -298,7 +300,7 @@ class DeviceChannel:
     def received(self, session: Session | None, topic: str | None, data: bytes | bytearray | None) -> None:
         """A PUBLISH the ACL let through (or a will message): handled in its own task."""
         conn: Connection | None = session.attributes.get(_CONNECTION) if session else None
-        if conn is None or topic is None or data is None:
+        if conn is None or conn.closed or topic is None or data is None:
             return
         identity = conn.identity
         if not topics.may_publish(topic, identity.product_key, identity.device_name):
@@ -313,6 +315,22 @@ class DeviceChannel:
         identity = conn.identity
         await handle_upstream(self.services, self._db, self._reports, self._device_turn, identity.device_id,
                               identity.product_key, identity.device_name, upstream, data, partial(self._send, conn))
+
+    def _removed(self, device_id: int) -> None:
+        """DevicesService listener (any thread): the device was deleted; its connection goes too.
+        Its identity (the row id) must not outlive the row: SQLite may give the id to the next
+        device registered, of any account, which the old connection would then act as."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._drop, device_id)
+
+    def _drop(self, device_id: int) -> None:
+        conn = self._by_device.pop(device_id, None)
+        if conn is None or conn.closed:
+            return
+        conn.closed = True
+        log.info("device %s/%s was deleted; closing its connection", conn.identity.product_key,
+                 conn.identity.device_name)
+        self._spawn(conn.handler.handle_connection_closed())
 
     # --- downstream -----------------------------------------------------------------------------
     def _pushed(self, device_id: int) -> None:
@@ -330,8 +348,19 @@ class DeviceChannel:
             try:
                 if not await self._beat():
                     await self._mark_online_again()
+                await self._drop_deleted()
             except Exception:
                 log_loop_failure(log, "channel heartbeat")
+
+    async def _drop_deleted(self) -> None:
+        """Close the connections of devices deleted by another process (the CLI, another server
+        on the same database): this process's deletions close them at once (_removed)."""
+        held = list(self._by_device)
+        if held:
+            existing = await self._db(self.services.devices.existing_ids, held)
+            for device_id in held:
+                if device_id not in existing:
+                    self._drop(device_id)
 
     async def _beat(self) -> bool:
         """Say this process is alive; release the devices of processes that died silently.

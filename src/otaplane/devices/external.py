@@ -128,6 +128,7 @@ class ExternalChannel:
         self._connected = asyncio.Event()
         self._wake = asyncio.Event()
         self.services.device_ota.add_listener(self._pushed)
+        self.services.devices.add_removal_listener(self._removed)
         self._spawn(self._run())
         self._spawn(self._poll_loop())
         try:
@@ -140,6 +141,7 @@ class ExternalChannel:
     async def stop(self) -> None:
         self._stopping = True
         self.services.device_ota.remove_listener(self._pushed)
+        self.services.devices.remove_removal_listener(self._removed)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -256,6 +258,16 @@ class ExternalChannel:
         await self._deliver([package])
 
     # --- downstream -----------------------------------------------------------------------------
+    def _removed(self, device_id: int) -> None:
+        """DeviceService listener (any thread): a deleted device's cached identity goes at once,
+        not after IDENTITY_TTL_S (its name may be registered again, its row id reused)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._forget_identity, device_id)
+
+    def _forget_identity(self, device_id: int) -> None:
+        for key in [key for key, (_, found) in self._identities.items() if found and found.device_id == device_id]:
+            del self._identities[key]
+
     def _pushed(self, device_id: int) -> None:
         """DeviceOtaService listener (any thread): a push committed; publish without waiting."""
         if self._loop is not None and self._wake is not None:

@@ -84,10 +84,14 @@ def loads_lenient(payload: bytes) -> Any:
         return json.loads(text)
     except ValueError:
         pass
+    except RecursionError:  # nested thousands deep: no message of the protocol is
+        raise MalformedMessage("payload is nested too deep") from None
     try:
         return json.loads(_TRAILING_COMMA.sub(r"\1", text))
     except ValueError as exc:
         raise MalformedMessage(f"payload is not JSON: {exc}") from None
+    except RecursionError:
+        raise MalformedMessage("payload is nested too deep") from None
 
 
 def _envelope(payload: bytes) -> tuple[RequestId, dict[str, Any]]:

@@ -14,6 +14,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy.exc import IntegrityError
+
 from otaplane.blobs.base import BlobStoreUnavailable
 from otaplane.devices import messages, topics
 from otaplane.services.device_ota import ProgressReport, VersionReport
@@ -85,6 +87,8 @@ async def handle(
         log.debug("%s from %s is not handled", upstream.kind.value, who)
     except messages.MalformedMessage as problem:
         log.warning("dropped %s message of %s: %s", upstream.kind.value, who, problem)
+    except IntegrityError:  # its row went meanwhile (deleted while connected to another process)
+        log.warning("dropped %s message of %s: the device no longer exists", upstream.kind.value, who)
     except Exception:
         log.exception("%s message of %s failed", upstream.kind.value, who)
     return None

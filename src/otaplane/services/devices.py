@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from math import ceil
 
@@ -81,6 +82,16 @@ class DeviceService:
     def __init__(self, db: Database, box: SecretBox):
         self.db = db
         self.box = box
+        self._removal_listeners: list[Callable[[int], None]] = []
+
+    def add_removal_listener(self, listener: Callable[[int], None]) -> None:
+        """`listener(device_id)` after a device's deletion commits (any thread, quick): the device
+        channel closes its connection, whose identity would otherwise outlive the row."""
+        self._removal_listeners.append(listener)
+
+    def remove_removal_listener(self, listener: Callable[[int], None]) -> None:
+        if listener in self._removal_listeners:
+            self._removal_listeners.remove(listener)
 
     def _device(self, conn, row) -> Device:
         versions = {m["module_name"]: m["version"] for m in store.module_versions(conn, row["id"])}
@@ -178,7 +189,10 @@ class DeviceService:
 
     def delete(self, tenant: Tenant, ref: DeviceRef) -> None:
         with self.db.begin() as conn:
-            store.delete(conn, self._row(conn, tenant, ref)["id"])
+            device_id = self._row(conn, tenant, ref)["id"]
+            store.delete(conn, device_id)
+        for listener in list(self._removal_listeners):
+            listener(device_id)
 
     def module_versions(self, tenant: Tenant, ref: DeviceRef) -> tuple[Device, list[ModuleVersion]]:
         with self.db.connect() as conn:
@@ -227,6 +241,14 @@ class DeviceService:
         with self.db.write_turn(), self.db.begin() as conn:
             known = store.node_heartbeat(conn, node_id, now)
             return known, store.release_dead_nodes(conn, now - stale_ms)
+
+    def existing_ids(self, device_ids: list[int]) -> set[int]:
+        """Which of these devices still exist."""
+        found: set[int] = set()
+        with self.db.connect() as conn:
+            for start in range(0, len(device_ids), 500):
+                found.update(store.existing_ids(conn, device_ids[start:start + 500]))
+        return found
 
     def forget_channel(self, node_id: str) -> None:
         """A channel process stopping (its devices are marked OFFLINE by mark_disconnected_many)."""

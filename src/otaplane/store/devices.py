@@ -221,3 +221,7 @@ def forget_node(conn: Connection, node_id: str) -> None:
     conn.execute(sa.delete(channel_nodes).where(channel_nodes.c.node_id == node_id))
 
 
+
+
+def existing_ids(conn: Connection, device_ids: list[int]) -> list[int]:
+    return list(conn.execute(sa.select(devices.c.id).where(devices.c.id.in_(device_ids))).scalars())
