@@ -378,6 +378,20 @@ def test_dynamic_job_takes_devices_that_report_a_matching_version(fleet):
     assert list(fleet.tasks(job_id)) == ["dev-002"]
 
 
+def test_a_dynamic_job_whose_strategy_is_cancelled_still_serves_its_tasks(fleet):
+    """CancelOTAStrategyByJob stops new devices only: the tasks not pushed yet stayed QUEUED for
+    ever (the dispatcher served IN_PROGRESS jobs only) and blocked their devices (found by an audit)."""
+    job_id = fleet.job(selection_type=DYNAMIC, src_versions=["1.0.0"], dynamic_mode=1)
+    assert set(fleet.statuses(job_id).values()) == {"QUEUED"}
+    fleet.services.jobs.cancel_strategy(fleet.tenant, job_id)
+    assert fleet.job_status(job_id) == "CANCELED"
+    fleet.tick()
+    fleet.deliver_all()
+    assert set(fleet.statuses(job_id).values()) == {"NOTIFIED"}
+    fleet.services.device_ota.version_reported(fleet.ids["dev-000"], None, "1.0.0")  # no new task either
+    assert len(fleet.tasks(job_id)) == 6
+
+
 def test_dynamic_mode_1_takes_matching_devices_now(fleet):
     job_id = fleet.job(selection_type=DYNAMIC, src_versions=["1.0.0"], dynamic_mode=1)
     assert len(fleet.tasks(job_id)) == 6

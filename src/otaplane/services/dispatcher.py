@@ -42,8 +42,21 @@ BATCH = 500  # most tasks moved per step and transaction
 MAX_PACE_BANK_US = 1_000_000  # an idle job may catch up at most one second of pushes at once
 ACTOR = "dispatcher"
 
+# The jobs whose tasks are served (pushed, retried): running ones, and dynamic jobs whose strategy
+# was cancelled (CancelOTAStrategyByJob: CANCELED, no new devices, but the tasks it made go on).
+def _served(status, selection_type):
+    return sa.or_(status == sa.bindparam("p_running"),
+                  sa.and_(status == sa.bindparam("p_cancelled"), selection_type == sa.bindparam("p_dynamic")))
+
+
+def _is_served(status: str, selection_type: str) -> bool:
+    return status == job_rules.IN_PROGRESS or (status == job_rules.CANCELED and selection_type == job_rules.DYNAMIC)
+
+
+_SERVED_PARAMS = {"p_running": job_rules.IN_PROGRESS, "p_cancelled": job_rules.CANCELED,
+                  "p_dynamic": job_rules.DYNAMIC}
 _RUNNING_JOBS = Prepared(sa.select(ota_jobs.c.id, ota_jobs.c.pace_next_us)
-                         .where(ota_jobs.c.status == sa.bindparam("p_status")))
+                         .where(_served(ota_jobs.c.status, ota_jobs.c.selection_type)))
 _HAS_DUE_TASK = Prepared(sa.select(sa.exists().where(
     ota_tasks.c.job_pk == sa.bindparam("p_job"), ota_tasks.c.status == sa.bindparam("p_status"),
     ota_tasks.c.due_ms <= sa.bindparam("p_now")).label("due")))
@@ -144,9 +157,10 @@ class Dispatcher:
             sa.select(ota_tasks.c.id, ota_tasks.c.device_id, ota_tasks.c.module_name, ota_jobs.c.multi_module)
             .select_from(ota_jobs)
             .join(ota_tasks, ota_tasks.c.job_pk == ota_jobs.c.id)
-            .where(ota_jobs.c.status == job_rules.IN_PROGRESS, ota_tasks.c.status == task_flow.FAILED,
+            .where(_served(ota_jobs.c.status, ota_jobs.c.selection_type), ota_tasks.c.status == task_flow.FAILED,
                    ota_tasks.c.due_ms <= now, ota_tasks.c.retries_left > 0)
             .limit(BATCH)
+            .params(**_SERVED_PARAMS)
         )
         with self.db.connect() as conn:
             if not conn.execute(due_query).first():
@@ -177,7 +191,7 @@ class Dispatcher:
         """Jobs with a free pace slot and a due task; only those take a write turn."""
         now_us = now * 1000
         with self.db.connect() as conn:  # every tick: lean statements (store/prepared.py)
-            running = _RUNNING_JOBS.all(conn, p_status=job_rules.IN_PROGRESS)
+            running = _RUNNING_JOBS.all(conn, **_SERVED_PARAMS)
             ready = [
                 job["id"] for job in running
                 if job["pace_next_us"] <= now_us
@@ -192,12 +206,13 @@ class Dispatcher:
     def _dispatch_job(self, job_pk: int, now: int, result: TickResult) -> None:
         now_us = now * 1000
         with self.db.write_turn(), self.db.begin() as conn:
-            query = sa.select(ota_jobs.c.status, ota_jobs.c.max_per_minute, ota_jobs.c.pace_next_us,
-                              ota_jobs.c.need_push, ota_jobs.c.firmware_pk).where(ota_jobs.c.id == job_pk)
+            query = sa.select(ota_jobs.c.status, ota_jobs.c.selection_type, ota_jobs.c.max_per_minute,
+                              ota_jobs.c.pace_next_us, ota_jobs.c.need_push, ota_jobs.c.firmware_pk
+                              ).where(ota_jobs.c.id == job_pk)
             if self._is_pg:
                 query = query.with_for_update(skip_locked=True)
             job = conn.execute(query).first()
-            if job is None or job.status != job_rules.IN_PROGRESS:
+            if job is None or not _is_served(job.status, job.selection_type):
                 return  # gone, finished, or another process holds it right now
             interval_us = job_rules.pace_interval_us(job.max_per_minute)
             cursor = max(job.pace_next_us, now_us - MAX_PACE_BANK_US)
