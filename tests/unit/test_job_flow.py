@@ -40,7 +40,7 @@ class Fleet:
         self.firmware_id = self.new_firmware("fw2", "2.0.0", need_to_verify)
 
     def new_firmware(self, name: str, version: str, need_to_verify: bool = False, module: str = "default",
-                     content: bytes | None = None) -> str:
+                     content: bytes | None = None, **extra) -> str:
         key = f"ota/{self.tenant.instance_id}/{name}.bin"
         path = self.services.blobs.root / key
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,7 +49,7 @@ class Fleet:
             uploads.record(conn, key, self.tenant.instance_pk, int(time.time() * 1000))
         fw = self.services.firmware.create(self.tenant, NewFirmware(
             product_key=self.pk, name=name, dest_version=version, firmware_url=self.services.blobs.object_url(key),
-            need_to_verify=need_to_verify, module_name=module))
+            need_to_verify=need_to_verify, module_name=module, **extra))
         return fw.firmware_id
 
     def job(self, **kw) -> str:
@@ -390,6 +390,24 @@ def test_a_dynamic_job_whose_strategy_is_cancelled_still_serves_its_tasks(fleet)
     assert set(fleet.statuses(job_id).values()) == {"NOTIFIED"}
     fleet.services.device_ota.version_reported(fleet.ids["dev-000"], None, "1.0.0")  # no new task either
     assert len(fleet.tasks(job_id)) == 6
+
+
+def test_a_diff_package_goes_only_to_devices_on_its_base_version(fleet):
+    """A SrcVersion list without the diff's base emptied the filter, and "no filter" sent the diff
+    to every device whatever its version; dynamic jobs never checked the base (found by an audit)."""
+    diff = fleet.new_firmware("diff", "3.0.0", type=1, src_version="1.0.0")
+    fleet.services.device_ota.version_reported(fleet.ids["dev-001"], None, "0.5")
+    with pytest.raises(errors.ApiError) as refused:
+        fleet.job(firmware_id=diff, target_selection="ALL", src_versions=["0.5"])
+    assert refused.value.code == "InvalidParameter"
+    static = fleet.job(firmware_id=diff, target_selection="ALL")
+    assert "dev-001" not in fleet.tasks(static) and len(fleet.tasks(static)) == 5
+    fleet.services.jobs.cancel_by_job(fleet.tenant, static, scheduled=True, queued=True, in_progress=True,
+                                      notified=True, unconfirmed=True)
+    dynamic = fleet.job(firmware_id=diff, selection_type=DYNAMIC, src_versions=["1.0.0", "0.5"], dynamic_mode=2)
+    fleet.services.device_ota.version_reported(fleet.ids["dev-001"], None, "0.5")
+    fleet.services.device_ota.version_reported(fleet.ids["dev-002"], None, "1.0.0")
+    assert list(fleet.tasks(dynamic)) == ["dev-002"]
 
 
 def test_dynamic_mode_1_takes_matching_devices_now(fleet):

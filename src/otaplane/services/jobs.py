@@ -260,7 +260,10 @@ class JobService:
             return []  # only devices that report a matching version from now on
         wanted = set(spec.src_versions)
         if fw["type"] == 1 and fw["src_version"]:  # a diff package applies to one version only
-            wanted = wanted & {fw["src_version"]} if wanted else {fw["src_version"]}
+            if wanted and fw["src_version"] not in wanted:  # an empty intersection meant "no filter"
+                raise errors.invalid("SrcVersion", f"a diff package upgrades devices on {fw['src_version']} "
+                                     "only; the list leaves it out")
+            wanted = {fw["src_version"]}
         targets = [
             Target(r["id"], r["device_name"], r["version"])
             for r in store.product_devices(conn, fw["product_id"], module)
@@ -591,7 +594,8 @@ def set_task_progress(conn, task_pk: int, step: int, now: int) -> None:
 # Every version report asks this: a prepared statement (store/prepared.py).
 _RUNNING_DYNAMIC_JOBS = Prepared(
     sa.select(ota_jobs.c.id, ota_jobs.c.src_versions, ota_jobs.c.overwrite_mode, ota_jobs.c.need_confirm,
-              ota_jobs.c.retry_count, ota_jobs.c.job_id, ota_jobs.c.multi_module, firmware.c.dest_version)
+              ota_jobs.c.retry_count, ota_jobs.c.job_id, ota_jobs.c.multi_module, firmware.c.dest_version,
+              firmware.c.type.label("firmware_type"), firmware.c.src_version.label("diff_base"))
     .join(firmware, firmware.c.id == ota_jobs.c.firmware_pk)
     .join(devices, devices.c.product_id == ota_jobs.c.product_id)
     .where(devices.c.id == sa.bindparam("p_device"), ota_jobs.c.status == sa.bindparam("p_status"),
@@ -611,6 +615,8 @@ def dynamic_tasks_for_device(conn, device_id: int, module: str, version: str, no
     for job in running:
         if version == job["dest_version"] or version not in (job["src_versions"] or []):
             continue
+        if job["firmware_type"] == 1 and job["diff_base"] and version != job["diff_base"]:
+            continue  # a diff package applies to its base version only
         job = SimpleNamespace(**job)
         if store.job_has_device(conn, job.id, device_id):
             continue
