@@ -13,6 +13,7 @@ from otaplane import errors
 from otaplane.server import prepare
 from otaplane.services import task_flow
 from otaplane.services.container import Services
+from otaplane.services.devices import DeviceRef
 from otaplane.services.firmware import NewFirmware
 from otaplane.services.jobs import DYNAMIC, JobSpec, VERIFY, gray_count
 from otaplane.services.products import NewProduct
@@ -141,6 +142,39 @@ def test_verify_job_drives_firmware_status_and_progress(services):
     with pytest.raises(errors.ApiError) as nothing:
         fleet.job(target_selection="ALL")
     assert nothing.value.code == "iot.ota.NoDeviceToUpgrade"
+
+
+def test_a_verified_package_stays_verified(services):
+    """Verify job 1 failed on one device while another of its devices was still upgrading; job 2
+    then verified the package; job 1's last device finishing took it back to "verify failed",
+    which refused the upgrade jobs already allowed (found by an audit)."""
+    fleet = Fleet(services, devices=3, need_to_verify=True)
+    first = fleet.job(job_type=VERIFY, target_selection="SPECIFIC", device_names=["dev-000", "dev-001"])
+    fleet.tick()
+    fleet.deliver_all()
+    services.device_ota.progress_reported(fleet.ids["dev-000"], None, -2, "download failed")
+    assert fleet.firmware().status == 3
+    fleet.job(job_type=VERIFY, target_selection="SPECIFIC", device_names=["dev-002"])
+    fleet.tick()
+    fleet.deliver_all()
+    fleet.upgrade("dev-002")
+    assert (fleet.firmware().status, fleet.firmware().verify_progress) == (1, 100)
+    fleet.upgrade("dev-001")  # the first job's last device
+    assert fleet.firmware().status == 1
+    assert fleet.statuses(first)["dev-001"] == "SUCCEEDED"
+
+
+def test_deleting_the_device_a_verify_job_waits_for_decides_the_verification(services):
+    """The deleted device's task went with it and nothing looked at the package again: it stayed
+    "verifying" for good, refusing every verify and upgrade job (found by an audit)."""
+    fleet = Fleet(services, devices=2, need_to_verify=True)
+    fleet.job(job_type=VERIFY, target_selection="SPECIFIC", device_names=fleet.names)
+    fleet.tick()
+    fleet.deliver_all()
+    fleet.upgrade("dev-000")
+    assert (fleet.firmware().status, fleet.firmware().verify_progress) == (2, 50)
+    services.devices.delete(fleet.tenant, DeviceRef(product_key=fleet.pk, device_name="dev-001"))
+    assert (fleet.firmware().status, fleet.firmware().verify_progress) == (1, 100)
 
 
 def test_a_failure_step_fails_verification(services):

@@ -13,10 +13,12 @@ from sqlalchemy.exc import IntegrityError
 
 from otaplane import errors, ids
 from otaplane.secretbox import SecretBox
+from otaplane.services import task_flow
 from otaplane.services.modules import product_row
 from otaplane.services.tenancy import Tenant
 from otaplane.store import Database
 from otaplane.store import devices as store
+from otaplane.store.schema import ota_tasks
 from otaplane.timefmt import now_ms
 
 DEVICE_NAME = re.compile(r"[A-Za-z0-9_\-@.:]{4,32}")
@@ -190,7 +192,12 @@ class DeviceService:
     def delete(self, tenant: Tenant, ref: DeviceRef) -> None:
         with self.db.begin() as conn:
             device_id = self._row(conn, tenant, ref)["id"]
-            store.delete(conn, device_id)
+            jobs_of_device = conn.execute(sa.select(ota_tasks.c.job_pk).distinct()
+                                          .where(ota_tasks.c.device_id == device_id)).scalars().all()
+            store.delete(conn, device_id)  # its tasks go with it
+            # A verify job that waited for this device alone is decided now (its package would
+            # stay "verifying" for good).
+            task_flow.refresh_verification(conn, jobs_of_device, now_ms())
         for listener in list(self._removal_listeners):
             listener(device_id)
 

@@ -299,5 +299,8 @@ def refresh_verification(conn: Connection, job_pks: Iterable[int], now_ms: int) 
         else:  # what did not succeed was cancelled: unverified, a new verify job may start
             status = FIRMWARE_UNVERIFIED
         progress = succeeded * 100 // total if total else 0
-        conn.execute(sa.update(firmware).where(firmware.c.id == job.firmware_pk)
+        # Verified stays verified: another verify job of the package ending worse afterwards (or
+        # a task of one re-upgraded) must not take back what jobs were already allowed on.
+        conn.execute(sa.update(firmware)
+                     .where(firmware.c.id == job.firmware_pk, firmware.c.status != FIRMWARE_VERIFIED)
                      .values(status=status, verify_progress=progress, modified_ms=now_ms))
