@@ -297,6 +297,26 @@ def test_retry_waits_for_its_interval(fleet):
     assert fleet.job_status(job_id) == "IN_PROGRESS"
 
 
+@pytest.mark.parametrize("cancel", ["by job", "by device"])
+def test_cancelling_the_tasks_stops_a_retry_already_scheduled(fleet, cancel):
+    """A failed task waiting for its retry was queued and pushed again after the operator had
+    cancelled the job's tasks (found by an audit)."""
+    job_id = fleet.job(target_selection="SPECIFIC", device_names=["dev-000"], retry_count=2, retry_interval=10)
+    fleet.tick()
+    fleet.deliver_all()
+    fleet.services.device_ota.progress_reported(fleet.ids["dev-000"], None, -2, "http 404")
+    due = fleet.tasks(job_id)["dev-000"]["due_ms"]
+    if cancel == "by job":
+        fleet.services.jobs.cancel_by_job(fleet.tenant, job_id, scheduled=True, queued=True, in_progress=True,
+                                          notified=True, unconfirmed=True)
+    else:
+        fleet.services.jobs.cancel_by_device(fleet.tenant, fleet.pk, fleet.firmware_id, ["dev-000"], None)
+    fleet.tick(due + 1)
+    assert fleet.statuses(job_id)["dev-000"] == "FAILED"
+    fleet.tick(due + 2)
+    assert fleet.job_status(job_id) == "COMPLETED"  # nothing left to wait for
+
+
 def test_confirm_and_cancel(fleet):
     job_id = fleet.job(target_selection="ALL", need_confirm=True)
     assert set(fleet.statuses(job_id).values()) == {"CONFIRM"}
