@@ -317,6 +317,36 @@ def test_cancelling_the_tasks_stops_a_retry_already_scheduled(fleet, cancel):
     assert fleet.job_status(job_id) == "COMPLETED"  # nothing left to wait for
 
 
+def test_a_dynamic_job_skips_a_busy_device_and_takes_it_once_free(fleet):
+    """A device busy at the dynamic job's creation got a FAILED task there, which kept it out of
+    the job for good; a device busy when it reports is only skipped (found by an audit)."""
+    static = fleet.job(target_selection="SPECIFIC", device_names=["dev-000"])
+    dynamic = fleet.job(selection_type=DYNAMIC, src_versions=["1.0.0"], dynamic_mode=1)
+    assert "dev-000" not in fleet.tasks(dynamic) and len(fleet.tasks(dynamic)) == 5
+    fleet.services.jobs.cancel_by_job(fleet.tenant, static, scheduled=True, queued=True, in_progress=True,
+                                      notified=True, unconfirmed=True)
+    fleet.services.device_ota.version_reported(fleet.ids["dev-000"], None, "1.0.0")
+    assert fleet.statuses(dynamic)["dev-000"] == "QUEUED"
+
+
+def test_reupgrade_after_the_schedule_finish_time_is_refused(fleet):
+    """It answered Success, pushed, and the dispatcher cancelled the task at once (found by an audit)."""
+    from otaplane.store import jobs as job_store
+
+    job_id = fleet.job(target_selection="SPECIFIC", device_names=["dev-000"])
+    fleet.tick()
+    fleet.deliver_all()
+    fleet.services.device_ota.progress_reported(fleet.ids["dev-000"], None, -2, "http 404")
+    with fleet.services.db.begin() as conn:
+        job_store.update_job(conn, job_store.job(conn, fleet.tenant.instance_pk, job_id)["id"],
+                             {"schedule_finish_ms": int(time.time() * 1000) - 1000})
+    task_id = fleet.tasks(job_id)["dev-000"]["task_id"]
+    with pytest.raises(errors.ApiError) as refused:
+        fleet.services.jobs.reupgrade(fleet.tenant, job_id, [task_id])
+    assert refused.value.code == "iot.ota.JobFinished"
+    assert fleet.statuses(job_id)["dev-000"] == "FAILED"
+
+
 def test_confirm_and_cancel(fleet):
     job_id = fleet.job(target_selection="ALL", need_confirm=True)
     assert set(fleet.statuses(job_id).values()) == {"CONFIRM"}

@@ -302,6 +302,11 @@ class JobService:
         here (OverwriteMode 1), or loses it (2). A verify job refuses such devices instead: a
         verification must run on every device it names."""
         busy = store.unfinished_by_device(conn, [t.device_id for t in targets], module, spec.multi_module)
+        if busy and spec.selection_type == DYNAMIC and spec.overwrite_mode != 2:
+            # Skipped, not failed, as when a busy device reports a matching version later
+            # (dynamic_tasks_for_device): a failed task would keep it out of this job for good.
+            targets = [t for t in targets if t.device_id not in busy]
+            busy = {}
         if busy and spec.job_type == VERIFY:
             first = next(t for t in targets if t.device_id in busy)
             raise errors.DeviceHasUnfinishedTask(device=first.device_name, job=busy[first.device_id][0]["job_id"])
@@ -556,6 +561,9 @@ class JobService:
             wrong = [t["task_id"] for t in tasks if t["status"] not in (task_flow.FAILED, task_flow.CANCELED)]
             if wrong:
                 raise errors.TaskNotReupgradable(task=wrong[0])
+            if job["schedule_finish_ms"] is not None and job["schedule_finish_ms"] <= now:
+                # Its window is over: the dispatcher would cancel the task as soon as it was pushed.
+                raise errors.JobFinished(status=f"past its ScheduleFinishTime ({job['status']})")
             busy = store.unfinished_by_device(conn, [t["device_id"] for t in tasks], job["module_name"],
                                               job["multi_module"])
             if busy:
