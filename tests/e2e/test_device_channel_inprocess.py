@@ -19,7 +19,7 @@ from otaplane.services.firmware import NewFirmware
 from otaplane.services.products import NewProduct
 from otaplane.settings import Settings
 from otaplane.store import uploads
-from tests.support.devices import connect
+from tests.support.devices import connect, device_password, raw_connect
 from tests.support.server import free_port
 
 
@@ -155,3 +155,37 @@ def test_a_stalled_process_taken_for_dead_marks_its_devices_online_again(running
         assert channel.is_online(device_id)
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("keepalive", [0, 1201])
+def test_a_device_asking_for_no_keepalive_is_still_closed_when_silent(tmp_path, monkeypatch, keepalive):
+    """Keep-alive 0 set no idle limit at all: a device gone behind a NAT stayed ONLINE (found by an
+    audit). It gets the platform's longest, 1200 s (1 s here)."""
+    monkeypatch.setattr(channel_module, "MAX_KEEPALIVE_S", 1)
+    services = Services.build(Settings(data_dir=tmp_path))
+    prepare(services)
+    channel = DeviceChannel(services, "127.0.0.1", free_port())
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    threading.Thread(target=lambda: (asyncio.set_event_loop(loop), loop.run_until_complete(channel.start()),
+                                     ready.set(), loop.run_forever()), daemon=True).start()
+    assert ready.wait(10)
+    try:
+        services.accounts.create_key("keepalive")
+        tenant = services.accounts.tenant_by_name("keepalive")
+        product = services.products.create(tenant, NewProduct(product_name="keepalive", node_type=0))
+        secret = services.devices.register(tenant, product.product_key, "quiet", None).device_secret
+        client_id = f"{product.product_key}&quiet"
+        password = device_password(secret, client_id, "quiet", product.product_key, None, "hmacsha1")
+        sock, connack = raw_connect(channel.port, client_id + "|signmethod=hmacsha1|",
+                                    f"quiet&{product.product_key}", password, keepalive=keepalive)
+        with sock:
+            assert connack == b"\x20\x02\x00\x00"
+            started = time.monotonic()
+            sock.settimeout(10)
+            assert sock.recv(10) == b""  # the server closed it
+            assert time.monotonic() - started < 5
+    finally:
+        asyncio.run_coroutine_threadsafe(channel.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        services.close()

@@ -74,6 +74,9 @@ DB_THREADS = 8
 LISTEN_BACKLOG = 4096
 # MQTT 3.1.1: the server closes a connection silent for 1.5 keep-alive periods.
 KEEPALIVE_GRACE = 1.5
+# The platform takes keep-alives of 30-1200 s: a device asking for none (0) or a longer one is
+# still closed once silent that long, or a vanished device would hold its session ONLINE for good.
+MAX_KEEPALIVE_S = 1200
 
 _IDENTITY = "otaplane.device"  # Session.attributes: the authenticated DeviceIdentity
 _CONNECTION = "otaplane.connection"  # Session.attributes: its Connection once connected
@@ -575,9 +578,11 @@ class DeviceBroker(Broker):
 
     async def _handle_client_session(self, reader, writer, client_session, handler, server, listener_name) -> None:
         client_session.attributes[_HANDLER] = handler
-        if client_session.keep_alive > 0:
-            client_session.keep_alive = math.ceil(client_session.keep_alive * KEEPALIVE_GRACE)
-            handler.handle_read_timeout = partial(self._keepalive_expired, handler)
+        keep_alive = client_session.keep_alive
+        if not 0 < keep_alive <= MAX_KEEPALIVE_S:  # none (0), or past the platform's longest: its longest
+            keep_alive = MAX_KEEPALIVE_S
+        client_session.keep_alive = math.ceil(keep_alive * KEEPALIVE_GRACE)
+        handler.handle_read_timeout = partial(self._keepalive_expired, handler)
         try:
             await super()._handle_client_session(reader, writer, client_session, handler, server, listener_name)
         finally:
