@@ -9,7 +9,8 @@ the whole of a short response in it (what aiohttp fixed the same way, aio-libs/a
 Here the writes a connection makes in one step of the event loop are held and go out together
 (`writelines`: one `writev` on uvloop, no copy) at the start of the loop's next step. A head and
 a body sent back to back leave as one segment; a long download still streams chunk by chunk.
-`otaplane serve` uses this class (`uvicorn.run(..., http=CoalescingHttpToolsProtocol)`).
+`otaplane serve` uses this class (`uvicorn.run(..., http=CoalescingHttpToolsProtocol)`). It also
+answers a request that cannot be parsed with the gateway's JSON error, not uvicorn's plain text.
 """
 
 from __future__ import annotations
@@ -19,10 +20,29 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from otaplane import errors, ids
+from otaplane.openapi import envelope
+
 
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+
+    def send_400_response(self, msg: str) -> None:
+        """A request httptools cannot parse (a URL or header past its limits, broken framing):
+        the gateway's error body, not uvicorn's plain text, so clients read a Code and a RequestId."""
+        request_id = ids.request_id()
+        error = errors.invalid("Request", f"it is not an HTTP/1.1 request this server can read ({msg})")
+        reply = envelope.failure(None, request_id, error, "JSON", False, "")
+        self.transport.write(b"".join([
+            b"HTTP/1.1 400 Bad Request\r\n",
+            b"content-type: " + reply.content_type + b"\r\n",
+            b"content-length: " + str(len(reply.body)).encode("ascii") + b"\r\n",
+            b"x-acs-request-id: " + request_id.encode("ascii") + b"\r\n",
+            b"connection: close\r\n\r\n",
+            reply.body,
+        ]))
+        self.transport.close()
 
 
 class _CoalescingTransport:

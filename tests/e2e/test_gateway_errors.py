@@ -405,6 +405,25 @@ def test_a_request_dated_ahead_keeps_its_nonce_until_its_own_window_ends(make_se
     assert (status, body["Code"]) == (400, "SignatureNonceUsed"), body
 
 
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /?" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",  # past httptools' URL limit
+    b"NOT AN HTTP REQUEST\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello",
+])
+def test_a_request_http_cannot_parse_gets_the_gateways_error_body(server, request_bytes):
+    """uvicorn answered these in plain text; clients read a Code and a RequestId (found by an audit)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(request_bytes)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert b"content-type: application/json" in head.lower()
+    error = json.loads(body)
+    assert error["Code"] == "InvalidParameter" and error["RequestId"]
+
+
 def test_nonces_are_per_access_key(server, signer, gw_key):
     other = RawSigner(server.base_url, *server.create_key("tests-gateway-nonce"))
     nonce = uuid.uuid4().hex
