@@ -224,6 +224,22 @@ def test_a_deleted_device_is_disconnected_at_once(fleet, server, local):
     assert other.detail(newcomer)["Status"] == "UNACTIVE"  # nothing acted as it
 
 
+def test_get_device_status_says_when_the_status_changed(fleet):
+    """Its Timestamp moved with every message the device sent (found by an audit); the platform's
+    is "the time when the device status changed": the connect."""
+    from datetime import datetime
+
+    name = fleet.register()
+    device = fleet.connect(name)
+    eventually(lambda: fleet.detail(name)["Status"] == "ONLINE")
+    time.sleep(1.2)
+    device.inform("4.4.4")
+    eventually(lambda: fleet.detail(name).get("FirmwareVersion") == "4.4.4")
+    online_ms = int(datetime.fromisoformat(fleet.detail(name)["UtcOnline"].replace("Z", "+00:00")).timestamp() * 1000)
+    status = fleet.api.call("GetDeviceStatus", {"ProductKey": fleet.product_key, "DeviceName": name})["Data"]
+    assert (status["Status"], status["Timestamp"]) == ("ONLINE", online_ms)
+
+
 def test_a_device_deleted_by_another_process_is_disconnected_within_a_heartbeat(fleet, local, tenant):
     """Another process (the CLI, another server on the database) deletes it: this server's next
     heartbeat (10 s) finds the row gone and closes the connection."""

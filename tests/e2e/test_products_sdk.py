@@ -23,7 +23,7 @@ from aliyunsdkcore.acs_exception.exceptions import ServerException as LegacyServ
 from alibabacloud_tea_openapi.exceptions import ClientException as TeaClientException
 from Tea.exceptions import TeaException
 
-from tests.support.clients import iot_models, legacy_call, legacy_client, tea_client
+from tests.support.clients import RawSigner, iot_models, legacy_call, legacy_client, tea_client
 
 # --- the contract ------------------------------------------------------------------------------
 # Response trees of /work/shared/contract/aliyun-iot-actions.json for the product actions
@@ -443,6 +443,22 @@ def test_update_errors(api):
 
 
 # --- DeleteProduct -------------------------------------------------------------------------------------
+def test_a_product_whose_batch_registered_devices_were_deleted_can_be_deleted(server):
+    """BatchRegisterDevice's record kept a foreign key on the product: DeleteProduct failed with a
+    500 for good, even with no device left (found by an audit)."""
+    signer = RawSigner(server.base_url, *server.create_key("batch-delete"))
+    created = signer.v1("CreateProduct", {"ProductName": unique_name("batch"), "NodeType": "0"}).json()
+    product_key = created["ProductKey"]
+    applied = signer.v1("BatchRegisterDevice", {"ProductKey": product_key, "Count": "2"}).json()
+    apply_id = str(applied["Data"]["ApplyId"])
+    status = signer.v1("QueryBatchRegisterDeviceStatus", {"ProductKey": product_key, "ApplyId": apply_id}).json()
+    for name in status["Data"]["ValidList"]["Name"]:
+        assert signer.v1("DeleteDevice", {"ProductKey": product_key, "DeviceName": name}).json()["Success"]
+    deleted = signer.v1("DeleteProduct", {"ProductKey": product_key})
+    assert deleted.status_code == 200 and deleted.json()["Success"], deleted.text
+    assert signer.v1("QueryProduct", {"ProductKey": product_key}).json()["Code"] == "iot.prod.NotExistedProduct"
+
+
 def test_delete(api):
     kept = api.create(unique_name("kept"))["ProductKey"]
     name = unique_name("gone")

@@ -146,22 +146,32 @@ class DeviceService:
                 row = self._new_row(product["id"], name, nickname, now_ms())
                 store.insert_many(conn, [row])
                 return self._device(conn, store.by_iot_id(conn, tenant.instance_pk, row["iot_id"]))
-        except IntegrityError:
+        except IntegrityError:  # the name taken meanwhile, or the product deleted (its foreign key)
+            self._product_still_there(tenant, product_key)
             raise errors.AlreadyExistedDeviceName() from None
 
     def batch_register(self, tenant: Tenant, product_key: str, count: int) -> int:
         """Registers `count` devices with generated names at once; the apply is complete on return."""
         apply_id = secrets.randbelow(2**52) + 1
         now = now_ms()
-        with self.db.begin() as conn:
-            product = product_row(conn, tenant, product_key)
-            if store.count_for_product(conn, product["id"]) + count > MAX_DEVICES_PER_PRODUCT:
-                raise errors.DeviceCountExceeded(limit=MAX_DEVICES_PER_PRODUCT)
-            store.insert_apply(conn, apply_id, product["id"], count, "CREATE_SUCCESS", now)
-            rows = [self._new_row(product["id"], ids.random_alnum(20), None, now, apply_id) for _ in range(count)]
-            for start in range(0, count, 1000):
-                store.insert_many(conn, rows[start:start + 1000])
+        try:
+            with self.db.begin() as conn:
+                product = product_row(conn, tenant, product_key)
+                if store.count_for_product(conn, product["id"]) + count > MAX_DEVICES_PER_PRODUCT:
+                    raise errors.DeviceCountExceeded(limit=MAX_DEVICES_PER_PRODUCT)
+                store.insert_apply(conn, apply_id, product["id"], count, "CREATE_SUCCESS", now)
+                rows = [self._new_row(product["id"], ids.random_alnum(20), None, now, apply_id) for _ in range(count)]
+                for start in range(0, count, 1000):
+                    store.insert_many(conn, rows[start:start + 1000])
+        except IntegrityError:  # the product deleted meanwhile (its foreign key)
+            self._product_still_there(tenant, product_key)
+            raise
         return apply_id
+
+    def _product_still_there(self, tenant: Tenant, product_key: str) -> None:
+        """NotExistedProduct when a concurrent DeleteProduct took it (what a refused INSERT means then)."""
+        with self.db.connect() as conn:
+            product_row(conn, tenant, product_key)
 
     def apply_status(self, tenant: Tenant, product_key: str, apply_id: int) -> tuple[str, list[str]]:
         with self.db.connect() as conn:

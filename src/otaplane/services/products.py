@@ -12,6 +12,7 @@ from otaplane.secretbox import SecretBox
 from otaplane.services.row_memo import RowMemo
 from otaplane.services.tenancy import Tenant
 from otaplane.store import Database
+from otaplane.store import devices as device_store
 from otaplane.store import firmware as firmware_store
 from otaplane.store import modules as module_store
 from otaplane.store import products as store
@@ -165,13 +166,25 @@ class ProductService:
             raise errors.AlreadyExistedProductName() from None
 
     def delete(self, tenant: Tenant, product_key: str) -> None:
-        with self.db.begin() as conn:
-            row = store.get(conn, tenant.instance_pk, product_key)
-            if row is None:
-                raise errors.NotExistedProduct()
-            if row["device_count"] > 0:
-                raise errors.ProductHasDevices()
-            if firmware_store.count_for_product(conn, row["id"]) > 0:
-                raise errors.ProductHasFirmware()
-            module_store.delete_for_product(conn, row["id"])
-            store.delete(conn, row["id"])
+        try:
+            with self.db.begin() as conn:
+                row = store.get(conn, tenant.instance_pk, product_key)
+                if row is None:
+                    raise errors.NotExistedProduct()
+                self._refuse_if_in_use(conn, row)
+                module_store.delete_for_product(conn, row["id"])
+                device_store.delete_applies_of_product(conn, row["id"])  # BatchRegisterDevice's records
+                store.delete(conn, row["id"])
+        except IntegrityError:  # a device or package came in meanwhile (its foreign key)
+            with self.db.connect() as conn:
+                row = store.get(conn, tenant.instance_pk, product_key)
+                if row is not None:
+                    self._refuse_if_in_use(conn, row)
+            raise
+
+    @staticmethod
+    def _refuse_if_in_use(conn, row) -> None:
+        if row["device_count"] > 0:
+            raise errors.ProductHasDevices()
+        if firmware_store.count_for_product(conn, row["id"]) > 0:
+            raise errors.ProductHasFirmware()

@@ -225,3 +225,7 @@ def forget_node(conn: Connection, node_id: str) -> None:
 
 def existing_ids(conn: Connection, device_ids: list[int]) -> list[int]:
     return list(conn.execute(sa.select(devices.c.id).where(devices.c.id.in_(device_ids))).scalars())
+
+
+def delete_applies_of_product(conn: Connection, product_id: int) -> None:
+    conn.execute(sa.delete(device_applies).where(device_applies.c.product_id == product_id))

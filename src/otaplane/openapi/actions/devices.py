@@ -129,8 +129,9 @@ def delete_device(services, tenant, p):
 @action("GetDeviceStatus", *DEVICE_REF)
 def get_device_status(services, tenant, p):
     device = services.devices.get(tenant, _ref(p))
-    changed = device.last_seen_ms or device.created_ms
-    return {"Data": {"Status": device.status, "Timestamp": changed}}
+    # When the status last changed: online since; offline since the last message (its disconnect).
+    changed = device.online_ms if device.status == "ONLINE" else (device.last_seen_ms or device.created_ms)
+    return {"Data": {"Status": device.status, "Timestamp": changed or device.created_ms}}
 
 
 @action("ListOTAModuleVersionsByDevice", *DEVICE_REF, *paging(200))
