@@ -30,10 +30,10 @@ app.command("sim")(sim_command)
 console = Console()
 
 DataDir = Annotated[
-    Optional[Path], typer.Option("--data-dir", help="Data directory [env OTAPLANE_DATA_DIR].", show_default=False)
+    Optional[Path], typer.Option("--data-dir", help="Data directory (env OTAPLANE_DATA_DIR).", show_default=False)
 ]
 DatabaseUrl = Annotated[
-    Optional[str], typer.Option("--database-url", help="postgresql://... [env OTAPLANE_DATABASE_URL].", show_default=False)
+    Optional[str], typer.Option("--database-url", help="postgresql://... (env OTAPLANE_DATABASE_URL).", show_default=False)
 ]
 
 
@@ -43,7 +43,10 @@ AsJsonRows = Annotated[bool, typer.Option("--json", help="Machine-readable outpu
 
 
 def _settings(**overrides) -> Settings:
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as problem:  # pydantic's ValidationError is one: a bad flag or OTAPLANE_* value
+        _refuse(problem)
 
 
 def _print_rows(rows: list[dict], as_json: bool, columns: tuple[str, ...]) -> None:
@@ -67,9 +70,18 @@ def _refuse(problem: Exception) -> NoReturn:
 
 
 def _services(settings: Settings):
+    """The services on the configured database. A command run away from the server's data
+    directory would quietly make a database of its own: it says so."""
     from otaplane.services.container import Services
 
-    services = Services.build(settings)
+    url = settings.resolved_database_url()
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        Console(stderr=True).print(f"[yellow]otaplane: no database at {url.removeprefix('sqlite:///')}: a new one is "
+                                   "made. Run this where the server runs, or pass --data-dir.[/]")
+    try:
+        services = Services.build(settings)
+    except ValueError as problem:  # e.g. an OTAPLANE_MASTER_KEY that is not a Fernet key
+        _refuse(problem)
     services.db.upgrade()
     return services
 
@@ -108,7 +120,7 @@ def serve(
     response_case: Annotated[Optional[str], typer.Option(help="pascal (default) or camel.")] = None,
     rate_limit: Annotated[Optional[float], typer.Option(help="Requests/s per AccessKey; 0 = off.")] = None,
     access_log: Annotated[bool, typer.Option(help="Log every HTTP request.")] = False,
-    mqtt_host: Annotated[Optional[str], typer.Option(help="Device channel (MQTT) listen address [same as --host].")] = None,
+    mqtt_host: Annotated[Optional[str], typer.Option(help="Device channel (MQTT) listen address (default: as --host).")] = None,
     mqtt_port: Annotated[Optional[int], typer.Option(help="Device channel (MQTT) port [1883].")] = None,
     mqtt_certfile: Annotated[Optional[str], typer.Option(help="PEM certificate: MQTT over TLS.")] = None,
     mqtt_keyfile: Annotated[Optional[str], typer.Option(help="PEM private key of --mqtt-certfile.")] = None,
@@ -129,6 +141,11 @@ def serve(
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if not settings.public_url and settings.host in ("0.0.0.0", "::", ""):
+        logging.getLogger("otaplane").warning(
+            "listening on all interfaces (%s) without --public-url: upload and download URLs say %s, which "
+            "other machines cannot reach; set --public-url (OTAPLANE_PUBLIC_URL) to the address devices dial",
+            settings.host or "*", settings.resolved_public_url())
     if not settings.mqtt_url:
         _check_mqtt_port_free(settings.resolved_mqtt_host(), settings.mqtt_port)
     try:

@@ -10,16 +10,15 @@ import typer
 from rich.console import Console
 
 from otaplane.errors import ApiError
-from otaplane.settings import Settings
 
 app = typer.Typer(help="Devices and their OTA channel.", no_args_is_help=True)
 console = Console()
 
 DataDir = Annotated[
-    Optional[Path], typer.Option("--data-dir", help="Data directory [env OTAPLANE_DATA_DIR].", show_default=False)
+    Optional[Path], typer.Option("--data-dir", help="Data directory (env OTAPLANE_DATA_DIR).", show_default=False)
 ]
 DatabaseUrl = Annotated[
-    Optional[str], typer.Option("--database-url", help="postgresql://... [env OTAPLANE_DATABASE_URL].",
+    Optional[str], typer.Option("--database-url", help="postgresql://... (env OTAPLANE_DATABASE_URL).",
                                 show_default=False)
 ]
 
@@ -37,14 +36,11 @@ def push(
 ) -> None:
     """Make a package the device's pending upgrade: a running server pushes it to the device
     at once if it is online (within a second, from any replica), else when it connects."""
-    from otaplane.services.container import Services
+    from otaplane.cli import _services, _settings  # the checks every local command makes
     from otaplane.services.devices import DeviceRef
 
-    settings = Settings(**{k: v for k, v in {"data_dir": data_dir, "database_url": database_url}.items()
-                           if v is not None})
-    services = Services.build(settings)
+    services = _services(_settings(data_dir=data_dir, database_url=database_url))
     try:
-        services.db.upgrade()
         tenant = services.accounts.tenant_by_name(account, iot_instance_id)
         pushed = services.device_ota.push(tenant, DeviceRef(product_key=product, device_name=device), firmware)
     except ApiError as error:

@@ -12,7 +12,7 @@ import httpx
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from otaplane.client import ApiCallError, Credentials, OtaplaneClient
 from otaplane.errors import ApiError
@@ -146,6 +146,8 @@ def _check_before_upload(client: OtaplaneClient, params: dict, file: Path) -> No
 
 def _print_firmware(info: dict) -> None:
     table = Table(show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # a URL folds onto more lines rather than losing its end
     for key in ("FirmwareId", "FirmwareName", "ProductKey", "ProductName", "ModuleName", "DestVersion",
                 "SrcVersion", "Type", "FirmwareSize", "SignMethod", "FirmwareSign", "Status", "VerifyProgress",
                 "FirmwareDesc", "UtcCreate", "UtcModified", "FirmwareUrl"):
@@ -237,7 +239,9 @@ def list_(
     if as_json:
         typer.echo(json.dumps(body))
         return
-    table = Table("FirmwareId", "Name", "ProductKey", "Module", "Version", "Size", "Status", "Created")
+    # The id is what show, delete and devices push take: never cut to fit the terminal.
+    table = Table(Column("FirmwareId", no_wrap=True), "Name", "ProductKey", "Module", "Version", "Size", "Status",
+                  "Created")
     for item in items:
         table.add_row(item["FirmwareId"], item["FirmwareName"], item["ProductKey"], item["ModuleName"],
                       item["DestVersion"], str(item["FirmwareSize"]), str(item["Status"]), item["UtcCreate"])

@@ -66,6 +66,16 @@ def _flatten(params: dict[str, Any]) -> dict[str, str]:
     return flat
 
 
+def _upper_camel(value: Any) -> Any:
+    """The keys of a `--response-case camel` answer as the API names them (firmwareInfo ->
+    FirmwareInfo), so the commands read one shape whatever the server's setting."""
+    if isinstance(value, dict):
+        return {key[:1].upper() + key[1:]: _upper_camel(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_upper_camel(item) for item in value]
+    return value
+
+
 class OtaplaneClient:
     def __init__(self, endpoint: str, credentials: Credentials, timeout_s: float = 600):
         self.endpoint = endpoint.rstrip("/")
@@ -97,6 +107,8 @@ class OtaplaneClient:
             body = response.json()
         except ValueError:
             raise ApiCallError("InvalidResponse", response.text[:200], response.status_code) from None
+        if isinstance(body, dict) and "requestId" in body:  # a server answering lower-camel keys
+            body = _upper_camel(body)
         if response.status_code >= 400:
             raise ApiCallError(body.get("Code", ""), body.get("Message", ""), response.status_code)
         if body.get("Success") is False:

@@ -612,11 +612,17 @@ def test_a_device_cannot_read_or_write_another_devices_ota_topics(fleet, local, 
     assert "FirmwareVersion" not in fleet.detail(thief_name)
 
 
-def test_tls_listener(make_server, tmp_path):
+@pytest.mark.parametrize("pem", ["two files", "one file"])
+def test_tls_listener(make_server, tmp_path, pem):
     certfile, keyfile = _self_signed(tmp_path)
-    server = make_server("sqlite", "--rate-limit", "0", "--mqtt-certfile", str(certfile), "--mqtt-keyfile",
-                         str(keyfile))
-    api = SdkCaller("tea-v3", server.endpoint, *server.create_key("tls"))
+    if pem == "two files":
+        tls = ("--mqtt-certfile", str(certfile), "--mqtt-keyfile", str(keyfile))
+    else:  # certificate and key in one PEM, no --mqtt-keyfile (it failed: "Is a directory")
+        combined = tmp_path / "mqtt.pem"
+        combined.write_bytes(certfile.read_bytes() + keyfile.read_bytes())
+        tls = ("--mqtt-certfile", str(combined))
+    server = make_server("sqlite", "--rate-limit", "0", *tls)
+    api = SdkCaller("tea-v3", server.endpoint, *server.create_key("tls-" + pem.replace(" ", "-")))
     fleet = Fleet(server, api, [])
     name = fleet.register()
     device = fleet.connect(name, tls=True, form="lsdk4", method="hmacsha256")

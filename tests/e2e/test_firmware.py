@@ -4,6 +4,7 @@ presigned downloads, and every refusal of CreateOTAFirmware."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import time
@@ -372,6 +373,13 @@ def test_camel_case_dialect(make_server):
     assert body["success"] is True and body["code"] == "" and body["requestId"]
     assert body["firmwareInfo"]["destVersion"] == "1.0" and body["firmwareInfo"]["verifyProgress"] == 0
     assert "firmwareUrl" in body["firmwareInfo"]
+    # otaplane's own CLI reads either case (it failed with KeyError: 'Data' on such a server).
+    from tests.support.server import otaplane_cli
+
+    env = {"OTAPLANE_ENDPOINT": server.base_url, "OTAPLANE_ACCESS_KEY_ID": key[0], "OTAPLANE_ACCESS_KEY_SECRET": key[1]}
+    listed = json.loads(otaplane_cli("firmware", "list", "--json", env=env).stdout)
+    assert [item["FirmwareId"] for item in listed["FirmwareInfo"]["SimpleFirmwareInfo"]] == \
+        [created["data"]["firmwareId"]]
 
 
 def test_delete_product_refused_while_it_has_firmware(api):

@@ -197,3 +197,16 @@ def test_master_key_from_the_environment(server, make_server):
     assert stat.S_IMODE(admin.stat().st_mode) == 0o600
     log = own.logs()
     assert master_key not in log and secret not in log
+
+
+def test_a_bad_setting_is_one_line_and_a_new_database_is_announced(tmp_path):
+    """A bad OTAPLANE_* value or master key was a 60-line traceback; a command run away from the
+    server's data directory quietly made a database of its own (found by a new-user audit)."""
+    for env in ({"OTAPLANE_PORT": "abc"}, {"OTAPLANE_MASTER_KEY": "notakey"}):
+        result = otaplane_cli("keys", "list", "--data-dir", str(tmp_path / "bad"), env=env, check=False)
+        assert result.returncode == 2, result
+        assert "Traceback" not in result.stdout + result.stderr
+    fresh = otaplane_cli("keys", "list", "--data-dir", str(tmp_path / "elsewhere"), check=False)
+    assert fresh.returncode == 0 and "a new one is made" in " ".join(fresh.stderr.split())
+    again = otaplane_cli("keys", "list", "--data-dir", str(tmp_path / "elsewhere"), check=False)
+    assert "a new one is made" not in again.stderr

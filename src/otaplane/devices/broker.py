@@ -157,7 +157,8 @@ class DeviceChannel:
         self._wake = asyncio.Event()
         listener: dict[str, Any] = {"type": "tcp", "bind": _bind(self.host, self.requested_port), "max_connections": 0}
         if self.certfile or self.keyfile:
-            listener.update(ssl=True, certfile=self.certfile, keyfile=self.keyfile)
+            # One file given: it holds both certificate and key (one PEM); amqtt wants both names.
+            listener.update(ssl=True, certfile=self.certfile or self.keyfile, keyfile=self.keyfile or self.certfile)
         config = {
             "listeners": {"default": listener},
             "plugins": {f"{__name__}.DeviceChannelPlugin": {"channel": self}},

@@ -1,7 +1,7 @@
 """Per-AccessKey request rate limit (token bucket, per process).
 
 With several replicas each one enforces the limit on its own share of the traffic, so the
-fleet-wide ceiling is `replicas x rate`; documented in docs/configuration.md.
+fleet-wide ceiling is `replicas x rate`; documented in the README.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from otaplane.timefmt import now_ms
 
 DEFAULT_ACCOUNT = "default"
 # How long a key record read from the database is reused (key cache): a revoked key is refused
-# by every replica within this time, not at once (README.md, docs/configuration.md).
+# by every replica within this time, not at once (README.md, "Keys").
 KEY_CACHE_TTL_S = 1.0
 # Bounds on the caches below (a full cache is emptied and fills again).
 _MAX_CACHED_KEYS = 10_000
