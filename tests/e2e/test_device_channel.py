@@ -224,6 +224,30 @@ def test_a_deleted_device_is_disconnected_at_once(fleet, server, local):
     assert other.detail(newcomer)["Status"] == "UNACTIVE"  # nothing acted as it
 
 
+def test_a_device_deleted_by_another_process_is_let_go_at_its_next_message(make_server):
+    """Before this server's heartbeat notices (5 minutes here), the device's next message hits the
+    missing row: that connection is closed then (it was an error with a traceback each time)."""
+    server = make_server("sqlite", "--rate-limit", "0", env={"OTAPLANE_CHANNEL_HEARTBEAT_SECONDS": "300"})
+    api = SdkCaller("tea-v3", server.endpoint, *server.create_key("gone-at-next-message"))
+    fleet = Fleet(server, api, [])
+    name = fleet.register()
+    device = fleet.connect(name)
+    try:
+        eventually(lambda: fleet.detail(name)["Status"] == "ONLINE")
+        device.client.reconnect_delay_set(60, 120)
+        other = Services.build(Settings(data_dir=server.data_dir, database_url=server.database_url))
+        try:
+            tenant = other.accounts.tenant_by_name("gone-at-next-message")
+            other.devices.delete(tenant, DeviceRef(product_key=fleet.product_key, device_name=name))
+        finally:
+            other.close()
+        device.inform("9.9.9")
+        assert device.disconnected.wait(10)
+        assert "Traceback" not in server.logs()
+    finally:
+        device.close()
+
+
 def test_get_device_status_says_when_the_status_changed(fleet):
     """Its Timestamp moved with every message the device sent (found by an audit); the platform's
     is "the time when the device status changed": the connect."""

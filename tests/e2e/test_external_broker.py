@@ -120,6 +120,21 @@ def test_version_report_through_the_broker_shows_in_the_openapi(fleet):
     assert detail["Status"] == "OFFLINE"
 
 
+def test_a_device_deleted_and_registered_again_elsewhere_keeps_reporting(fleet, local, tenant):
+    """Another replica (here: this test process) deletes the device and registers its name again:
+    this server's identity cache still held the old row id for 30 s, so the reports failed on a
+    foreign key (with a traceback each) and were lost (found by an audit of two replicas)."""
+    name = fleet.register()
+    device = fleet.connect(name)
+    device.inform("1.0.0")
+    eventually(lambda: fleet.module_versions(name) == {"default": "1.0.0"})  # the id is cached now
+    local.devices.delete(tenant, DeviceRef(product_key=fleet.product_key, device_name=name))
+    local.devices.register(tenant, fleet.product_key, name, None)
+    device.inform("2.0.0")
+    eventually(lambda: fleet.module_versions(name) == {"default": "2.0.0"})
+    assert "Traceback" not in fleet.server.logs()
+
+
 def test_push_reaches_the_device_with_the_exact_payload_and_firmware_get_answers(fleet, local, tenant):
     from otaplane.devices import messages
 

@@ -347,6 +347,22 @@ def test_reupgrade_after_the_schedule_finish_time_is_refused(fleet):
     assert fleet.statuses(job_id)["dev-000"] == "FAILED"
 
 
+def test_progress_only_moves_forward_so_a_late_step_cannot_hide_a_failed_install(fleet):
+    """Replicas behind a shared subscription applied one device's steps out of order: a 90 after
+    the 100 left the task at 90, and the device coming back on its old version then did not fail
+    it (that check needs the 100) (found by an audit of two replicas)."""
+    job_id = fleet.job(target_selection="SPECIFIC", device_names=["dev-000"])
+    fleet.tick()
+    fleet.deliver_all()
+    ota = fleet.services.device_ota
+    for step in (10, 100, 90):
+        ota.progress_reported(fleet.ids["dev-000"], None, step, None)
+    assert fleet.tasks(job_id)["dev-000"]["progress"] == 100
+    ota.version_reported(fleet.ids["dev-000"], None, "1.0.0")  # restarted on the old version
+    task = fleet.tasks(job_id)["dev-000"]
+    assert (task["status"], task["description"]) == ("FAILED", "report version is not conform")
+
+
 def test_confirm_and_cancel(fleet):
     job_id = fleet.job(target_selection="ALL", need_confirm=True)
     assert set(fleet.statuses(job_id).values()) == {"CONFIRM"}

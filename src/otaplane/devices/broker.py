@@ -49,6 +49,7 @@ from amqtt.utils import gen_client_id
 
 from otaplane.devices import auth, messages, topics
 from otaplane.devices.batching import Batched, DeviceTurns
+from otaplane.devices.upstream import DeviceGone
 from otaplane.devices.upstream import handle as handle_upstream
 from otaplane.services.device_ota import UNDELIVERED_BATCH, PendingKey, PendingPackage
 from otaplane.store.disconnects import log_loop_failure
@@ -317,8 +318,12 @@ class DeviceChannel:
 
     async def _handle(self, conn: Connection, upstream: topics.UpstreamTopic, data: bytes) -> None:
         identity = conn.identity
-        await handle_upstream(self.services, self._db, self._reports, self._device_turn, identity.device_id,
-                              identity.product_key, identity.device_name, upstream, data, partial(self._send, conn))
+        try:
+            await handle_upstream(self.services, self._db, self._reports, self._device_turn, identity.device_id,
+                                  identity.product_key, identity.device_name, upstream, data,
+                                  partial(self._send, conn))
+        except DeviceGone:  # deleted by another process before this one's heartbeat noticed
+            self._drop(identity.device_id)
 
     def _removed(self, device_id: int) -> None:
         """DevicesService listener (any thread): the device was deleted; its connection goes too.

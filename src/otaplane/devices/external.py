@@ -49,6 +49,7 @@ import anyio
 
 from otaplane.devices import messages, topics
 from otaplane.devices.batching import Batched, DeviceTurns
+from otaplane.devices.upstream import DeviceGone
 from otaplane.devices.upstream import handle as handle_upstream
 from otaplane.services.device_ota import UNDELIVERED_BATCH, PendingKey, PendingPackage
 
@@ -221,8 +222,22 @@ class ExternalChannel:
             return
         device_id = credentials.device_id
         await self._saw(device_id)
-        handled = await handle_upstream(self.services, self._db, self._reports, self._device_turn, device_id, pk,
-                                        dn, upstream, data, self._publish)
+        try:
+            handled = await handle_upstream(self.services, self._db, self._reports, self._device_turn, device_id,
+                                            pk, dn, upstream, data, self._publish)
+        except DeviceGone:
+            # Deleted (and maybe registered again) through another replica, whose removal this
+            # process's identity cache never heard of: look the name up afresh, try once more.
+            self._forget_identity(device_id)
+            credentials = await self._identity(pk, dn)
+            if credentials is None or credentials.disabled or credentials.device_id == device_id:
+                return
+            try:
+                handled = await handle_upstream(self.services, self._db, self._reports, self._device_turn,
+                                                credentials.device_id, pk, dn, upstream, data, self._publish)
+            except DeviceGone:
+                return
+            device_id = credentials.device_id
         if handled is not None and handled.kind is topics.Upstream.INFORM and not handled.completed:
             await self._re_offer(device_id, handled.module, handled.version)
 

@@ -9,6 +9,7 @@ serialise one device's state changes, and how to send the firmware/get answer.
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -87,11 +88,27 @@ async def handle(
         log.debug("%s from %s is not handled", upstream.kind.value, who)
     except messages.MalformedMessage as problem:
         log.warning("dropped %s message of %s: %s", upstream.kind.value, who, problem)
-    except IntegrityError:  # its row went meanwhile (deleted while connected to another process)
+    except Exception as problem:
+        if not _names_a_missing_row(problem):
+            log.exception("%s message of %s failed", upstream.kind.value, who)
+            return None
+        # Its row went meanwhile (deleted through another process): the channel lets go of it.
         log.warning("dropped %s message of %s: the device no longer exists", upstream.kind.value, who)
-    except Exception:
-        log.exception("%s message of %s failed", upstream.kind.value, who)
+        raise DeviceGone(device_id) from None
     return None
+
+
+class DeviceGone(Exception):
+    """A device message named a device id whose row is gone (a foreign key refused the write)."""
+
+
+def _names_a_missing_row(problem: BaseException) -> bool:
+    """A foreign-key refusal, whether SQLAlchemy wrapped it or a prepared statement raised the
+    driver's own (store.prepared runs on the DBAPI cursor)."""
+    original = problem.orig if isinstance(problem, IntegrityError) else problem
+    if isinstance(original, sqlite3.IntegrityError):
+        return "FOREIGN KEY" in str(original)
+    return getattr(original, "sqlstate", None) == "23503"  # PostgreSQL: foreign_key_violation
 
 
 def _block_reply(device_ota: Any, device_id: int, request: messages.BlockRequest) -> bytes:

@@ -597,16 +597,20 @@ def _stop_retries(conn, conditions: list) -> None:
 
 
 # --- called from device reports (services/device_ota.py), inside its transaction -------------
+# Forward only, in the statement itself: replicas behind a shared subscription may apply one
+# device's steps out of order (90 after 100), and the "not conform" check needs the 100.
 _SET_PROGRESS = Prepared(
     sa.update(ota_tasks)
-    .where(ota_tasks.c.id == sa.bindparam("p_task"), ota_tasks.c.status == sa.bindparam("p_status"))
+    .where(ota_tasks.c.id == sa.bindparam("p_task"), ota_tasks.c.status == sa.bindparam("p_status"),
+           sa.or_(ota_tasks.c.progress.is_(None), ota_tasks.c.progress <= sa.bindparam("p_step")))
     .values(progress=sa.bindparam("p_step"), modified_ms=sa.bindparam("p_now"))
 )
 
 
 def set_task_progress(conn, task_pk: int, step: int, now: int) -> None:
-    """A progress step of a task already IN_PROGRESS: a value, not a state change (inside a
-    transaction begun on `conn`; a prepared statement: it runs for every progress report)."""
+    """A progress step of a task already IN_PROGRESS: a value, not a state change, and never
+    backwards within an attempt (inside a transaction begun on `conn`; a prepared statement: it
+    runs for every progress report)."""
     _SET_PROGRESS.rowcount(conn, p_task=task_pk, p_status=task_flow.IN_PROGRESS, p_step=step, p_now=now)
 
 
