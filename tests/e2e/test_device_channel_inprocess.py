@@ -4,6 +4,7 @@ the same process reaches the device at once, without waiting for the next poll."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import threading
 import time
@@ -23,11 +24,10 @@ from tests.support.devices import connect, device_password, raw_connect
 from tests.support.server import free_port
 
 
-@pytest.fixture()
-def running(tmp_path, monkeypatch):
-    """(services, channel) with the channel's loop in a thread; its poll would wait 60 s."""
-    monkeypatch.setattr(channel_module, "PENDING_POLL_INTERVAL_S", 60.0)
-    services = Services.build(Settings(data_dir=tmp_path))
+@contextlib.contextmanager
+def channel_in_a_thread(data_dir):
+    """(services, channel) with the channel's event loop running in a thread of this process."""
+    services = Services.build(Settings(data_dir=data_dir))
     prepare(services)
     channel = DeviceChannel(services, "127.0.0.1", free_port())
     loop = asyncio.new_event_loop()
@@ -42,11 +42,21 @@ def running(tmp_path, monkeypatch):
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     assert ready.wait(10)
-    yield services, channel
-    asyncio.run_coroutine_threadsafe(channel.stop(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    services.close()
+    try:
+        yield services, channel
+    finally:
+        asyncio.run_coroutine_threadsafe(channel.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        services.close()
+
+
+@pytest.fixture()
+def running(tmp_path, monkeypatch):
+    """(services, channel) in this process; its poll would wait 60 s."""
+    monkeypatch.setattr(channel_module, "PENDING_POLL_INTERVAL_S", 60.0)
+    with channel_in_a_thread(tmp_path) as started:
+        yield started
 
 
 def test_an_in_process_push_is_delivered_without_waiting_for_the_poll(running, tmp_path):
@@ -162,15 +172,7 @@ def test_a_device_asking_for_no_keepalive_is_still_closed_when_silent(tmp_path, 
     """Keep-alive 0 set no idle limit at all: a device gone behind a NAT stayed ONLINE (found by an
     audit). It gets the platform's longest, 1200 s (1 s here)."""
     monkeypatch.setattr(channel_module, "MAX_KEEPALIVE_S", 1)
-    services = Services.build(Settings(data_dir=tmp_path))
-    prepare(services)
-    channel = DeviceChannel(services, "127.0.0.1", free_port())
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    threading.Thread(target=lambda: (asyncio.set_event_loop(loop), loop.run_until_complete(channel.start()),
-                                     ready.set(), loop.run_forever()), daemon=True).start()
-    assert ready.wait(10)
-    try:
+    with channel_in_a_thread(tmp_path) as (services, channel):
         services.accounts.create_key("keepalive")
         tenant = services.accounts.tenant_by_name("keepalive")
         product = services.products.create(tenant, NewProduct(product_name="keepalive", node_type=0))
@@ -185,7 +187,3 @@ def test_a_device_asking_for_no_keepalive_is_still_closed_when_silent(tmp_path, 
             sock.settimeout(10)
             assert sock.recv(10) == b""  # the server closed it
             assert time.monotonic() - started < 5
-    finally:
-        asyncio.run_coroutine_threadsafe(channel.stop(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        services.close()

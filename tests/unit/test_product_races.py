@@ -10,23 +10,18 @@ from collections.abc import Iterator
 import pytest
 
 from otaplane import errors
-from otaplane.bootstrap import ensure_admin_key
 from otaplane.services import devices as devices_module
 from otaplane.services import products as products_module
 from otaplane.services.container import Services
 from otaplane.services.products import NewProduct
-from otaplane.settings import Settings
 from tests.conftest import BACKENDS
+from tests.support.services import fresh_services
 
 
 @pytest.fixture(params=BACKENDS)
 def services(request, tmp_path, postgres) -> Iterator[Services]:
-    database_url = postgres.create() if request.param == "postgresql" else ""
-    built = Services.build(Settings(data_dir=tmp_path, database_url=database_url))
-    built.db.upgrade()
-    ensure_admin_key(built)
-    yield built
-    built.close()
+    with fresh_services(request.param, tmp_path, postgres) as built:
+        yield built
 
 
 def product(services: Services):
