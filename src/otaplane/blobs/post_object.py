@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
+from urllib.parse import urlsplit
 from xml.sax.saxutils import escape
 
 import anyio
@@ -111,7 +112,7 @@ class PostObjectReceiver:
         self._secret = secret
         self.public_url = public_url.rstrip("/")
         self.host = self.public_url + ROUTE_PREFIX
-        self.host_id = self.public_url.split("://", 1)[-1].split("/", 1)[0] or BUCKET
+        self.host_id = urlsplit(self.public_url).netloc or BUCKET
         self.incoming = incoming
         self._exists = exists
         self._publish = publish

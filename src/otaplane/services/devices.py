@@ -18,7 +18,7 @@ from otaplane.services.modules import product_row
 from otaplane.services.tenancy import Tenant
 from otaplane.store import Database
 from otaplane.store import devices as store
-from otaplane.store.schema import ota_tasks
+from otaplane.store import jobs as job_store
 from otaplane.timefmt import now_ms
 
 DEVICE_NAME = re.compile(r"[A-Za-z0-9_\-@.:]{4,32}")
@@ -202,8 +202,7 @@ class DeviceService:
     def delete(self, tenant: Tenant, ref: DeviceRef) -> None:
         with self.db.begin() as conn:
             device_id = self._row(conn, tenant, ref)["id"]
-            jobs_of_device = conn.execute(sa.select(ota_tasks.c.job_pk).distinct()
-                                          .where(ota_tasks.c.device_id == device_id)).scalars().all()
+            jobs_of_device = job_store.jobs_of_device(conn, device_id)
             store.delete(conn, device_id)  # its tasks go with it
             # A verify job that waited for this device alone is decided now (its package would
             # stay "verifying" for good).

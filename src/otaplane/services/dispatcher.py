@@ -55,7 +55,7 @@ def _is_served(status: str, selection_type: str) -> bool:
 
 _SERVED_PARAMS = {"p_running": job_rules.IN_PROGRESS, "p_cancelled": job_rules.CANCELED,
                   "p_dynamic": job_rules.DYNAMIC}
-_RUNNING_JOBS = Prepared(sa.select(ota_jobs.c.id, ota_jobs.c.pace_next_us)
+_SERVED_JOBS = Prepared(sa.select(ota_jobs.c.id, ota_jobs.c.pace_next_us)
                          .where(_served(ota_jobs.c.status, ota_jobs.c.selection_type)))
 _HAS_DUE_TASK = Prepared(sa.select(sa.exists().where(
     ota_tasks.c.job_pk == sa.bindparam("p_job"), ota_tasks.c.status == sa.bindparam("p_status"),
@@ -191,7 +191,7 @@ class Dispatcher:
         """Jobs with a free pace slot and a due task; only those take a write turn."""
         now_us = now * 1000
         with self.db.connect() as conn:  # every tick: lean statements (store/prepared.py)
-            running = _RUNNING_JOBS.all(conn, **_SERVED_PARAMS)
+            running = _SERVED_JOBS.all(conn, **_SERVED_PARAMS)
             ready = [
                 job["id"] for job in running
                 if job["pace_next_us"] <= now_us
@@ -311,8 +311,6 @@ class Dispatcher:
         task_pks = store.task_ids_of_job(conn, job_pk, task_flow.UNFINISHED)
         task_flow.move(conn, task_pks, task_flow.CANCELED, actor=ACTOR, now_ms=now, reason=cancel_reason,
                        minute_ms=self.minute_ms)
-        # Failed tasks waiting for a retry will not get it.
-        conn.execute(sa.update(ota_tasks).where(ota_tasks.c.job_pk == job_pk, ota_tasks.c.status == task_flow.FAILED)
-                     .values(due_ms=None))
+        task_flow.stop_retries(conn, ota_tasks.c.job_pk == job_pk)
         store.update_job(conn, job_pk, {"status": status, "ended_ms": now, "modified_ms": now,
                                         "description": description[:256]})

@@ -32,6 +32,7 @@ MAX_FILE_BYTES = 1000 * 1024 * 1024  # the platform's HTTPS download limit per f
 MAX_PACKAGES_PER_INSTANCE = 500
 UPLOAD_POLICY_TTL_S = 60  # "upload within 1 minute"
 UPLOAD_ADOPTION_GRACE_MS = 60 * 60 * 1000  # "call CreateOTAFirmware within 60 minutes"
+SINGLE_FILE_ONLY = "describes a single-file package; MultiFiles.N give each file's own"
 
 STATUS_NO_VERIFY = -1
 STATUS_UNVERIFIED = 0
@@ -180,10 +181,11 @@ class FirmwareService:
             raise errors.FirmwareUrlConflict()
         if not new.firmware_url and not new.files:
             raise errors.missing("FirmwareUrl")
-        single_file_only = {"FirmwareSize": new.firmware_size is not None, "FirmwareSign": bool(new.firmware_sign)}
-        for name, given in single_file_only.items():
-            if new.files and given:
-                raise errors.invalid(name, "describes a single-file package; MultiFiles.N give each file's own")
+        if new.files:  # FirmwareSize and FirmwareSign describe a single file; MultiFiles.N give each file's
+            if new.firmware_size is not None:
+                raise errors.invalid("FirmwareSize", SINGLE_FILE_ONLY)
+            if new.firmware_sign:
+                raise errors.invalid("FirmwareSign", SINGLE_FILE_ONLY)
         names = [f.name for f in new.files]
         for name in names:
             if names.count(name) > 1:

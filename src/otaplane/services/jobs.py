@@ -503,7 +503,7 @@ class JobService:
             moved = task_flow.move(conn, task_pks, task_flow.CANCELED, actor="api:CancelOTATaskByJob",
                                    now_ms=now_ms(), reason="cancelled by job", minute_ms=self.minute_ms)
             if task_flow.QUEUED in statuses:  # a failed task waiting for its retry would be queued again
-                _stop_retries(conn, [ota_tasks.c.job_pk == job["id"]])
+                task_flow.stop_retries(conn, ota_tasks.c.job_pk == job["id"])
         self._notify()
         return len(moved)
 
@@ -532,7 +532,7 @@ class JobService:
             moved = task_flow.move(conn, task_pks, task_flow.CANCELED, actor="api:CancelOTATaskByDevice",
                                    now_ms=now_ms(), reason="cancelled by device", minute_ms=self.minute_ms)
             jobs = [job["id"]] if job_id else sa.select(ota_jobs.c.id).where(ota_jobs.c.firmware_pk == fw["id"])
-            _stop_retries(conn, [ota_tasks.c.device_id.in_(list(found.values())), ota_tasks.c.job_pk.in_(jobs)])
+            task_flow.stop_retries(conn, ota_tasks.c.device_id.in_(list(found.values())), ota_tasks.c.job_pk.in_(jobs))
         self._notify()
         return len(moved)
 
@@ -587,13 +587,6 @@ class JobService:
         if len(tasks) != len(set(task_ids)):
             raise errors.TaskNotFound()
         return tasks
-
-
-def _stop_retries(conn, conditions: list) -> None:
-    """Failed tasks (of the conditions) waiting for a retry will not get it: cancelled tasks'
-    devices must not be pushed again by a retry scheduled before."""
-    conn.execute(sa.update(ota_tasks).where(ota_tasks.c.status == task_flow.FAILED, ota_tasks.c.due_ms.is_not(None),
-                                            *conditions).values(due_ms=None))
 
 
 # --- called from device reports (services/device_ota.py), inside its transaction -------------

@@ -276,6 +276,13 @@ def _schedule_retries(conn: Connection, moved: list[Moved], now_ms: int, minute_
             )
 
 
+def stop_retries(conn: Connection, *conditions: sa.ColumnElement) -> None:
+    """Failed tasks (of the conditions) waiting for a retry will not get it: a job that ended, or
+    tasks an operator cancelled, must not be pushed again by a retry scheduled before."""
+    conn.execute(sa.update(ota_tasks).where(ota_tasks.c.status == FAILED, ota_tasks.c.due_ms.is_not(None),
+                                            *conditions).values(due_ms=None))
+
+
 def refresh_verification(conn: Connection, job_pks: Iterable[int], now_ms: int) -> None:
     """Status and VerifyProgress of the packages whose verify jobs are among `job_pks`.
     VerifyProgress is the share of verify devices that run the DestVersion."""

@@ -144,6 +144,12 @@ def device_unfinished_tasks(conn: Connection, device_id: int, module_name: str |
     return [row._mapping for row in conn.execute(_TASK.where(*condition).order_by(ota_tasks.c.id))]
 
 
+def jobs_of_device(conn: Connection, device_id: int) -> list[int]:
+    """The jobs that have a task for the device."""
+    return list(conn.execute(sa.select(ota_tasks.c.job_pk).distinct().where(ota_tasks.c.device_id == device_id))
+                .scalars())
+
+
 def task_ids_of_job(conn: Connection, job_pk: int, statuses: Iterable[str]) -> list[int]:
     return list(conn.execute(sa.select(ota_tasks.c.id).where(ota_tasks.c.job_pk == job_pk,
                                                              ota_tasks.c.status.in_(list(statuses)))).scalars())
