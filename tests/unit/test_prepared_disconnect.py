@@ -50,11 +50,13 @@ def test_a_lost_connection_is_invalidated_and_reported_as_such(db, caplog):
         assert _ONE.first(conn) == {"one": 1}
 
 
-def test_other_errors_are_left_alone(db):
+def test_other_errors_leave_the_connection_alone(db):
     broken = Prepared(sa.select(sa.literal_column("CAST('x' AS INTEGER)").label("n")))
     with db.connect() as conn:
-        with pytest.raises(psycopg.errors.InvalidTextRepresentation):
+        with pytest.raises(sa.exc.DataError) as raised:  # what Connection.execute raises
             broken.first(conn)
+        assert isinstance(raised.value.orig, psycopg.errors.InvalidTextRepresentation)
+        assert not raised.value.connection_invalidated
         assert not conn.invalidated
 
 

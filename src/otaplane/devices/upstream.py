@@ -103,12 +103,12 @@ class DeviceGone(Exception):
 
 
 def _names_a_missing_row(problem: BaseException) -> bool:
-    """A foreign-key refusal, whether SQLAlchemy wrapped it or a prepared statement raised the
-    driver's own (store.prepared runs on the DBAPI cursor)."""
-    original = problem.orig if isinstance(problem, IntegrityError) else problem
-    if isinstance(original, sqlite3.IntegrityError):
-        return "FOREIGN KEY" in str(original)
-    return getattr(original, "sqlstate", None) == "23503"  # PostgreSQL: foreign_key_violation
+    """A foreign-key refusal (SQLAlchemy's IntegrityError, which store.prepared raises too)."""
+    if not isinstance(problem, IntegrityError):
+        return False
+    if isinstance(problem.orig, sqlite3.IntegrityError):
+        return "FOREIGN KEY" in str(problem.orig)
+    return getattr(problem.orig, "sqlstate", None) == "23503"  # PostgreSQL: foreign_key_violation
 
 
 def _block_reply(device_ota: Any, device_id: int, request: messages.BlockRequest) -> bytes:

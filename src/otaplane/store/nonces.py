@@ -127,7 +127,7 @@ def remember_many(conn: Connection, uses: Sequence[NonceUse], expect_fresh: bool
     if conn.dialect.name == "sqlite" and expect_fresh and 0 < len(rows) <= _SQLITE_MAX_ROWS:
         try:
             _insert_rows_sqlite(len(rows), False).rowcount(conn, **_numbered(rows))
-        except conn.dialect.dbapi.IntegrityError:  # the statement failed as a whole: nothing went in
+        except sa.exc.IntegrityError:  # the statement failed as a whole: nothing went in
             raise SomeNonceUsed() from None
         # Every row went in: each use is fresh, but a repeat of an earlier use in `uses`.
         return [first[key] is use for key, use in zip(keys, uses)]

@@ -11,6 +11,7 @@ statement stays a Core statement, compiled by SQLAlchemy; only its execution is 
 - it runs on the Connection's DBAPI connection, in whatever transaction that connection is in,
   without SQLAlchemy's bookkeeping (no autobegin, no events): for reads, and for writes only
   inside a transaction begun on the Connection (`with conn.begin():`), which commits them;
+- a driver error comes wrapped as Connection.execute would raise it (IntegrityError, ...);
 - on SQLite, inside `Database.loop_reads()`, a SELECT's result is reused until a table it
   reads changes (READ_CACHE, store.read_versions): the polling reads that dominate a read-mostly
   API cost a dict lookup.
@@ -86,15 +87,17 @@ class Prepared:
         try:
             cursor.execute(compiled.sql, values)
             return compiled, fetch(cursor)
-        except Exception as exc:
-            if broke_connection(conn, exc):
+        except conn.dialect.loaded_dbapi.Error as exc:
+            # Raise what Connection.execute raises (IntegrityError, OperationalError, ...), so a
+            # caller handles one kind of error whichever way its statement ran: retry_on_deadlock
+            # reads a deadlock's SQLSTATE from an OperationalError, callers catch IntegrityError.
+            lost = broke_connection(conn, exc)
+            if lost:
                 # SQLAlchemy did not run this, so it would not know: invalidate the connection
-                # (the pool drops it instead of failing to roll it back, with a logged traceback)
-                # and raise what Connection.execute raises for a lost connection.
+                # (the pool drops it instead of failing to roll it back, with a logged traceback).
                 conn.invalidate()
-                raise sa.exc.DBAPIError.instance(compiled.sql, values, exc, conn.dialect.loaded_dbapi.Error,
-                                                 connection_invalidated=True) from exc
-            raise
+            raise sa.exc.DBAPIError.instance(compiled.sql, values, exc, conn.dialect.loaded_dbapi.Error,
+                                             connection_invalidated=lost) from exc
         finally:
             cursor.close()
 
