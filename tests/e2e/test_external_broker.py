@@ -27,6 +27,7 @@ from otaplane.settings import Settings
 from tests.e2e.test_device_channel import ACCOUNT, Fleet, _answers_within, unique
 from tests.support.clients import SdkCaller
 from tests.support.devices import Device, connect, device_password
+from tests.support.server import ServerProcess
 from tests.support.waiting import eventually
 
 _HOST, _, _PORT = os.environ.get("OTAPLANE_TEST_MOSQUITTO_ADDRESS", "127.0.0.1:1883").rpartition(":")
@@ -383,3 +384,61 @@ def test_a_push_made_while_the_broker_is_down_is_published_when_it_is_back(priva
         for device in opened:
             device.close()
         services.close()
+
+
+@pytest.fixture(scope="module")
+def second_replica(ext_server):
+    """Another process on the same database, data dir, broker and shared-subscription group."""
+    replica = ServerProcess(ext_server.data_dir, ext_server.database_url, ("--rate-limit", "0"),
+                            dict(ext_server.extra_env))
+    try:
+        yield replica.start()
+    finally:
+        replica.stop()
+
+
+def _upgrade_pushes(device: Device) -> list[int]:
+    """The ids of every push the device has received so far."""
+    ids = []
+    while not device.inbox.empty():
+        message = device.inbox.get_nowait()
+        if message.topic == device.upgrade_topic:
+            ids.append(message.json()["id"])
+    return ids
+
+
+def test_two_replicas_publish_a_push_made_elsewhere_once(fleet, local, tenant, second_replica):
+    """A push made by a third process (the CLI; here this test's services) wakes no replica:
+    both find it pending at their next sweep. Each used to publish it before either recorded it
+    delivered (an audit saw 15 of 100 devices get it twice); now the first to claim it does."""
+    firmware_id = fleet.firmware(os.urandom(1000))
+    names = [fleet.register() for _ in range(60)]
+    devices = {name: fleet.connect(name) for name in names}
+    pushed = {name: _push(local, tenant, fleet, name, firmware_id).message_id for name in names}
+    received: dict[str, list[int]] = {name: [] for name in names}
+
+    def everyone_got_one() -> bool:
+        for name, device in devices.items():
+            received[name] += _upgrade_pushes(device)
+        return all(received.values())
+
+    eventually(everyone_got_one)
+    time.sleep(2)  # a second replica's copy would arrive within its next sweep (every second)
+    everyone_got_one()
+    assert {name: ids for name, ids in received.items() if ids != [pushed[name]]} == {}
+
+
+def test_a_device_reporting_to_either_replica_is_re_offered_once_per_interval(fleet, local, tenant, second_replica):
+    """Version reports that the shared subscription hands to both replicas: one re-offer between
+    them within RE_OFFER_INTERVAL_S, not one per replica."""
+    firmware_id = fleet.firmware(os.urandom(1000))
+    name = fleet.register()
+    pushed = _push(local, tenant, fleet, name, firmware_id)
+    device_id = local.devices.credentials(fleet.product_key, name).device_id
+    eventually(lambda: local.device_ota.offer(device_id, None).delivered)  # published to nobody
+    device = fleet.connect(name)
+    for request_id in range(1, 9):  # the broker shares them out between the two replicas
+        device.inform("1.0.0", request_id=request_id)
+    device.expect(device.upgrade_topic)
+    time.sleep(2)
+    assert [pushed.message_id, *_upgrade_pushes(device)] == [pushed.message_id]

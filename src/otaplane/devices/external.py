@@ -117,7 +117,6 @@ class ExternalChannel:
         self._limiter = anyio.CapacityLimiter(DB_THREADS)
         self._identities: dict[tuple[str, str], tuple[float, Any]] = {}
         self._retry: dict[PendingKey, tuple[float, float]] = {}  # key -> (next attempt, delay)
-        self._re_offered: dict[tuple[int, int], float] = {}
         self._seen: dict[int, float] = {}
         self._stopping = False
         self._reports = Batched(self, self._apply_reports)  # one transaction per batch
@@ -263,14 +262,16 @@ class ExternalChannel:
             return
         if package is None or package.version == version:
             return
-        now = time.monotonic()
-        key = (device_id, package.message_id)
-        if self._re_offered.get(key, 0.0) > now:
+        # At most once per RE_OFFER_INTERVAL_S whichever process gets the report (a shared
+        # subscription spreads one device's messages over the processes).
+        key = PendingKey(device_id, package.module_name, package.message_id)
+        try:
+            claimed, _ = await self._db(self.services.device_ota.claim, [key], "re_offered_ms", RE_OFFER_INTERVAL_S)
+        except Exception:
+            log.exception("re-offer to device %d failed", device_id)
             return
-        self._re_offered[key] = now + RE_OFFER_INTERVAL_S
-        if len(self._re_offered) >= IDENTITY_CACHE_MAX:
-            self._re_offered = {k: v for k, v in self._re_offered.items() if v > now}
-        await self._deliver([package])
+        if claimed:
+            await self._deliver([package])
 
     # --- downstream -----------------------------------------------------------------------------
     def _removed(self, device_id: int) -> None:
@@ -319,14 +320,20 @@ class ExternalChannel:
                 delay = self._retry.get(key, (0.0, 0.0))[1]
                 self._retry[key] = (now + PUBLISH_TIMEOUT_S + RETRY_MIN_S, delay)
             if wanted:
-                packages = await self._db(self.services.device_ota.packages, wanted)
-                self._spawn(self._deliver(packages))
+                # The other processes on this broker see the same pushes: publish those this one took.
+                claimed, at_ms = await self._db(self.services.device_ota.claim, wanted, "publishing_ms",
+                                                PUBLISH_TIMEOUT_S + RETRY_MIN_S)
+                if claimed:
+                    packages = await self._db(self.services.device_ota.packages, claimed)
+                    self._spawn(self._deliver(packages, claimed_at_ms=at_ms))
             if len(keys) < self.undelivered_batch:  # the whole sweep seen: forget delivered or replaced
                 self._retry = {k: v for k, v in self._retry.items() if k in live}
                 return
             after = keys[-1]
 
-    async def _deliver(self, packages: list[PendingPackage]) -> None:
+    async def _deliver(self, packages: list[PendingPackage], claimed_at_ms: int | None = None) -> None:
+        """Publish the pushes; those the broker acknowledged count as delivered. `claimed_at_ms`:
+        the sweep's claim on them, given back for those that failed."""
         if not packages:
             return
         results = await asyncio.gather(*(
@@ -334,7 +341,7 @@ class ExternalChannel:
             for p in packages
         ))
         now = time.monotonic()
-        acked = []
+        acked, failed = [], []
         for package, ok in zip(packages, results):
             key = PendingKey(package.device_id, package.module_name, package.message_id)
             if ok:
@@ -342,10 +349,15 @@ class ExternalChannel:
                 if not package.delivered:
                     acked.append((package.device_id, package.module_name, package.message_id))
             else:
+                failed.append(key)
                 delay = min(max(self._retry.get(key, (0.0, 0.0))[1] * 2, RETRY_MIN_S), RETRY_MAX_S)
                 self._retry[key] = (now + delay, delay)
-        if acked and not self._stopping:
+        if self._stopping:
+            return
+        if acked:
             await self._db(self.services.device_ota.mark_delivered, acked)
+        if failed and claimed_at_ms is not None:
+            await self._db(self.services.device_ota.release, failed, "publishing_ms", claimed_at_ms)
 
     async def _publish(self, topic: str, payload: bytes) -> bool:
         """PUBLISH at QoS 1; True once the broker acknowledged it."""

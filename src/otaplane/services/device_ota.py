@@ -254,6 +254,26 @@ class DeviceOtaService:
             return self._packages(conn, rows)
 
     @retry_on_deadlock
+    def claim(self, keys: Iterable[PendingKey], stamp: str, hold_s: float) -> tuple[list[PendingKey], int]:
+        """The pushes this process may publish now, of `keys`: those no other process took for
+        the same purpose (`stamp`: "publishing_ms" or "re_offered_ms") within `hold_s`; and the
+        stamp written, for `release`. Processes on one external broker all see every push:
+        without this each would publish it."""
+        now = now_ms()
+        items = [(k.device_id, k.module_name, k.message_id) for k in keys]
+        with self.db.write_turn(), self.db.begin() as conn:
+            claimed = store.claim(conn, items, stamp, now, int(hold_s * 1000))
+        return [PendingKey(*item) for item in claimed], now
+
+    def release(self, keys: Iterable[PendingKey], stamp: str, at_ms: int) -> None:
+        """Give back claims (`claim`'s stamp `at_ms`) whose publish failed: any process may try
+        again at once instead of after the hold."""
+        items = [(k.device_id, k.module_name, k.message_id) for k in keys]
+        if items:
+            with self.db.write_turn(), self.db.begin() as conn:
+                store.release(conn, items, stamp, at_ms)
+
+    @retry_on_deadlock
     def mark_delivered(self, items: Iterable[tuple[int, str, int]]) -> None:
         """(device_id, module_name, message_id) of pushes the devices acknowledged."""
         items = sorted(items)  # device order: the lock order of concurrent report batches

@@ -232,6 +232,43 @@ def mark_delivered(conn: Connection, items: Iterable[tuple[int, str, int]], now_
         )
 
 
+def claim(conn: Connection, items: Iterable[tuple[int, str, int]], stamp: str, now_ms: int,
+          hold_ms: int) -> list[tuple[int, str, int]]:
+    """Stamp each push (device_id, module_name, message_id) in its `stamp` column (publishing_ms
+    or re_offered_ms) unless another process stamped it less than `hold_ms` ago: the pushes this
+    process may publish now. The UPDATE's own condition decides, so of processes racing for one
+    push exactly one wins (the row's lock on PostgreSQL, the write lock on SQLite)."""
+    column = pending.c[stamp]
+    statement = (
+        sa.update(pending)
+        .where(pending.c.device_id == sa.bindparam("p_device"),
+               pending.c.module_name == sa.bindparam("p_module"),
+               pending.c.message_id == sa.bindparam("p_message"),
+               sa.or_(column.is_(None), column <= sa.bindparam("p_before")))
+        .values({stamp: sa.bindparam("p_now")})
+    )
+    claimed = []
+    for item in sorted(items):  # device order: the lock order of every batch
+        device_id, module_name, message_id = item
+        result = conn.execute(statement, {"p_device": device_id, "p_module": module_name, "p_message": message_id,
+                                          "p_now": now_ms, "p_before": now_ms - hold_ms})
+        if result.rowcount:
+            claimed.append(item)
+    return claimed
+
+
+def release(conn: Connection, items: Iterable[tuple[int, str, int]], stamp: str, at_ms: int) -> None:
+    """Undo `claim`s stamped `at_ms` (a later claim by another process stays)."""
+    column = pending.c[stamp]
+    conn.execute(
+        sa.update(pending)
+        .where(pending.c.device_id == sa.bindparam("p_device"), pending.c.module_name == sa.bindparam("p_module"),
+               pending.c.message_id == sa.bindparam("p_message"), column == sa.bindparam("p_at"))
+        .values({stamp: None}),
+        [{"p_device": d, "p_module": m, "p_message": i, "p_at": at_ms} for d, m, i in sorted(items)],
+    )
+
+
 _RECORD_PROGRESS = Prepared(
     sa.update(pending)
     .where(pending.c.device_id == sa.bindparam("p_device"), pending.c.module_name == sa.bindparam("p_module"))

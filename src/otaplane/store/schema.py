@@ -229,6 +229,10 @@ device_ota_pending = sa.Table(
     sa.Column("task_pk", sa.Integer, nullable=True, index=True),
     # False: the job said NeedPush=false, so the device only gets it by asking (firmware/get).
     sa.Column("push", sa.Boolean, nullable=False, server_default=sa.true()),
+    # Processes on one external broker share the row: when one took the push to publish it, and
+    # when one last published it again after a version report (store.device_ota.claim).
+    sa.Column("publishing_ms", sa.BigInteger, nullable=True),
+    sa.Column("re_offered_ms", sa.BigInteger, nullable=True),
 )
 
 # Upgrade jobs (verify, static, dynamic). Lists and tags are small JSON arrays: never queried into.
