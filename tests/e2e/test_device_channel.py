@@ -18,6 +18,7 @@ import pytest
 from otaplane.services.container import Services
 from otaplane.services.devices import DeviceRef
 from otaplane.settings import Settings
+from otaplane.sim import mqtt as mqtt_codec
 from tests.support.clients import SdkCaller
 from tests.support.devices import ConnectRefused, Device, connect, device_password, raw_connect
 from tests.support.server import ServerProcess
@@ -602,6 +603,50 @@ def test_malformed_and_oversize_messages_are_dropped_without_harm_to_others(flee
     assert bad.disconnected.wait(10), "an oversize PUBLISH closes the connection"
     good.firmware_get(request_id="still-here")
     assert good.expect(good.get_reply_topic).json()["id"] == "still-here"
+
+
+def _raw_device(fleet: Fleet, name: str) -> socket.socket:
+    """A device connected on a bare socket (to send what paho refuses to)."""
+    client_id = f"{fleet.product_key}&{name}"
+    password = device_password(fleet.secrets[name], client_id, name, fleet.product_key, None, "hmacsha1")
+    sock, connack = raw_connect(fleet.server.mqtt_port, client_id + "|signmethod=hmacsha1|",
+                                f"{name}&{fleet.product_key}", password, keepalive=60)
+    assert connack == b"\x20\x02\x00\x00"
+    return sock
+
+
+def _closed_by_server(sock: socket.socket, within: float = 5) -> bool:
+    sock.settimeout(within)
+    try:
+        return sock.recv(1024) == b""
+    except ConnectionResetError:
+        return True
+
+
+@pytest.mark.parametrize("wildcard, qos", [("+", 1), ("#", 0)])
+def test_a_publish_to_a_wildcard_topic_closes_the_connection_and_no_other(fleet, wildcard, qos):
+    """[MQTT-3.3.2-2]: a topic name holds no wildcard, and the server closes the connection of a
+    client that sends one. amqtt 0.12 raised in the middle of the packet and read its payload as
+    the next packets: here that payload is a well-formed version report, which must not land."""
+    bad_name, good_name = fleet.register(), fleet.register()
+    good = fleet.connect(good_name)
+    pk = fleet.product_key
+    logged_before = len(fleet.server.logs())
+    smuggled = mqtt_codec.publish_packet(f"/ota/device/inform/{pk}/{bad_name}",
+                                         b'{"id":1,"params":{"version":"6.6.6"}}', qos=0)
+    with _raw_device(fleet, bad_name) as sock:
+        eventually(lambda: fleet.detail(bad_name)["Status"] == "ONLINE")
+        sock.sendall(mqtt_codec.publish_packet(f"/ota/device/inform/{pk}/{wildcard}", smuggled, qos=qos, packet_id=7))
+        assert _closed_by_server(sock), "the connection stays open after a wildcard PUBLISH"
+    eventually(lambda: fleet.detail(bad_name)["Status"] == "OFFLINE")
+    assert "FirmwareVersion" not in fleet.detail(bad_name)
+
+    good.inform("1.2.3")  # the others are served as before
+    eventually(lambda: fleet.detail(good_name).get("FirmwareVersion") == "1.2.3")
+    logs = fleet.server.logs()[logged_before:]
+    warnings = [line for line in logs.splitlines() if "MQTT-3.3.2-2" in line]
+    assert len(warnings) == 1 and " WARNING " in warnings[0] and f"inform/{pk}/{wildcard}" in warnings[0], logs
+    assert "Traceback" not in logs
 
 
 def test_a_device_cannot_read_or_write_another_devices_ota_topics(fleet, local, tenant):

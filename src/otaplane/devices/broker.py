@@ -23,6 +23,10 @@ CONNECT bursts (every device reconnecting after a restart): the credential looku
 ONLINE/OFFLINE writes and the pending-package reads of connections arriving together go to the
 database in batches (`Batched`, a group commit), and the listen backlog is large.
 
+Packets are read whole before amqtt parses them (`_PacketReader`): an oversize packet, or one that
+amqtt would give up on halfway and then misread the rest of (a wildcard in a PUBLISH topic
+name), closes the connection instead.
+
 Built on amqtt 0.12's Broker internals (the overridden methods below); pyproject pins it.
 """
 
@@ -42,6 +46,7 @@ from amqtt.broker import Broker
 from amqtt.contexts import Action, ListenerType
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.constants import QOS_1
+from amqtt.mqtt.packet import PUBLISH
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
@@ -65,9 +70,9 @@ HEARTBEATS_TO_DEATH = 6
 # While deliveries are in flight a sweep reads on from where the previous one ended; a sweep from
 # the first undelivered row runs at least this often all the same (see _deliver_undelivered).
 FULL_SWEEP_INTERVAL_S = 1.0
-# Any single read of a packet body larger than this closes the connection (a PUBLISH payload
-# over the limit never reaches memory whole).
-MAX_PACKET_BODY = messages.MAX_PAYLOAD_BYTES
+# A packet whose body is larger than this closes the connection before its body is read: the
+# payload limit of device messages, and room for a PUBLISH's topic name and packet id.
+MAX_PACKET_BODY = messages.MAX_PAYLOAD_BYTES + 1024
 # Database work of the channel runs in worker threads; at most this many at once, leaving
 # threads and pooled connections for HTTP requests.
 DB_THREADS = 8
@@ -524,20 +529,69 @@ def _bind(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-class _LimitedReader(StreamReaderAdapter):
-    """Closes the connection instead of reading a packet body over MAX_PACKET_BODY."""
+class _PacketReader(StreamReaderAdapter):
+    """amqtt reads a device's packets through this, which reads each packet whole first and
+    closes the connection on what amqtt would mishandle:
+    - a packet body over MAX_PACKET_BODY (it never reaches memory whole);
+    - a remaining length of more than 4 bytes, and a PUBLISH whose topic name holds a wildcard
+      ([MQTT-3.3.2-2]): amqtt 0.12 raises MQTTError in the middle of such a packet, drops the
+      error, and reads the rest of the packet as the next ones, with the connection left open.
+    amqtt's reads are then served from the packet: a read past its end comes back short (amqtt
+    drops that packet), never from the next packet."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         super().__init__(reader)
         self._writer = writer
+        self._packet = b""  # the packet amqtt is reading
+        self._offset = 0  # how much of it amqtt has read
+        self._closed = False
 
     async def read(self, n: int = -1) -> bytes:
-        if n > MAX_PACKET_BODY:
-            peer = self._writer.get_extra_info("peername")
-            log.warning("closing the connection of %s: a packet of more than %d bytes", peer, MAX_PACKET_BODY)
-            self._writer.transport.abort()
+        if self._closed:  # bytes still buffered after a refusal are never parsed
             raise asyncio.IncompleteReadError(b"", n)
-        return await super().read(n)
+        if self._offset == len(self._packet):
+            self._packet, self._offset = await self._next_packet(), 0
+        end = len(self._packet) if n < 0 else self._offset + n
+        data = self._packet[self._offset:end]
+        self._offset += len(data)
+        return data
+
+    async def _next_packet(self) -> bytes:
+        read = self._reader.readexactly
+        header = bytearray(await read(1))
+        try:  # from here on, an interrupted read would leave the stream in the middle of a packet
+            length, multiplier = 0, 1
+            while True:
+                if len(header) > 4:
+                    self._refuse("a remaining length of more than 4 bytes [MQTT-2.2.3]")
+                byte = (await read(1))[0]
+                header.append(byte)
+                length += (byte & 0x7F) * multiplier
+                multiplier *= 128
+                if not byte & 0x80:
+                    break
+            if length > MAX_PACKET_BODY:
+                self._refuse(f"a packet of more than {MAX_PACKET_BODY} bytes")
+            body = await read(length)
+        except asyncio.CancelledError:  # amqtt's keep-alive timeout: the device is closed anyway
+            self._closed = True
+            raise
+        if header[0] >> 4 == PUBLISH:
+            self._check_topic_name(body)
+        return bytes(header) + body
+
+    def _check_topic_name(self, body: bytes) -> None:
+        """[MQTT-3.3.2-2]: a topic name holds no wildcard (a topic filter may)."""
+        topic = body[2:2 + int.from_bytes(body[:2], "big")]
+        if b"+" in topic or b"#" in topic:
+            self._refuse(f"a PUBLISH to {topic[:200].decode(errors='replace')!r}, a topic name with a wildcard"
+                         " [MQTT-3.3.2-2]")
+
+    def _refuse(self, what: str) -> None:
+        log.warning("closing the connection of %s: %s", self._writer.get_extra_info("peername"), what)
+        self._closed = True
+        self._writer.transport.abort()
+        raise asyncio.IncompleteReadError(b"", None)
 
 
 class DeviceBroker(Broker):
@@ -557,7 +611,7 @@ class DeviceBroker(Broker):
                                           reuse_address=True, ssl=ssl_context, backlog=LISTEN_BACKLOG)
 
     async def stream_connected(self, reader, writer, listener_name: str) -> None:
-        await self._client_connected(listener_name, _LimitedReader(reader, writer), StreamWriterAdapter(writer))
+        await self._client_connected(listener_name, _PacketReader(reader, writer), StreamWriterAdapter(writer))
 
     async def _initialize_client_session(self, reader, writer, remote_address, remote_port):
         """Every connection gets a new, clean session, and no existing session is touched before
