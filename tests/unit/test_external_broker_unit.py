@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+
 import anyio
 import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from otaplane.devices.external import ExternalChannel, parse_mqtt_url
+from otaplane.devices.external import UPSTREAM_FILTERS, ExternalChannel, parse_mqtt_url
 from otaplane.devices.http_auth import make_endpoints
+from otaplane.services.devices import DeviceRef
+from otaplane.services.products import NewProduct
+from otaplane.sim import mqtt as mqtt_codec
+from tests.support.services import fresh_services
 
 
 @pytest.mark.parametrize("url, expected", [
@@ -89,3 +97,80 @@ def test_garbage_is_denied_without_lookups(client, body):
     for path in ("/mqtt/auth", "/mqtt/acl"):
         response = client.post(path, content=body, headers={"content-type": "application/json"})
         assert response.status_code == 200 and response.json()["result"] == "deny"
+
+
+class _FakeBroker:
+    """Just enough of a broker for otaplane's client: CONNACK, SUBACK, then `deliveries` sent to
+    it as PUBLISH packets (QoS 1); the PUBACKs it gets back are kept. For what Mosquitto never
+    forwards."""
+
+    def __init__(self, deliveries: list[tuple[str, bytes]]):
+        self.deliveries = deliveries
+        self.acknowledged: list[int] = []
+        self.server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._packet(reader)  # CONNECT
+        writer.write(b"\x20\x02\x00\x00")
+        first, body = await self._packet(reader)
+        assert first >> 4 == 8, "SUBSCRIBE expected"
+        writer.write(mqtt_codec.packet(0x90, body[:2] + b"\x01" * len(UPSTREAM_FILTERS)))
+        for packet_id, (topic, payload) in enumerate(self.deliveries, start=1):
+            writer.write(mqtt_codec.publish_packet(topic, payload, qos=1, packet_id=packet_id))
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                first, body = await self._packet(reader)
+                if first >> 4 == 4:  # PUBACK
+                    self.acknowledged.append(int.from_bytes(body[:2], "big"))
+
+    @staticmethod
+    async def _packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+        first = (await reader.readexactly(1))[0]
+        length, multiplier = 0, 1
+        while True:
+            byte = (await reader.readexactly(1))[0]
+            length += (byte & 0x7F) * multiplier
+            multiplier *= 128
+            if not byte & 0x80:
+                return first, await reader.readexactly(length)
+
+
+def test_a_wildcard_topic_from_the_broker_is_dropped_and_the_next_message_handled(tmp_path, caplog):
+    """A topic name with a wildcard made aiomqtt raise inside paho's read loop, which then handled
+    that packet again and again: the channel spun and never read another message."""
+    with fresh_services("sqlite", tmp_path, None) as services:
+        services.accounts.create_key("ext")
+        tenant = services.accounts.tenant_by_name("ext")
+        product = services.products.create(tenant, NewProduct(product_name="ext", node_type=0))
+        services.devices.register(tenant, product.product_key, "ext-dev", None)
+        report = b'{"id":1,"params":{"version":"1.0.1"}}'
+        broker = _FakeBroker([(f"/ota/device/inform/{product.product_key}/+", report),
+                              (f"/ota/device/inform/{product.product_key}/ext-dev", report)])
+        ref = DeviceRef(product_key=product.product_key, device_name="ext-dev")
+
+        def versions() -> dict[str, str]:
+            return {m.module_name: m.version for m in services.devices.module_versions(tenant, ref)[1]}
+
+        async def scenario():
+            await broker.start()
+            channel = ExternalChannel(services, broker.url, "")
+            await channel.start()
+            try:
+                with anyio.fail_after(10):
+                    while versions() != {"default": "1.0.1"} or broker.acknowledged != [1, 2]:
+                        await asyncio.sleep(0.05)
+            finally:
+                await channel.stop()
+                broker.server.close()
+
+        anyio.run(scenario)
+    dropped = [r for r in caplog.records if "/+" in r.getMessage()]
+    assert len(dropped) == 1, caplog.text
+    assert dropped[0].levelno == logging.WARNING and not dropped[0].exc_info

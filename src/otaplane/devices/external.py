@@ -99,6 +99,21 @@ def parse_mqtt_url(url: str) -> BrokerAddress:
                          unquote(parts.password) if parts.password is not None else None)
 
 
+class _BrokerClient(aiomqtt.Client):
+    """aiomqtt's client, dropping a message whose topic name is not one.
+
+    Mosquitto and EMQX close a device that PUBLISHes to a topic name holding a wildcard
+    ([MQTT-3.3.2-2]) or not in UTF-8, but a broker that forwarded one made aiomqtt raise inside
+    paho's read loop, which then handled that same packet again and again: the channel spun and
+    read no other message. Dropped here, the message is still acknowledged."""
+
+    def _on_message(self, client, userdata, message) -> None:
+        try:
+            super()._on_message(client, userdata, message)
+        except ValueError as problem:  # aiomqtt's Topic check, or a topic that is not UTF-8
+            log.warning("dropped a message from the MQTT broker: %s", problem)
+
+
 class ExternalChannel:
     """Same role as DeviceChannel (start/stop, deliver pushes, answer firmware/get), as a client."""
 
@@ -162,7 +177,7 @@ class ExternalChannel:
         tls = ssl.create_default_context() if self.address.tls else None
         while not self._stopping:
             try:
-                async with aiomqtt.Client(
+                async with _BrokerClient(
                     self.address.host, self.address.port, identifier=self.client_id,
                     username=self.address.username, password=self.address.password,
                     clean_session=True, keepalive=30, timeout=self.connect_timeout_s, tls_context=tls,
