@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from otaplane.services.container import Services
-from otaplane.services.devices import DeviceRef
+from otaplane.services.devices import MAX_MODULES_PER_DEVICE, DeviceRef
 from otaplane.settings import Settings
 from otaplane.sim import mqtt as mqtt_codec
 from tests.support.clients import SdkCaller
@@ -329,6 +329,41 @@ def test_version_reports_show_in_the_openapi(fleet):
     device.publish(f"/ota/device/inform/{fleet.product_key}/{name}",
                    b'{"id":1,"params":{"version":"1.0.1","module":"default",},}', qos=0)
     eventually(lambda: fleet.detail(name).get("FirmwareVersion") == "1.0.1")
+
+
+def test_module_names_per_device_are_capped_and_known_ones_still_update(fleet):
+    """Each new module name a device reports was a new device_modules row, without end."""
+    name = fleet.register()
+    device = fleet.connect(name)
+    logged_before = len(fleet.server.logs())
+    kept = ["default"] + [f"m{i}" for i in range(MAX_MODULES_PER_DEVICE - 1)]
+    for module in kept:
+        device.inform("1.0.0", module=module)
+    for i in range(5):  # over the cap: refused, one warning for all of them
+        device.inform("1.0.0", module=f"extra{i}")
+    device.inform("2.0.0", module="m0")  # a module it has: still updated
+    device.inform("2.0.0")
+    eventually(lambda: fleet.module_versions(name) == {m: "2.0.0" if m in ("default", "m0") else "1.0.0"
+                                                       for m in kept})
+    assert fleet.detail(name)["FirmwareVersion"] == "2.0.0"
+    logs = fleet.server.logs()[logged_before:]
+    warnings = [line for line in logs.splitlines() if f"{fleet.product_key}/{name}" in line]
+    assert len(warnings) == 1 and " WARNING " in warnings[0] and "'extra0'" in warnings[0], logs
+    assert "Traceback" not in logs
+
+
+@pytest.mark.parametrize("module", ["m" * 65, "MCU v2", "模块", "MCU\tx", "../etc"])
+def test_a_module_name_outside_the_platforms_rule_is_refused(fleet, module):
+    """1-64 of [A-Za-z0-9._-], as CreateOTAModule takes them: such a name can name no module (a
+    name over 64 characters also would not fit the column)."""
+    name = fleet.register()
+    device = fleet.connect(name)
+    logged_before = len(fleet.server.logs())
+    device.inform("1.0.0", module=module)
+    device.inform("1.0.1", module="MCU")
+    eventually(lambda: fleet.module_versions(name) == {"MCU": "1.0.1"})
+    logs = fleet.server.logs()[logged_before:]
+    assert "dropped inform message" in logs and "Traceback" not in logs, logs
 
 
 def test_firmware_get_answers_empty_data_when_nothing_is_pending(fleet):

@@ -122,6 +122,10 @@ def test_parse_inform(payload, module, request_id):
     b'{"id": 1, "params": {"version": 1}}', b'{"id": [1], "params": {"version": "1"}}',
     b'{"id": 1, "params": "x"}', b"\xff\xfe", ('{"params": {"version": "%s"}}' % ("9" * 65)).encode(),
     b'{"params": {"version": "1\\u0000"}}', b'{"params": {"version": "1", "module": 5}}',
+    # module names outside CreateOTAModule's rule: 1-64 of [A-Za-z0-9._-]
+    ('{"params": {"version": "1", "module": "%s"}}' % ("m" * 65)).encode(),
+    b'{"params": {"version": "1", "module": "MCU v2"}}', b'{"params": {"version": "1", "module": "\\u6a21"}}',
+    b'{"params": {"version": "1", "module": "a/b"}}',
 ])
 def test_malformed_informs(payload):
     with pytest.raises(MalformedMessage):

@@ -19,7 +19,9 @@ from otaplane.services.device_ota import PendingPackage
 # Bigger payloads are refused (no OTA message comes near it; the platform allows 256 KB).
 MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_VERSION_LENGTH = 64  # device_modules.version
-MAX_MODULE_LENGTH = 64
+MAX_MODULE_LENGTH = 64  # device_modules.module_name
+# The platform's rule for module names (CreateOTAModule): a name outside it names no module.
+MODULE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 MAX_DESC_LENGTH = 256  # stored; longer descriptions are cut
 PROGRESS_STEPS = range(-4, 101)  # -4..-1 failures, 0 download started (LSDK4), 1..100 percent
 
@@ -126,7 +128,10 @@ def _module(params: dict[str, Any]) -> str | None:
     module = params.get("module")
     if module is None or module == "":
         return None
-    return _text(module, "module", MAX_MODULE_LENGTH)
+    module = _text(module, "module", MAX_MODULE_LENGTH)
+    if not MODULE_NAME.fullmatch(module):
+        raise MalformedMessage("module may contain only letters, digits, '.', '_' and '-'")
+    return module
 
 
 def _int(value: Any, name: str, minimum: int, maximum: int | None = None) -> int:

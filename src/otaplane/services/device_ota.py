@@ -377,7 +377,8 @@ class DeviceOtaService:
 
     def _version(self, conn, report: "VersionReport", now: int) -> tuple[bool, int]:
         module_name = report.module or DEFAULT_MODULE
-        self.devices.record_version(conn, report.device_id, module_name, report.version, now)
+        if not self.devices.record_version(conn, report.device_id, module_name, report.version, now):
+            return False, 0  # a module over the device's cap: the report is refused as a whole
         task = store.task_of(conn, report.device_id, module_name)
         if task is not None and task["status"] in task_flow.UNFINISHED:
             if task["dest_version"] == report.version:

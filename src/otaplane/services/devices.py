@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from otaplane import errors, ids
 from otaplane.secretbox import SecretBox
 from otaplane.services import task_flow
-from otaplane.services.modules import product_row
+from otaplane.services.modules import MAX_CUSTOM_MODULES, product_row
 from otaplane.services.tenancy import Tenant
 from otaplane.store import Database
 from otaplane.store import devices as store
@@ -24,6 +25,15 @@ from otaplane.timefmt import now_ms
 DEVICE_NAME = re.compile(r"[A-Za-z0-9_\-@.:]{4,32}")
 MAX_DEVICES_PER_PRODUCT = 1_000_000
 DEFAULT_MODULE = "default"
+# Distinct module names kept per device. A product has `default` and at most MAX_CUSTOM_MODULES
+# others at a time; twice that leaves room for modules deleted and created anew over a device's
+# life, and a device that reports made-up names cannot grow device_modules without bound.
+MAX_MODULES_PER_DEVICE = 2 * (1 + MAX_CUSTOM_MODULES)
+# Devices whose refused reports were logged (one line per device, not one per message); past this
+# many the memory starts over.
+MODULE_CAP_WARNED_MAX = 10_000
+
+log = logging.getLogger("otaplane.devices")
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,7 @@ class DeviceService:
         self.db = db
         self.box = box
         self._removal_listeners: list[Callable[[int], None]] = []
+        self._module_cap_warned: set[int] = set()  # device ids
 
     def add_removal_listener(self, listener: Callable[[int], None]) -> None:
         """`listener(device_id)` after a device's deletion commits (any thread, quick): the device
@@ -282,15 +293,28 @@ class DeviceService:
         with self.db.write_turn(), self.db.begin() as conn:
             store.mark_disconnected_many(conn, connections, now_ms())
 
-    def report_version(self, device_id: int, module: str | None, version: str) -> None:
+    def report_version(self, device_id: int, module: str | None, version: str) -> bool:
         now = now_ms()
         with self.db.begin() as conn:
-            self.record_version(conn, device_id, module or DEFAULT_MODULE, version, now)
+            return self.record_version(conn, device_id, module or DEFAULT_MODULE, version, now)
 
-    @staticmethod
-    def record_version(conn, device_id: int, module: str, version: str, now: int) -> None:
-        """`report_version` inside the caller's transaction."""
-        store.set_module_version_and_seen(conn, device_id, module, version, now)
+    def record_version(self, conn, device_id: int, module: str, version: str, now: int) -> bool:
+        """`report_version` inside the caller's transaction. False when refused: the module is new
+        to a device that has MAX_MODULES_PER_DEVICE modules already (those are still updated)."""
+        if store.set_module_version_and_seen(conn, device_id, module, version, now, MAX_MODULES_PER_DEVICE):
+            return True
+        self._warn_module_cap(conn, device_id, module)
+        return False
+
+    def _warn_module_cap(self, conn, device_id: int, module: str) -> None:
+        """Once per device: a device that makes up module names may send them by the thousand."""
+        if device_id in self._module_cap_warned:
+            return
+        if len(self._module_cap_warned) >= MODULE_CAP_WARNED_MAX:
+            self._module_cap_warned.clear()
+        self._module_cap_warned.add(device_id)
+        log.warning("device %s reports module %r, but it has %d modules already: versions of modules new to it "
+                    "are dropped (logged once)", store.name_of(conn, device_id), module, MAX_MODULES_PER_DEVICE)
 
     def mark_seen(self, device_id: int) -> None:
         """A message from the device through an external broker (which reports no connects):

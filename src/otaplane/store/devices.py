@@ -44,6 +44,13 @@ def by_name(conn: Connection, product_key: str, device_name: str) -> RowMapping 
     return row._mapping if row else None
 
 
+def name_of(conn: Connection, device_id: int) -> str | None:
+    """`ProductKey/DeviceName`, for log lines."""
+    row = conn.execute(sa.select(products.c.product_key, devices.c.device_name)
+                       .join(products, products.c.id == devices.c.product_id).where(devices.c.id == device_id)).first()
+    return f"{row.product_key}/{row.device_name}" if row else None
+
+
 def names_taken(conn: Connection, product_id: int, names: list[str]) -> set[str]:
     taken: set[str] = set()
     for start in range(0, len(names), 500):
@@ -89,10 +96,18 @@ def update(conn: Connection, device_id: int, values: dict[str, Any]) -> None:
 
 
 def _set_module_version(dialect) -> Prepared:
-    statement = dialect.insert(device_modules).values(
-        device_id=sa.bindparam("p_device"), module_name=sa.bindparam("p_module"),
-        version=sa.bindparam("p_version"), modified_ms=sa.bindparam("p_now"),
-    )
+    """The upsert of a module's version, which adds no row to a device with `p_max_modules` rows
+    (a module it has is still updated): rowcount 0 when refused. Two transactions adding modules
+    to one device at once (two replicas) may each pass the count: a device's own reports are one
+    at a time in a process, so the overshoot stays within the number of processes."""
+    device, module = sa.bindparam("p_device", type_=sa.Integer), sa.bindparam("p_module", type_=sa.String)
+    of_device = device_modules.c.device_id == device
+    known = sa.exists().where(of_device, device_modules.c.module_name == module)
+    count = sa.select(sa.func.count()).select_from(device_modules).where(of_device).scalar_subquery()
+    room = count < sa.bindparam("p_max_modules", type_=sa.Integer)
+    row = sa.select(device, module, sa.bindparam("p_version", type_=sa.String),
+                    sa.bindparam("p_now", type_=sa.BigInteger)).where(sa.or_(known, room))
+    statement = dialect.insert(device_modules).from_select(["device_id", "module_name", "version", "modified_ms"], row)
     return Prepared(statement.on_conflict_do_update(
         index_elements=[device_modules.c.device_id, device_modules.c.module_name],
         set_={"version": statement.excluded.version, "modified_ms": statement.excluded.modified_ms},
@@ -105,10 +120,13 @@ _SEEN = Prepared(sa.update(devices).where(devices.c.id == sa.bindparam("p_device
                  .values(last_seen_ms=sa.bindparam("p_now")))
 
 
-def set_module_version(conn: Connection, device_id: int, module: str, version: str, now_ms: int) -> None:
-    """Inside a transaction begun on `conn`."""
+def set_module_version(conn: Connection, device_id: int, module: str, version: str, now_ms: int,
+                       max_modules: int) -> bool:
+    """Inside a transaction begun on `conn`; False (nothing written) when the module is new to the
+    device and it has `max_modules` modules already."""
     prepared = _SET_MODULE_VERSION["postgresql" if conn.dialect.name == "postgresql" else "sqlite"]
-    prepared.rowcount(conn, p_device=device_id, p_module=module, p_version=version, p_now=now_ms)
+    return prepared.rowcount(conn, p_device=device_id, p_module=module, p_version=version, p_now=now_ms,
+                             p_max_modules=max_modules) > 0
 
 
 # PostgreSQL: the two statements above in one round trip (a data-modifying CTE runs once,
@@ -116,13 +134,15 @@ def set_module_version(conn: Connection, device_id: int, module: str, version: s
 _VERSION_AND_SEEN_PG = Prepared(_SET_MODULE_VERSION["postgresql"].statement.add_cte(_SEEN.statement.cte("seen")))
 
 
-def set_module_version_and_seen(conn: Connection, device_id: int, module: str, version: str, now_ms: int) -> None:
-    """`set_module_version` and `mark_seen`: inside a transaction begun on `conn`."""
+def set_module_version_and_seen(conn: Connection, device_id: int, module: str, version: str, now_ms: int,
+                                max_modules: int) -> bool:
+    """`set_module_version` and `mark_seen` (seen either way): inside a transaction begun on `conn`."""
     if conn.dialect.name == "postgresql":
-        _VERSION_AND_SEEN_PG.rowcount(conn, p_device=device_id, p_module=module, p_version=version, p_now=now_ms)
-    else:
-        set_module_version(conn, device_id, module, version, now_ms)
-        mark_seen(conn, device_id, now_ms)
+        return _VERSION_AND_SEEN_PG.rowcount(conn, p_device=device_id, p_module=module, p_version=version,
+                                             p_now=now_ms, p_max_modules=max_modules) > 0
+    recorded = set_module_version(conn, device_id, module, version, now_ms, max_modules)
+    mark_seen(conn, device_id, now_ms)
+    return recorded
 
 
 def mark_seen(conn: Connection, device_id: int, now_ms: int) -> None:
