@@ -460,6 +460,49 @@ def test_conditional_downloads_answer_304_and_412_as_oss_does(http, blobs, store
     assert resumed.status_code == 206 and resumed.content == data[10:20]
 
 
+def md5_etag(data: bytes) -> str:
+    return f'"{hashlib.md5(data).hexdigest().upper()}"'
+
+
+def size_and_time_etag(path: Path) -> str:
+    """The ETag of an object stored before MD5 ETags (Starlette FileResponse's)."""
+    st = path.stat()
+    return f'"{hashlib.md5(f"{st.st_mtime}-{st.st_size}".encode()).hexdigest()}"'
+
+
+def test_an_uploaded_objects_etag_is_its_md5_as_on_oss(http, blobs, stored):
+    """On OSS a PostObject upload's ETag is the content's MD5 in uppercase hex, and devices and
+    tools compare it with the package's MD5 (ours came from size and time). Every answer says
+    it and every condition weighs it: streamed and small objects, HEAD, 304, 412, 206, If-Range."""
+    small = os.urandom(1000)
+    for key, data in (stored, (upload(http, blobs, small), small)):
+        url = blobs.presigned_get(key, 60)
+        etag = md5_etag(data)
+        assert http.get(url).headers["etag"] == etag
+        assert http.head(url).headers["etag"] == etag
+        not_modified = http.get(url, headers={"If-None-Match": etag})
+        assert (not_modified.status_code, not_modified.headers["etag"]) == (304, etag)
+        resumed = http.get(url, headers={"If-Match": etag, "Range": "bytes=10-19"})
+        assert (resumed.status_code, resumed.content, resumed.headers["etag"]) == (206, data[10:20], etag)
+        assert http.get(url, headers={"If-Range": etag, "Range": "bytes=10-19"}).status_code == 206
+        older = size_and_time_etag(blobs.root / key)
+        assert http.get(url, headers={"If-Match": older}).status_code == 412
+        assert http.get(url, headers={"If-Range": older, "Range": "bytes=10-19"}).status_code == 200
+
+
+def test_an_object_stored_before_md5_etags_keeps_its_etag(http, blobs):
+    """No MD5 kept for it (stored by an older otaplane): the size-and-time ETag, as before."""
+    key, data = new_key(), os.urandom(5000)
+    path = blobs.root / key
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    url = blobs.presigned_get(key, 60)
+    etag = size_and_time_etag(path)
+    assert http.get(url).headers["etag"] == etag
+    assert http.get(url, headers={"If-None-Match": etag}).status_code == 304
+    assert http.get(url, headers={"If-Match": md5_etag(data)}).status_code == 412
+
+
 @pytest.mark.parametrize("header", ["", "bytes", "bytes=", "items=0-9", "bytes=9-2", "bytes=a-b", "\u00e9"])
 def test_a_range_that_cannot_be_parsed_is_ignored(http, blobs, stored, header):
     """As OSS and S3 do (and RFC 9110 allows): the whole object, not an error."""

@@ -17,6 +17,7 @@ from otaplane.services.firmware import NewFirmware
 from otaplane.services.products import NewProduct
 from tests.conftest import BACKENDS
 from tests.support.services import fresh_services
+from tests.support.uploads import store_as_received
 
 
 @pytest.fixture(params=BACKENDS)
@@ -102,3 +103,17 @@ def test_a_module_deleted_while_its_package_is_hashed_is_reported_as_such(servic
         services.firmware.create(tenant, NewFirmware(product_key, "fresh-name", "1.0", firmware_url=url,
                                                      module_name="racemod"))
     assert refused.value.code == "iot.ota.ModuleNotFound"  # was FirmwareNameExisted: a name nobody has
+
+
+def test_the_collector_removes_an_abandoned_upload_with_its_kept_md5(services, monkeypatch):
+    """An upload keeps its MD5 beside it (the local store's ETag): collected together."""
+    tenant, _ = setup(services)
+    form, _ = services.firmware.new_upload(tenant, "bin")
+    store_as_received(services.blobs, form.key, b"never adopted")
+    kept_md5 = services.blobs.root / ".md5" / form.key
+    assert kept_md5.exists()
+    monkeypatch.setattr(firmware_module, "now_ms",
+                        lambda real=firmware_module.now_ms: real() + firmware_module.UPLOAD_ADOPTION_GRACE_MS + 1)
+    assert services.firmware.collect_abandoned_uploads() == 1
+    assert not (services.blobs.root / form.key).exists()
+    assert not kept_md5.exists()

@@ -15,6 +15,7 @@ from otaplane.blobs import BlobStore
 from otaplane.blobs.local import ACCESS_KEY_ID, BUCKET, LocalBlobStore, is_valid_key
 from otaplane.blobs.oss_signing import OssError, sign_policy, verify_post, verify_presigned
 from otaplane.timefmt import parse_utc_seconds
+from tests.support.uploads import store_as_received
 
 SECRET = "unit-secret"
 PUBLIC = "https://ota.example.com:8443"
@@ -199,7 +200,7 @@ def test_downloads_refuse_a_symlinked_file_or_folder(store, tmp_path):
     (store.root / "ota" / "real" / "link.bin").symlink_to(outside / "secret.bin")
     (store.root / "ota" / "linked").symlink_to(outside)
 
-    path, st, content = store._open_object("ota/real/fw.bin", True)  # noqa: SLF001
+    path, st, content, _ = store._open_object("ota/real/fw.bin", True)  # noqa: SLF001
     assert (content, st.st_size, path) == (b"firmware", 8, store.root / "ota" / "real" / "fw.bin")
     assert store._open_object("ota/real/fw.bin", False)[2] is None  # noqa: SLF001
     for key in ("ota/real/link.bin", "ota/linked/secret.bin"):
@@ -248,3 +249,47 @@ def test_an_upload_whose_temp_file_was_swept_is_refused_at_commit(store):
     assert (refused.value.status, refused.value.code) == (400, "RequestTimeout")
     upload.discard()
     assert not target.exists()
+
+
+def md5_etag(data: bytes) -> str:
+    return f'"{hashlib.md5(data).hexdigest().upper()}"'
+
+
+def stored_etag(store: LocalBlobStore, key: str) -> str | None:
+    return store._open_object(key, True)[3]  # noqa: SLF001
+
+
+def test_an_uploaded_object_keeps_its_md5_as_its_etag_until_deleted(store):
+    """OSS gives a PostObject upload its MD5 as ETag: kept while the upload streams in, and
+    removed with the object (the collector of unreferenced objects deletes through delete())."""
+    data = os.urandom(300_000)
+    store_as_received(store, KEY, data)
+    assert store.read(KEY, len(data)) == data
+    assert stored_etag(store, KEY) == md5_etag(data)
+    assert list((store.root / ".incoming").iterdir()) == []
+    store.delete(KEY)
+    assert not (store.root / KEY).exists()
+    assert not (store.root / ".md5" / KEY).exists()
+
+
+def test_a_kept_md5_counts_only_for_the_file_it_describes(store):
+    """An object stored before MD5 ETags (no sidecar), or changed behind the store's back, keeps
+    the ETag from size and mtime: never an MD5 of other bytes."""
+    put(store, "ota/older.bin", b"stored before md5 etags")
+    assert stored_etag(store, "ota/older.bin") is None
+    store_as_received(store, KEY, b"firmware")
+    assert stored_etag(store, KEY) == md5_etag(b"firmware")  # now remembered
+    path = store.root / KEY
+    st = path.stat()
+    path.write_bytes(b"FIRMWARE")  # same size, other bytes
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert stored_etag(store, KEY) is None
+
+
+def test_an_md5_that_cannot_be_kept_leaves_the_upload_stored(store):
+    store.root.mkdir(parents=True)
+    (store.root / ".md5").write_bytes(b"")  # a file where the sidecar folder would be
+    store_as_received(store, KEY, b"firmware")
+    assert store.read(KEY, 100) == b"firmware"
+    assert stored_etag(store, KEY) is None
+    assert list((store.root / ".incoming").iterdir()) == []

@@ -4,7 +4,8 @@ Uploads arrive as OSS PostObject forms at `{public_url}/oss/otaplane`; downloads
 presigned URLs under the same prefix. So SDKs, consoles and devices written for Aliyun OSS work
 against it unchanged. Files live under `root/<key>`; uploads stream into `root/.incoming/` and are
 linked into place, so a reader never sees half an object, and each key is written once (as with
-OSS's `x-oss-forbid-overwrite`): a form posted again gets 409 FileAlreadyExists.
+OSS's `x-oss-forbid-overwrite`): a form posted again gets 409 FileAlreadyExists. An uploaded
+object's ETag is its MD5, as on OSS, kept beside it under `root/.md5/` (`_keep_md5`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import stat
 import time
 from pathlib import Path
@@ -48,6 +50,7 @@ from otaplane.blobs.post_object import (  # noqa: F401  (BUCKET, ACCESS_KEY_ID, 
 log = logging.getLogger("otaplane.blobs")
 
 INCOMING_DIR = ".incoming"  # segments starting with "." are never valid keys, so never served
+MD5_DIR = ".md5"  # root/.md5/<key>: an uploaded object's MD5 (see _keep_md5)
 CHUNK = 1024 * 1024
 DOWNLOAD_CHUNK = 1024 * 1024  # per read of a GET (see _ObjectResponse)
 
@@ -56,6 +59,7 @@ class LocalBlobStore:
     def __init__(self, root: Path | str, public_url: str, secret: str):
         self.root = Path(root).resolve()
         self._folders_inside: dict[Path, bool] = {}  # key folder -> resolves inside root
+        self._md5_etags: dict[str, tuple[int, int, str]] = {}  # key -> size, mtime_ns and its MD5 ETag
         self._secret = secret
         self._uploads = PostObjectReceiver(secret, public_url, self.root / INCOMING_DIR, exists=self._exists,
                                            publish=self._publish, object_url=self.object_url)
@@ -117,6 +121,8 @@ class LocalBlobStore:
     def delete(self, key: str) -> None:
         if path := self._path(key):
             path.unlink(missing_ok=True)
+            self._md5_path(key).unlink(missing_ok=True)
+            self._md5_etags.pop(key, None)
 
     def routes(self) -> list[Route]:
         return [
@@ -146,8 +152,62 @@ class LocalBlobStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         _publish_once(upload.temp, target)
         _fsync_dir(target.parent)
+        self._keep_md5(upload)
+
+    # Why a sidecar file (root/.md5/<key>) and not an extended attribute: not every file system
+    # keeps user xattrs (tmpfs before Linux 6.6, NFS, FAT; some copy and backup tools drop them),
+    # and a sidecar works the same everywhere. It is written only by the upload that won the key,
+    # right after the link and before that upload is answered, so an upload refused with 409
+    # never touches it. It names the size and mtime of the file it describes: an object changed
+    # behind our back, or whose sidecar a crash lost, falls back to the size-and-mtime ETag (as
+    # objects stored before MD5 ETags do), never to a wrong MD5.
+    def _keep_md5(self, upload: Upload) -> None:
+        sidecar = self._md5_path(upload.key)
+        temp = upload.temp.with_name(upload.temp.stem + ".md5.part")  # in .incoming: swept if we die here
+        line = f"{upload.md5_hex.upper()} {upload.stat.st_size} {upload.stat.st_mtime_ns}\n"
+        try:
+            sidecar.parent.mkdir(parents=True, exist_ok=True)
+            with open(temp, "x") as handle:
+                handle.write(line)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, sidecar)
+            _fsync_dir(sidecar.parent)
+        except OSError as problem:  # the object is stored: answer success, with the older ETag
+            log.warning("MD5 of %s not kept, its ETag derives from size and time: %s", upload.key, problem)
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def _md5_etag(self, key: str, st: os.stat_result) -> str | None:
+        """The ETag OSS gives an uploaded object, `"<MD5 in uppercase hex>"`, from its sidecar;
+        None when there is none, or it describes another file (other size or mtime). Remembered
+        per key: reading the sidecar cost as much as opening and stat-ing the object."""
+        known = self._md5_etags.get(key)
+        if known is not None and known[:2] == (st.st_size, st.st_mtime_ns):
+            return known[2]
+        etag = self._read_md5_etag(key, st)
+        if etag is not None:  # not remembered when absent: the sidecar may be on its way (_keep_md5)
+            if len(self._md5_etags) >= 10_000:
+                self._md5_etags.clear()
+            self._md5_etags[key] = (st.st_size, st.st_mtime_ns, etag)
+        return etag
+
+    def _read_md5_etag(self, key: str, st: os.stat_result) -> str | None:
+        try:
+            with open(self._md5_path(key), "rb") as handle:
+                fields = handle.read(_MD5_LINE_MAX).split()
+        except OSError:
+            return None
+        if len(fields) != 3 or not _MD5_HEX.fullmatch(fields[0]):
+            return None
+        if fields[1:] != [b"%d" % st.st_size, b"%d" % st.st_mtime_ns]:
+            return None
+        return f'"{fields[0].decode()}"'
 
     # --- helpers -----------------------------------------------------------------------------
+
+    def _md5_path(self, key: str) -> Path:
+        return self.root / MD5_DIR / key
 
     @staticmethod
     def _check_key(key: str) -> None:
@@ -198,9 +258,9 @@ class LocalBlobStore:
             return None
         return handle
 
-    def _open_object(self, key: str, whole: bool) -> tuple[Path, os.stat_result, bytes | None]:
-        """In a worker thread: the key's file, its stat, and the content of a small file when
-        `whole` (one thread hop per GET)."""
+    def _open_object(self, key: str, whole: bool) -> tuple[Path, os.stat_result, bytes | None, str | None]:
+        """In a worker thread: the key's file, its stat, the content of a small file when `whole`,
+        and its stored MD5 ETag if any (one thread hop per GET)."""
         path = self._path(key)
         if path is None:
             raise invalid_name()
@@ -208,9 +268,10 @@ class LocalBlobStore:
         if descriptor is None:  # the file is a symlink
             raise invalid_name()
         try:
-            return (path, *_stat_and_small_read(descriptor, whole))
+            st, content = _stat_and_small_read(descriptor, whole)
         finally:
             os.close(descriptor)
+        return path, st, content, self._md5_etag(key, st) if stat.S_ISREG(st.st_mode) else None
 
     def _error(self, exc: OssError) -> Response:
         return oss_error_response(exc, self._host_id)
@@ -225,13 +286,17 @@ class LocalBlobStore:
             verify_presigned(request.query_params, BUCKET, key, ACCESS_KEY_ID, self._secret, time.time(), methods)
             whole = request.method == "GET" and not any(h in request.headers for h in _CONDITIONAL_HEADERS)
             try:
-                path, st, content = await anyio.to_thread.run_sync(self._open_object, key, whole)
+                path, st, content, etag = await anyio.to_thread.run_sync(self._open_object, key, whole)
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-                path, st, content = None, None, None
+                path, st, content, etag = None, None, None, None
             if st is None or not stat.S_ISREG(st.st_mode):
                 raise OssError(404, "NoSuchKey", "The specified key does not exist.")
-            # FileResponse streams from disk and answers Range (206, multipart/byteranges) itself.
-            response = _ObjectResponse(path, stat_result=st, headers={"x-oss-request-id": ids.oss_request_id()})
+            headers = {"x-oss-request-id": ids.oss_request_id()}
+            if etag is not None:  # else FileResponse's own, from size and mtime
+                headers["etag"] = etag
+            # FileResponse streams from disk and answers Range (206, multipart/byteranges) itself,
+            # weighing If-Range against the ETag given here.
+            response = _ObjectResponse(path, stat_result=st, headers=headers)
             precondition = precondition_status(request.headers, response.headers["etag"], int(st.st_mtime))
             if precondition == 412:
                 raise OssError(412, "PreconditionFailed",
@@ -253,6 +318,8 @@ class LocalBlobStore:
 # Requests with conditions (precondition_status) or ranges (FileResponse): never the small-file path.
 _CONDITIONAL_HEADERS = ("range", "if-range", "if-none-match", "if-modified-since", "if-match", "if-unmodified-since")
 SMALL_OBJECT_BYTES = 256 * 1024
+_MD5_HEX = re.compile(rb"[0-9A-F]{32}")
+_MD5_LINE_MAX = 128  # "<32 hex> <size> <mtime_ns>\n" is under 80 bytes
 
 
 def _stat_and_small_read(descriptor: int, whole: bool) -> tuple[os.stat_result, bytes | None]:

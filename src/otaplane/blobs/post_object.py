@@ -11,6 +11,7 @@ would need x-amz-* fields they drop. Each key is written once, as under OSS's
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import re
@@ -250,6 +251,8 @@ class Upload:
         self.handle, self.temp = handle, temp
         self.key, self.fields, self.sizes = fields["key"], fields, sizes
         self.size = 0
+        self._md5 = hashlib.md5()
+        self.stat: os.stat_result | None = None  # of the finished file (finish())
 
     @classmethod
     def open(cls, incoming: Path, fields: dict[str, str], sizes: SizeRange) -> Upload:
@@ -261,12 +264,23 @@ class Upload:
         self.size += len(data)
         if self.size > self.sizes.max_bytes:  # stop as soon as the limit is passed
             raise OssError(400, "EntityTooLarge", "Your proposed upload exceeds the maximum allowed size.")
-        await anyio.to_thread.run_sync(self.handle.write, data)
+        await anyio.to_thread.run_sync(self._hash_and_write, data)
+
+    def _hash_and_write(self, data: bytes) -> None:
+        # Hashed as the bytes pass by, in the write's thread hop (hashlib releases the GIL): the
+        # local store keeps the MD5 as the object's ETag, as OSS does, without reading it again.
+        self._md5.update(data)
+        self.handle.write(data)
+
+    @property
+    def md5_hex(self) -> str:
+        return self._md5.hexdigest()
 
     def finish(self) -> None:
         """Every byte on disk (publish() calls it first)."""
         self.handle.flush()
         os.fsync(self.handle.fileno())
+        self.stat = os.fstat(self.handle.fileno())
         self.handle.close()
 
     def discard(self) -> None:
