@@ -124,6 +124,8 @@ def serve(
     mqtt_port: Annotated[Optional[int], typer.Option(help="Device channel (MQTT) port [1883].")] = None,
     mqtt_certfile: Annotated[Optional[str], typer.Option(help="PEM certificate: MQTT over TLS.")] = None,
     mqtt_keyfile: Annotated[Optional[str], typer.Option(help="PEM private key of --mqtt-certfile.")] = None,
+    cors_origins: Annotated[Optional[str], typer.Option(
+        help="Browser origins allowed to upload and download blobs (CORS): comma-separated, or *.")] = None,
 ) -> None:
     """Run the server (OpenAPI gateway and MQTT device channel) on embedded defaults or the configured backends."""
     import uvicorn
@@ -137,6 +139,7 @@ def serve(
         data_dir=data_dir, database_url=database_url, host=host, port=port, public_url=public_url,
         response_case=response_case, rate_limit=rate_limit, access_log=access_log or None,
         mqtt_host=mqtt_host, mqtt_port=mqtt_port, mqtt_certfile=mqtt_certfile, mqtt_keyfile=mqtt_keyfile,
+        cors_origins=cors_origins,
     )
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

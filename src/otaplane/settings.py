@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     signature_window_seconds: int = 900
     # Empty = files under data_dir/blobs; s3://bucket?endpoint_url=...&region=... for S3.
     blob_url: str = ""
+    # Browser origins allowed to use the blob endpoints otaplane serves (PostObject uploads, local
+    # downloads), as an OSS bucket's CORS rule: comma-separated http(s)://host[:port] (a `*` in
+    # one matches anything there), or `*` for any. Empty = no CORS headers (blobs/cors.py).
+    cors_origins: str = ""
     # Lifetime of presigned firmware download URLs (QueryOTAFirmware, device pushes).
     download_url_ttl_seconds: int = 24 * 3600
     response_case: Literal["pascal", "camel"] = "pascal"

@@ -239,6 +239,30 @@ def test_of_two_uploads_racing_to_one_key_one_is_stored_whole(blobs):
     assert_nothing_stored(blobs)
 
 
+def test_with_cors_origins_a_web_console_uploads_and_downloads_but_the_api_stays_without(make_server):
+    """`--cors-origins` (OTAPLANE_CORS_ORIGINS) opens the blob endpoints, and only them, to a
+    browser on another origin, as an OSS bucket's CORS rule does (the rule itself: unit/test_blob_cors.py)."""
+    console = "https://console.example.com"
+    server = make_server("sqlite", "--rate-limit", "0", "--cors-origins", console)
+    secret = SecretBox((server.data_dir / "master.key").read_bytes().strip()).derive("otaplane local blob signing v1")
+    store = LocalBlobStore(root=server.data_dir / "blobs", public_url=server.base_url, secret=secret)
+    key, data = new_key(), os.urandom(5000)
+    form = store.upload_form(key, max_bytes=MiB, expires_in_s=60)
+    asked = {"Origin": console, "Access-Control-Request-Method": "POST"}
+    with httpx.Client(timeout=60, headers={"Origin": console}) as browser:
+        allowed = browser.options(form.host, headers=asked)
+        assert (allowed.status_code, allowed.headers["access-control-allow-origin"]) == (200, console)
+        posted = post(browser, form.host, form.fields, data)
+        assert (posted.status_code, posted.headers["access-control-allow-origin"]) == (204, console)
+        got = browser.get(store.presigned_get(key, 60))
+        assert (got.content, got.headers["access-control-allow-origin"]) == (data, console)
+        assert "etag" in got.headers["access-control-expose-headers"].lower()
+        refused = browser.options(form.host, headers={**asked, "Origin": "https://elsewhere.example.com"})
+        assert (refused.status_code, oss_error(refused)["Code"]) == (403, "AccessForbidden")
+        for api in (browser.options(server.base_url + "/", headers=asked), browser.post(server.base_url + "/")):
+            assert not [name for name in api.headers if name.startswith("access-control-")], api.headers
+
+
 # --- upload refusals ---------------------------------------------------------------------------
 
 

@@ -56,13 +56,14 @@ DOWNLOAD_CHUNK = 1024 * 1024  # per read of a GET (see _ObjectResponse)
 
 
 class LocalBlobStore:
-    def __init__(self, root: Path | str, public_url: str, secret: str):
+    def __init__(self, root: Path | str, public_url: str, secret: str, cors_origins: tuple[str, ...] = ()):
         self.root = Path(root).resolve()
         self._folders_inside: dict[Path, bool] = {}  # key folder -> resolves inside root
         self._md5_etags: dict[str, tuple[int, int, str]] = {}  # key -> size, mtime_ns and its MD5 ETag
         self._secret = secret
         self._uploads = PostObjectReceiver(secret, public_url, self.root / INCOMING_DIR, exists=self._exists,
-                                           publish=self._publish, object_url=self.object_url)
+                                           publish=self._publish, object_url=self.object_url,
+                                           cors_origins=cors_origins)
         self.public_url = self._uploads.public_url
         self.host = self._uploads.host
         self._host_id = self._uploads.host_id
@@ -125,11 +126,13 @@ class LocalBlobStore:
             self._md5_etags.pop(key, None)
 
     def routes(self) -> list[Route]:
+        cors = self._uploads.middleware  # the bucket's CORS rule, if any (blobs.cors)
         return [
             *self._uploads.routes(),
-            Route(ROUTE_PREFIX + "/{key:path}", self._get_object, methods=["GET", "HEAD"]),
-            # PutObject, DeleteObject, a CORS preflight...: OSS's XML 405 (routes are tried in order).
-            Route(ROUTE_PREFIX + "/{key:path}", self._not_allowed, methods=HTTP_METHODS),
+            Route(ROUTE_PREFIX + "/{key:path}", self._get_object, methods=["GET", "HEAD"], middleware=cors),
+            # PutObject, DeleteObject, a CORS preflight without CORS...: OSS's XML 405 (routes are
+            # tried in order).
+            Route(ROUTE_PREFIX + "/{key:path}", self._not_allowed, methods=HTTP_METHODS, middleware=cors),
         ]
 
     def sweep_incoming(self, idle_s: float = INCOMING_IDLE_S) -> int:

@@ -30,6 +30,7 @@ from starlette.routing import Route
 
 from otaplane import ids
 from otaplane.blobs.base import BlobStoreUnavailable, UploadForm
+from otaplane.blobs.cors import cors_middleware
 from otaplane.blobs.oss_signing import OssError, SizeRange, build_policy, sign_policy, verify_post
 
 try:  # python-multipart >= 0.0.13 renamed its import package
@@ -106,10 +107,13 @@ class PostObjectReceiver:
     - `publish(upload)`: make the finished temp file the key's object, once (in a worker thread;
       raises OssError, e.g. already_exists(), or BlobStoreUnavailable);
     - `object_url(key)`: the object's URL (the 201 answer's Location).
+
+    `cors_origins`: the browser origins allowed to post forms (blobs.cors); none: no CORS.
     """
 
     def __init__(self, secret: str, public_url: str, incoming: Path, exists: Callable[[str], bool],
-                 publish: Callable[[Upload], None], object_url: Callable[[str], str]):
+                 publish: Callable[[Upload], None], object_url: Callable[[str], str],
+                 cors_origins: tuple[str, ...] = ()):
         self._secret = secret
         self.public_url = public_url.rstrip("/")
         self.host = self.public_url + ROUTE_PREFIX
@@ -118,6 +122,8 @@ class PostObjectReceiver:
         self._exists = exists
         self._publish = publish
         self._object_url = object_url
+        # Route middleware: the store's download routes take it too, so one rule covers the bucket.
+        self.middleware = cors_middleware(cors_origins, self.error)
 
     def upload_form(self, key: str, max_bytes: int, expires_in_s: int, object_url: str) -> UploadForm:
         if not is_valid_key(key):
@@ -136,13 +142,15 @@ class PostObjectReceiver:
         )
 
     def routes(self) -> list[Route]:
+        cors = self.middleware
         return [
-            Route(ROUTE_PREFIX, self.post_object, methods=["POST"]),
-            Route(ROUTE_PREFIX + "/", self.post_object, methods=["POST"]),
-            # Any other method on the bucket (ListObjects, a CORS preflight): OSS's XML 405, not
-            # Starlette's plain-text one. Routes are tried in order.
-            Route(ROUTE_PREFIX, self._not_allowed, methods=HTTP_METHODS),
-            Route(ROUTE_PREFIX + "/", self._not_allowed, methods=HTTP_METHODS),
+            Route(ROUTE_PREFIX, self.post_object, methods=["POST"], middleware=cors),
+            Route(ROUTE_PREFIX + "/", self.post_object, methods=["POST"], middleware=cors),
+            # Any other method on the bucket (ListObjects, a CORS preflight without CORS): OSS's
+            # XML 405, not Starlette's plain-text one. Routes are tried in order; with CORS, its
+            # middleware answers preflights here.
+            Route(ROUTE_PREFIX, self._not_allowed, methods=HTTP_METHODS, middleware=cors),
+            Route(ROUTE_PREFIX + "/", self._not_allowed, methods=HTTP_METHODS, middleware=cors),
         ]
 
     def error(self, exc: OssError) -> Response:

@@ -48,11 +48,13 @@ class S3BlobStore:
         self.direct_uploads = direct_uploads  # the URL's uploads=direct: S3 presigned POST forms
         self._uploads: PostObjectReceiver | None = None
 
-    def receive_uploads(self, secret: str, public_url: str, incoming: Path) -> None:
+    def receive_uploads(self, secret: str, public_url: str, incoming: Path, cors_origins: tuple[str, ...] = ()) -> None:
         """Hand out OSS PostObject forms that otaplane receives at `public_url` (signed with
-        `secret`, staged in `incoming`) and puts into the bucket, instead of S3 presigned POSTs."""
+        `secret`, staged in `incoming`; from browsers of `cors_origins`) and puts into the
+        bucket, instead of S3 presigned POSTs."""
         self._uploads = PostObjectReceiver(secret, public_url, incoming, exists=self.exists,
-                                           publish=self._publish, object_url=self.object_url)
+                                           publish=self._publish, object_url=self.object_url,
+                                           cors_origins=cors_origins)
 
     def routes(self) -> list:
         return self._uploads.routes() if self._uploads else []
