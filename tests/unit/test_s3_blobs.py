@@ -17,11 +17,14 @@ import uuid
 from collections.abc import Iterator
 from urllib.parse import parse_qs, urlsplit
 
+import anyio
 import httpx
 import pytest
 from cryptography.fernet import Fernet
 
 from otaplane.blobs.base import BlobDigest, UploadForm
+from otaplane.blobs.oss_signing import OssError, SizeRange
+from otaplane.blobs.post_object import Upload
 from otaplane.blobs.s3 import MAX_PRESIGN_S, BlobStoreUnavailable, S3BlobStore
 from otaplane.secretbox import SecretBox
 from tests.support.server import free_port
@@ -268,3 +271,38 @@ def test_read_range(store: S3BlobStore) -> None:
     assert store.read_range(key, 5120, 5120) == content[5120:]
     assert store.read_range(key, len(content), 10) == b""
     assert store.read_range(new_key("missing.bin"), 0, 10) is None
+
+
+def _received(store: S3BlobStore, tmp_path, key: str, content: bytes):
+    """An upload as the PostObject receiver hands it to the store (its temp file written)."""
+    upload = Upload.open(tmp_path, {"key": key}, SizeRange(0, len(content)))
+    anyio.run(upload.write, content)
+    return upload
+
+
+def test_an_upload_through_otaplane_gets_its_md5_as_etag_even_past_the_multipart_size(store, tmp_path) -> None:
+    """boto3's upload_file switched to a multipart upload above 8 MB, whose ETag is not the MD5."""
+    content = os.urandom(9 * 1024 * 1024)
+    key = new_key()
+    upload = _received(store, tmp_path, key, content)
+    try:
+        store._publish(upload)  # noqa: SLF001
+    finally:
+        upload.discard()
+    head = store.client.head_object(Bucket=store.bucket, Key=key)
+    assert head["ETag"] == f'"{hashlib.md5(content).hexdigest()}"'
+
+
+def test_a_key_written_by_another_replica_after_the_check_is_not_overwritten(store, tmp_path, monkeypatch) -> None:
+    """Two replicas receiving one form: both pass the HEAD check, the store's condition stops the second."""
+    key = new_key()
+    upload(store, key, b"the first replica's bytes")
+    monkeypatch.setattr(store, "exists", lambda _key: False)  # the second replica checked before the first wrote
+    late = _received(store, tmp_path, key, b"the second replica's bytes")
+    try:
+        with pytest.raises(OssError) as refused:
+            store._publish(late)  # noqa: SLF001
+    finally:
+        late.discard()
+    assert refused.value.status == 409
+    assert store.read(key, 1024) == b"the first replica's bytes"

@@ -19,7 +19,6 @@ from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import boto3
-from boto3.exceptions import S3UploadFailedError
 from botocore.client import BaseClient
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
@@ -31,6 +30,8 @@ CHUNK = 1024 * 1024
 # SigV4 presigned URLs cannot live longer than 7 days; S3 rejects them outright beyond that.
 MAX_PRESIGN_S = 7 * 24 * 3600
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# PutObject with If-None-Match: * on a key that holds an object (409: another write in flight).
+_WRITTEN_MEANWHILE = ("PreconditionFailed", "ConditionalRequestConflict")
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -74,14 +75,24 @@ class S3BlobStore:
         return True
 
     def _publish(self, upload: Upload) -> None:
-        """Put a received upload into the bucket, unless the key holds an object (write once;
-        two replicas receiving one form at the same instant could both pass this check)."""
+        """Put a received upload into the bucket, unless the key holds an object (write once).
+
+        One PutObject (S3 takes up to 5 GB in one; uploads stop at 1000 MiB), not boto3's
+        multipart upload_file: its `If-None-Match: *` makes the store itself refuse a second
+        write of the key (two replicas receiving one form at the same instant), and the object's
+        ETag is its MD5, as on OSS, where a multipart upload's is not. A store that ignores the
+        condition still has the HEAD check before it."""
         upload.finish()
         if self.exists(upload.key):
             raise already_exists()
         try:
-            self.client.upload_file(str(upload.temp), self.bucket, self._full(upload.key))
-        except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
+            with open(upload.temp, "rb") as body:
+                self.client.put_object(Bucket=self.bucket, Key=self._full(upload.key), Body=body, IfNoneMatch="*")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in _WRITTEN_MEANWHILE:
+                raise already_exists() from None
+            raise self._fail("PutObject", exc) from exc
+        except BotoCoreError as exc:
             raise self._fail("PutObject", exc) from exc
 
     @classmethod
