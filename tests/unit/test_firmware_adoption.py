@@ -117,3 +117,24 @@ def test_the_collector_removes_an_abandoned_upload_with_its_kept_md5(services, m
     assert services.firmware.collect_abandoned_uploads() == 1
     assert not (services.blobs.root / form.key).exists()
     assert not kept_md5.exists()
+
+
+def test_a_form_posted_again_after_its_package_was_deleted_leaves_no_object_behind(services, monkeypatch):
+    """The form stays valid for its policy's minute: posted again after the package was deleted
+    (its object with it), the new object used to be nobody's (no package, no upload record), so
+    no collection ever removed it. The record now stays until the form has expired."""
+    tenant, product_key = setup(services)
+    form, _ = services.firmware.new_upload(tenant, "bin")
+    store_as_received(services.blobs, form.key, b"first post")
+    created = services.firmware.create(tenant, NewFirmware(product_key, "reposted", "1.0",
+                                                           firmware_url=form.object_url))
+    services.firmware.delete(tenant, created.firmware_id)
+    assert not (services.blobs.root / form.key).exists()
+    store_as_received(services.blobs, form.key, b"posted again with the same form")
+    with pytest.raises(errors.ApiError) as refused:  # withdrawn: no package adopts it again
+        services.firmware.create(tenant, NewFirmware(product_key, "readopted", "1.0", firmware_url=form.object_url))
+    assert refused.value.code == "iot.ota.InvalidFirmwareUrl"
+    monkeypatch.setattr(firmware_module, "now_ms",
+                        lambda real=firmware_module.now_ms: real() + firmware_module.UPLOAD_ADOPTION_GRACE_MS + 1)
+    assert services.firmware.collect_abandoned_uploads() == 1
+    assert not (services.blobs.root / form.key).exists()

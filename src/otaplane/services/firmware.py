@@ -31,6 +31,7 @@ log = logging.getLogger("otaplane.firmware")
 MAX_FILE_BYTES = 1000 * 1024 * 1024  # the platform's HTTPS download limit per file
 MAX_PACKAGES_PER_INSTANCE = 500
 UPLOAD_POLICY_TTL_S = 60  # "upload within 1 minute"
+CLOCK_SKEW_S = 60  # between the replica that signed a form and the one that receives it
 UPLOAD_ADOPTION_GRACE_MS = 60 * 60 * 1000  # "call CreateOTAFirmware within 60 minutes"
 SINGLE_FILE_ONLY = "describes a single-file package; MultiFiles.N give each file's own"
 
@@ -348,12 +349,18 @@ class FirmwareService:
         """Delete the objects no package refers to any more, and their upload records. Best
         effort: an object the store fails to delete (S3 unreachable) keeps its record, so the
         collector of abandoned uploads tries again later; the caller's change stands."""
+        # An upload whose form may still be posted (UPLOAD_POLICY_TTL_S after GenerateOTAUploadURL)
+        # keeps its record, withdrawn, for the collector of abandoned uploads, which deletes what a
+        # late post stores: forgotten now, such an object would be nobody's.
+        forms_valid_since = now_ms() - (UPLOAD_POLICY_TTL_S + CLOCK_SKEW_S) * 1000
         for key in sorted(set(keys)):
             with self.db.begin() as conn:
                 upload_store.lock(conn, key)  # a create adopting it goes first, or finds it gone
                 if upload_store.is_referenced(conn, key):
                     continue
-                record = upload_store.forget(conn, key)
+                record = upload_store.forget(conn, key, created_before_ms=forms_valid_since)
+                if record is None:  # its form may still be posted (or there is no record)
+                    upload_store.withdraw(conn, key, now_ms())
             try:
                 self.blobs.delete(key)
             except BlobStoreUnavailable as problem:

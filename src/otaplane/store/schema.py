@@ -165,6 +165,9 @@ ota_uploads = sa.Table(
     sa.Column("blob_key", sa.String(255), primary_key=True),
     sa.Column("instance_pk", sa.Integer, sa.ForeignKey("instances.id"), nullable=False),
     sa.Column("created_ms", sa.BigInteger, nullable=False, index=True),
+    # Its object went with its last package while its form could still be posted: no package may
+    # adopt it any more; the collector of abandoned uploads deletes what a late post stored.
+    sa.Column("withdrawn_ms", sa.BigInteger, nullable=True),
 )
 
 firmware = sa.Table(

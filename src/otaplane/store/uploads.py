@@ -13,8 +13,10 @@ def record(conn: Connection, blob_key: str, instance_pk: int, now_ms: int) -> No
 
 
 def owned_by(conn: Connection, blob_key: str, instance_pk: int) -> bool:
+    """Whether the instance may adopt the key (its upload, not withdrawn)."""
     return conn.execute(
-        sa.select(uploads.c.blob_key).where(uploads.c.blob_key == blob_key, uploads.c.instance_pk == instance_pk)
+        sa.select(uploads.c.blob_key).where(uploads.c.blob_key == blob_key, uploads.c.instance_pk == instance_pk,
+                                            uploads.c.withdrawn_ms.is_(None))
     ).first() is not None
 
 
@@ -22,11 +24,17 @@ def lock(conn: Connection, blob_key: str, instance_pk: int | None = None) -> boo
     """Hold the upload's row against every other adopter and collector until the transaction
     ends (run it first: on SQLite a write begins the transaction and takes the database's write
     lock; on PostgreSQL it takes the row's lock, and a later statement sees what a transaction
-    that held it committed). False when there is no such row (of that instance)."""
+    that held it committed). With `instance_pk` (an adoption): False when there is no such row
+    of that instance, or it is withdrawn; without: False when there is no row."""
     statement = sa.update(uploads).where(uploads.c.blob_key == blob_key).values(created_ms=uploads.c.created_ms)
     if instance_pk is not None:
-        statement = statement.where(uploads.c.instance_pk == instance_pk)
+        statement = statement.where(uploads.c.instance_pk == instance_pk, uploads.c.withdrawn_ms.is_(None))
     return conn.execute(statement).rowcount > 0
+
+
+def withdraw(conn: Connection, blob_key: str, now_ms: int) -> None:
+    """No package may adopt the key any more; the record stays for the collector."""
+    conn.execute(sa.update(uploads).where(uploads.c.blob_key == blob_key).values(withdrawn_ms=now_ms))
 
 
 def is_referenced(conn: Connection, blob_key: str) -> bool:
@@ -48,8 +56,10 @@ def abandoned(conn: Connection, older_than_ms: int, limit: int = 500) -> list[st
     return [row.blob_key for row in rows]
 
 
-def forget(conn: Connection, blob_key: str) -> dict | None:
-    """Delete the upload's record: what it held ({instance_pk, created_ms}), None if none."""
-    row = conn.execute(sa.delete(uploads).where(uploads.c.blob_key == blob_key)
+def forget(conn: Connection, blob_key: str, created_before_ms: int) -> dict | None:
+    """Delete the upload's record if made before the cut-off: what it held ({instance_pk,
+    created_ms}), None if there is none or it is younger."""
+    row = conn.execute(sa.delete(uploads)
+                       .where(uploads.c.blob_key == blob_key, uploads.c.created_ms < created_before_ms)
                        .returning(uploads.c.instance_pk, uploads.c.created_ms)).first()
     return None if row is None else dict(row._mapping)
