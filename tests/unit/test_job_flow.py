@@ -565,6 +565,26 @@ def test_schedule_plans_then_starts_then_finishes(fleet):
     assert fleet.job_status(job_id) == "COMPLETED"
 
 
+def test_a_scheduled_job_whose_tasks_were_all_cancelled_completes_at_once(fleet):
+    """It stayed PLANNED until its ScheduleTime, as if it were still going to run (an audit)."""
+    now = int(time.time() * 1000)
+    job_id = fleet.job(target_selection="ALL", schedule_ms=now + 6 * MINUTE_MS)
+    fleet.services.jobs.cancel_by_job(fleet.tenant, job_id, scheduled=True, queued=False, in_progress=False,
+                                      notified=False, unconfirmed=None)
+    assert set(fleet.statuses(job_id).values()) == {"CANCELED"}
+    assert fleet.tick(now + 1000).finished == [job_id]
+    job = fleet.services.jobs.get(fleet.tenant, job_id)
+    assert job["status"] == "COMPLETED" and job["ended_ms"] is not None
+    assert fleet.tick(now + 6 * MINUTE_MS).started == []  # nothing runs at the ScheduleTime
+
+
+def test_a_scheduled_job_with_tasks_left_stays_planned(fleet):
+    now = int(time.time() * 1000)
+    job_id = fleet.job(target_selection="ALL", schedule_ms=now + 6 * MINUTE_MS)
+    assert fleet.tick(now + 1000).finished == []
+    assert fleet.job_status(job_id) == "PLANNED"
+
+
 def test_restart_loses_nothing_and_does_not_dispatch_twice(settings):
     first = Services.build(settings)
     prepare(first)

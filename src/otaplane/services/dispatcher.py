@@ -286,9 +286,14 @@ class Dispatcher:
                 self._end(conn, job.id, job_rules.COMPLETED, now, "its ScheduleFinishTime came; unfinished tasks "
                           "were cancelled", cancel_reason="the job's ScheduleFinishTime passed")
                 return "ScheduleFinishTime reached"
-            if status != job_rules.IN_PROGRESS:
-                return None
             counts = store.status_counts(conn, job.id)
+            if status != job_rules.IN_PROGRESS:
+                # A scheduled static job whose tasks were all cancelled (CancelScheduledTask) has
+                # nothing left to start: it ends now, not as an empty run at its ScheduleTime.
+                if job.selection_type == job_rules.STATIC and counts and not _unfinished(counts):
+                    store.update_job(conn, job.id, {"status": job_rules.COMPLETED, "ended_ms": now, "modified_ms": now})
+                    return "completed before its ScheduleTime: every task was cancelled"
+                return None
             retrying = store.retry_pending(conn, job.id)
             failed = counts.get(task_flow.FAILED, 0) - retrying
             if job.abort_failure_percent is not None:
@@ -301,8 +306,7 @@ class Dispatcher:
                     return why
             if job.selection_type == job_rules.DYNAMIC:
                 return None  # a dynamic job runs until cancelled or its finish time
-            unfinished = sum(counts.get(s, 0) for s in task_flow.UNFINISHED)
-            if unfinished == 0 and retrying == 0:
+            if not _unfinished(counts) and retrying == 0:
                 store.update_job(conn, job.id, {"status": job_rules.COMPLETED, "ended_ms": now, "modified_ms": now})
                 return "completed"
         return None
@@ -314,3 +318,8 @@ class Dispatcher:
         task_flow.stop_retries(conn, ota_tasks.c.job_pk == job_pk)
         store.update_job(conn, job_pk, {"status": status, "ended_ms": now, "modified_ms": now,
                                         "description": description[:256]})
+
+
+def _unfinished(counts: dict[str, int]) -> int:
+    """How many of a job's tasks are not finished, from its counts per status."""
+    return sum(counts.get(status, 0) for status in task_flow.UNFINISHED)
