@@ -13,10 +13,9 @@ def record(conn: Connection, blob_key: str, instance_pk: int, now_ms: int) -> No
 
 
 def owned_by(conn: Connection, blob_key: str, instance_pk: int) -> bool:
-    """Whether the instance may adopt the key (its upload, not withdrawn)."""
+    """Whether the key is the instance's upload (withdrawn or not: `lock` tells adoptable)."""
     return conn.execute(
-        sa.select(uploads.c.blob_key).where(uploads.c.blob_key == blob_key, uploads.c.instance_pk == instance_pk,
-                                            uploads.c.withdrawn_ms.is_(None))
+        sa.select(uploads.c.blob_key).where(uploads.c.blob_key == blob_key, uploads.c.instance_pk == instance_pk)
     ).first() is not None
 
 
