@@ -166,15 +166,40 @@ def test_a_verified_package_stays_verified(services):
 
 def test_deleting_the_device_a_verify_job_waits_for_decides_the_verification(services):
     """The deleted device's task went with it and nothing looked at the package again: it stayed
-    "verifying" for good, refusing every verify and upgrade job (found by an audit)."""
-    fleet = Fleet(services, devices=2, need_to_verify=True)
-    fleet.job(job_type=VERIFY, target_selection="SPECIFIC", device_names=fleet.names)
+    "verifying" for good, refusing every verify and upgrade job (found by an audit). Decided, it
+    is not verified: the deleted device never succeeded (it counts as cancelled), and only the
+    devices left had been counted, which verified the package (found by a later audit)."""
+    fleet = Fleet(services, devices=3, need_to_verify=True)
+    fleet.job(job_type=VERIFY, target_selection="SPECIFIC", device_names=fleet.names[:2])
     fleet.tick()
     fleet.deliver_all()
     fleet.upgrade("dev-000")
     assert (fleet.firmware().status, fleet.firmware().verify_progress) == (2, 50)
     services.devices.delete(fleet.tenant, DeviceRef(product_key=fleet.pk, device_name="dev-001"))
-    assert (fleet.firmware().status, fleet.firmware().verify_progress) == (1, 100)
+    assert (fleet.firmware().status, fleet.firmware().verify_progress) == (0, 50)
+    with pytest.raises(errors.ApiError) as refused:
+        fleet.job(target_selection="ALL")
+    assert refused.value.code == "iot.ota.FirmwareNotVerified"
+    fleet.job(job_type=VERIFY, target_selection="SPECIFIC", device_names=["dev-002"])  # may verify again
+
+
+def test_a_failed_verification_stays_failed_when_its_device_is_deleted(services):
+    """Deleting the device whose verification failed took its FAILED task away, and the devices
+    left (all succeeded, then or later) verified the package (found by an audit)."""
+    fleet = Fleet(services, devices=3, need_to_verify=True)
+    fleet.job(job_type=VERIFY, target_selection="SPECIFIC", device_names=fleet.names)
+    fleet.tick()
+    fleet.deliver_all()
+    fleet.upgrade("dev-000")
+    services.device_ota.progress_reported(fleet.ids["dev-001"], None, -4, "flash failed")
+    assert fleet.firmware().status == 3
+    services.devices.delete(fleet.tenant, DeviceRef(product_key=fleet.pk, device_name="dev-001"))
+    assert (fleet.firmware().status, fleet.firmware().verify_progress) == (3, 33)
+    fleet.upgrade("dev-002")  # the job's last device, after the deletion
+    assert (fleet.firmware().status, fleet.firmware().verify_progress) == (3, 66)
+    with pytest.raises(errors.ApiError) as refused:
+        fleet.job(target_selection="ALL")
+    assert refused.value.code == "iot.ota.FirmwareNotVerified"
 
 
 def test_a_failure_step_fails_verification(services):

@@ -214,9 +214,10 @@ class DeviceService:
         with self.db.begin() as conn:
             device_id = self._row(conn, tenant, ref)["id"]
             jobs_of_device = job_store.jobs_of_device(conn, device_id)
+            task_flow.count_deleted_verify_tasks(conn, device_id)
             store.delete(conn, device_id)  # its tasks go with it
             # A verify job that waited for this device alone is decided now (its package would
-            # stay "verifying" for good).
+            # stay "verifying" for good): not verified, as the device never succeeded.
             task_flow.refresh_verification(conn, jobs_of_device, now_ms())
         for listener in list(self._removal_listeners):
             listener(device_id)

@@ -283,11 +283,35 @@ def stop_retries(conn: Connection, *conditions: sa.ColumnElement) -> None:
                                             *conditions).values(due_ms=None))
 
 
+# Where a verify task that goes with its deleted device is counted, by its status: one that had
+# not finished is no success, and counts as cancelled.
+_DELETED_COLUMN = {SUCCEEDED: "deleted_succeeded", FAILED: "deleted_failed"}
+
+
+def count_deleted_verify_tasks(conn: Connection, device_id: int) -> None:
+    """Before a device's deletion takes its tasks with it: its verify jobs keep counting them, so
+    that deleting a device can never verify a package (a failure stays a failure, and a device
+    that never finished is no success)."""
+    query = (sa.select(ota_tasks.c.job_pk, ota_tasks.c.status)
+             .join(ota_jobs, ota_jobs.c.id == ota_tasks.c.job_pk)
+             .where(ota_tasks.c.device_id == device_id, ota_jobs.c.job_type == VERIFY_JOB))
+    if conn.dialect.name == "postgresql":
+        # A report must not move a task between this count and its deletion; the lock order:
+        # the device's push rows, then its tasks.
+        conn.execute(sa.select(pending.c.device_id).where(pending.c.device_id == device_id)
+                     .order_by(pending.c.module_name).with_for_update()).all()
+        query = query.with_for_update(of=ota_tasks)
+    for job_pk, status in conn.execute(query).all():
+        column = ota_jobs.c[_DELETED_COLUMN.get(status, "deleted_canceled")]
+        conn.execute(sa.update(ota_jobs).where(ota_jobs.c.id == job_pk).values({column: column + 1}))
+
+
 def refresh_verification(conn: Connection, job_pks: Iterable[int], now_ms: int) -> None:
     """Status and VerifyProgress of the packages whose verify jobs are among `job_pks`.
     VerifyProgress is the share of verify devices that run the DestVersion."""
     verify_jobs = conn.execute(
-        sa.select(ota_jobs.c.id, ota_jobs.c.firmware_pk, ota_jobs.c.status)
+        sa.select(ota_jobs.c.id, ota_jobs.c.firmware_pk, ota_jobs.c.status, ota_jobs.c.deleted_succeeded,
+                  ota_jobs.c.deleted_failed, ota_jobs.c.deleted_canceled)
         .where(ota_jobs.c.id.in_(sorted(set(job_pks))), ota_jobs.c.job_type == VERIFY_JOB)
     ).all()
     for job in verify_jobs:
@@ -295,6 +319,9 @@ def refresh_verification(conn: Connection, job_pks: Iterable[int], now_ms: int) 
             sa.select(ota_tasks.c.status, sa.func.count()).where(ota_tasks.c.job_pk == job.id)
             .group_by(ota_tasks.c.status)
         ).all())
+        for status, deleted in ((SUCCEEDED, job.deleted_succeeded), (FAILED, job.deleted_failed),
+                                (CANCELED, job.deleted_canceled)):
+            counts[status] = counts.get(status, 0) + deleted  # the tasks of deleted devices
         total = sum(counts.values())
         succeeded = counts.get(SUCCEEDED, 0)
         if total and succeeded == total:

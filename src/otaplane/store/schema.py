@@ -278,6 +278,11 @@ ota_jobs = sa.Table(
     sa.Column("modified_ms", sa.BigInteger, nullable=False),
     sa.Column("started_ms", sa.BigInteger, nullable=True),
     sa.Column("ended_ms", sa.BigInteger, nullable=True),
+    # A verify job's tasks that went with their deleted devices, by how they ended (an unfinished
+    # one as cancelled): the package's verification still counts them (services/task_flow.py).
+    sa.Column("deleted_succeeded", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("deleted_failed", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("deleted_canceled", sa.Integer, nullable=False, server_default="0"),
     sa.Index("ix_ota_jobs_status", "status", "selection_type"),
     sa.Index("ix_ota_jobs_product", "product_id", "status"),
 )
