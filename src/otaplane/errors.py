@@ -192,7 +192,8 @@ FirmwareProductMismatch = _business(
 )
 
 FirmwareHasRunningJob = _business(
-    "iot.ota.FirmwareHasRunningJob", "The package has upgrade jobs that are planned or running; cancel them first."
+    "iot.ota.FirmwareHasRunningJob",
+    "The package has upgrade jobs that are planned or running, or tasks not finished; cancel them first.",
 )
 
 # Upgrade jobs and tasks. Named in the platform's style (it publishes none of these).

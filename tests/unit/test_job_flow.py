@@ -657,6 +657,22 @@ def test_firmware_with_a_running_job_cannot_be_deleted(fleet):
     assert refused.value.code == "iot.ota.FirmwareHasRunningJob"
 
 
+def test_firmware_with_unfinished_tasks_cannot_be_deleted(fleet):
+    """A dynamic job whose strategy was cancelled (JobStatus CANCELED) still serves its tasks:
+    deleting its package deleted the job and the tasks' history under them (found by an audit)."""
+    job_id = fleet.job(selection_type=DYNAMIC, src_versions=["1.0.0"], dynamic_mode=1)
+    fleet.tick()
+    fleet.deliver_all()
+    fleet.services.jobs.cancel_strategy(fleet.tenant, job_id)
+    assert fleet.job_status(job_id) == "CANCELED"
+    with pytest.raises(errors.ApiError) as refused:
+        fleet.services.firmware.delete(fleet.tenant, fleet.firmware_id)
+    assert refused.value.code == "iot.ota.FirmwareHasRunningJob"
+    fleet.services.jobs.cancel_by_job(fleet.tenant, job_id, scheduled=False, queued=True, in_progress=True,
+                                      notified=True, unconfirmed=None)
+    fleet.services.firmware.delete(fleet.tenant, fleet.firmware_id)  # every task finished: it may go
+
+
 def test_two_dispatchers_on_one_postgresql_never_dispatch_a_task_twice(settings):
     """Two dispatchers (two Services, two connection pools: as two replicas) tick the same job
     at once for two seconds: no task is claimed by both, and together they keep one pace."""

@@ -340,7 +340,9 @@ class FirmwareService:
             row = store.get(conn, tenant.instance_pk, firmware_id)
             if row is None:
                 raise errors.FirmwareNotFound()
-            if job_store.running_jobs_of_firmware(conn, row["id"]):
+            # Deleting a package deletes its jobs and their tasks: not while a task still runs.
+            if job_store.running_jobs_of_firmware(conn, row["id"]) or \
+                    job_store.firmware_has_unfinished_tasks(conn, row["id"]):
                 raise errors.FirmwareHasRunningJob()
             keys = store.delete(conn, row["id"])
         self._remove_unreferenced(keys)

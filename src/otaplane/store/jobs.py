@@ -171,6 +171,15 @@ def job_has_device(conn: Connection, job_pk: int, device_id: int) -> bool:
                                                         ota_tasks.c.device_id == device_id).limit(1)).first() is not None
 
 
+def firmware_has_unfinished_tasks(conn: Connection, firmware_pk: int) -> bool:
+    """Whether a job of the package, whatever its status, has a task not finished (a dynamic job
+    whose strategy was cancelled still serves its tasks)."""
+    return conn.execute(sa.select(
+        sa.select(ota_tasks.c.id).join(ota_jobs, ota_jobs.c.id == ota_tasks.c.job_pk)
+        .where(ota_jobs.c.firmware_pk == firmware_pk, ota_tasks.c.status.in_(UNFINISHED)).exists()
+    )).scalar_one()
+
+
 def running_jobs_of_firmware(conn: Connection, firmware_pk: int, selection_type: str | None = None) -> int:
     condition = [ota_jobs.c.firmware_pk == firmware_pk, ota_jobs.c.status.in_(("PLANNED", "IN_PROGRESS"))]
     if selection_type:
