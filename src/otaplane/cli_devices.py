@@ -31,18 +31,33 @@ def push(
     account: Annotated[str, typer.Option(help="Account that owns the device and the package.")] = "default",
     iot_instance_id: Annotated[Optional[str], typer.Option(help="IotInstanceId [the account's default].")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print {Module, MessageId}.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Cancel the device's job task for the module, whose "
+                                        "push this one replaces (refused otherwise).")] = False,
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Make a package the device's pending upgrade: a running server pushes it to the device
-    at once if it is online (within a second, from any replica), else when it connects."""
+    at once if it is online (within a second, from any replica), else when it connects. Refused
+    while a job task of the device for the module is unfinished (or waits for a retry), unless
+    --force cancels it: the task would wait for good for a package the device no longer gets."""
     from otaplane.cli import _services, _settings  # the checks every local command makes
     from otaplane.services.devices import DeviceRef
 
     services = _services(_settings(data_dir=data_dir, database_url=database_url))
+    ref = DeviceRef(product_key=product, device_name=device)
     try:
         tenant = services.accounts.tenant_by_name(account, iot_instance_id)
-        pushed = services.device_ota.push(tenant, DeviceRef(product_key=product, device_name=device), firmware)
+        tasks = services.jobs.make_way_for_push(tenant, ref, firmware, cancel=force)
+        if tasks and not force:
+            task = tasks[0]
+            console.print(f"[red]refused[/]: {product}/{device} has task {task['task_id']} ({task['status']}) of "
+                          f"job {task['job_id']} for module {task['module_name']}, which this push would orphan; "
+                          "cancel it, or pass --force to cancel it and push.", soft_wrap=True)
+            raise typer.Exit(1)
+        for task in tasks:  # on stderr: stdout may be --json
+            Console(stderr=True).print(f"Cancelled task {task['task_id']} ({task['status']}) of job "
+                                       f"{task['job_id']}: replaced by this push.", soft_wrap=True)
+        pushed = services.device_ota.push(tenant, ref, firmware)
     except ApiError as error:
         console.print(f"[red]{error.code}[/]: {error.message}")
         raise typer.Exit(1) from None

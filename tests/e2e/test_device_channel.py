@@ -564,6 +564,39 @@ def test_the_cli_pushes_through_the_running_server(fleet, server):
     assert refused.returncode == 1
 
 
+def test_the_cli_push_refuses_to_orphan_a_job_task_unless_forced(fleet, server, api):
+    """`otaplane devices push` replaced the push of the device's running job task: the task stayed
+    IN_PROGRESS for good and blocked the device's later jobs (found by an audit)."""
+    job_package = fleet.firmware(b"job firmware", NeedToVerify=False)
+    cli_package = fleet.firmware(b"cli firmware", DestVersion="3.0.0")
+    name = fleet.register()
+    device = fleet.connect(name)
+    device.inform("1.0.0")
+    eventually(lambda: fleet.module_versions(name).get("default") == "1.0.0")
+    job_id = api.call("CreateOTAStaticUpgradeJob", {
+        "ProductKey": fleet.product_key, "FirmwareId": job_package, "TargetSelection": "SPECIFIC",
+        "TargetDeviceName": [name]})["Data"]["JobId"]
+    device.expect(device.upgrade_topic)
+    device.progress(10)
+
+    def task() -> dict:
+        return api.call("ListOTATaskByJob", {"JobId": job_id, "CurrentPage": 1, "PageSize": 10})["Data"][
+            "SimpleOTATaskInfo"][0]
+
+    eventually(lambda: task()["TaskStatus"] == "IN_PROGRESS")
+    command = ("devices", "push", "--product", fleet.product_key, "--device", name, "--firmware", cli_package,
+               "--account", ACCOUNT)
+    refused = server.cli(*command, check=False)
+    assert refused.returncode == 1
+    assert task()["TaskId"] in refused.stdout and job_id in refused.stdout and "--force" in refused.stdout
+    device.expect_nothing(device.upgrade_topic)
+    assert task()["TaskStatus"] == "IN_PROGRESS"
+
+    pushed = json.loads(server.cli(*command, "--force", "--json").stdout)
+    assert device.expect(device.upgrade_topic).json()["id"] == pushed["MessageId"]
+    assert (task()["TaskStatus"], task()["TaskDesc"]) == ("CANCELED", "replaced by a push from the CLI")
+
+
 def test_push_refuses_another_products_package_and_unknown_ids(fleet, local, tenant, api):
     other = Fleet(fleet.server, api, fleet.opened)
     firmware_id = other.firmware(b"other product")

@@ -342,6 +342,28 @@ def test_cancelling_the_tasks_stops_a_retry_already_scheduled(fleet, cancel):
     assert fleet.job_status(job_id) == "COMPLETED"  # nothing left to wait for
 
 
+def test_a_push_outside_jobs_makes_way_only_when_told_to(fleet):
+    """`otaplane devices push` replaced the push of a job task, which then waited for good (found
+    by an audit): the tasks in its way are named, and cancelled only when the operator says so,
+    as is a failed task's retry (it would push its package over the operator's)."""
+    running = fleet.job(target_selection="SPECIFIC", device_names=["dev-000"])
+    retrying = fleet.job(target_selection="SPECIFIC", device_names=["dev-001"], retry_count=2, retry_interval=10)
+    fleet.tick()
+    fleet.deliver_all()
+    fleet.services.device_ota.progress_reported(fleet.ids["dev-001"], None, -2, "http 404")
+    jobs = fleet.services.jobs
+    for name, job_id, status in (("dev-000", running, "NOTIFIED"), ("dev-001", retrying, "FAILED")):
+        ref = DeviceRef(product_key=fleet.pk, device_name=name)
+        in_the_way = jobs.make_way_for_push(fleet.tenant, ref, fleet.firmware_id, cancel=False)
+        assert [(t["job_id"], t["status"]) for t in in_the_way] == [(job_id, status)]
+        assert fleet.statuses(job_id)[name] == status  # named only
+        jobs.make_way_for_push(fleet.tenant, ref, fleet.firmware_id, cancel=True)
+        assert jobs.make_way_for_push(fleet.tenant, ref, fleet.firmware_id, cancel=False) == []
+    assert fleet.tasks(running)["dev-000"]["status"] == "CANCELED"
+    assert fleet.tasks(running)["dev-000"]["description"] == "replaced by a push from the CLI"
+    assert fleet.tasks(retrying)["dev-001"]["due_ms"] is None  # no retry
+
+
 def test_a_dynamic_job_skips_a_busy_device_and_takes_it_once_free(fleet):
     """A device busy at the dynamic job's creation got a FAILED task there, which kept it out of
     the job for good; a device busy when it reports is only skipped (found by an audit)."""

@@ -537,6 +537,31 @@ class JobService:
         return len(moved)
 
     @retry_on_deadlock
+    def make_way_for_push(self, tenant: Tenant, ref: DeviceRef, firmware_id: str, *, cancel: bool) -> list:
+        """Before `otaplane devices push` replaces the device's push for the package's module: the
+        tasks that push belongs to (store.tasks_owning_push), which would otherwise wait for good
+        for reports about a package the device no longer gets, and block its later jobs. Returns
+        them as they were; with `cancel`, they are cancelled (a retry waiting is called off)."""
+        now = now_ms()
+        with self.db.write_turn(), self.db.begin() as conn:
+            device_id = self._device_id(conn, tenant, ref)
+            fw = firmware_store.get(conn, tenant.instance_pk, firmware_id)
+            if fw is None:
+                raise errors.FirmwareNotFound()
+            product_id = conn.execute(sa.select(devices.c.product_id).where(devices.c.id == device_id)).scalar_one()
+            if fw["product_id"] != product_id:  # the push would be refused: cancel nothing
+                raise errors.FirmwareProductMismatch()
+            tasks = store.tasks_owning_push(conn, device_id, fw["module_name"])
+            if cancel and tasks:
+                task_pks = [t["id"] for t in tasks]
+                task_flow.move(conn, task_pks, task_flow.CANCELED, actor="cli:devices push", now_ms=now,
+                               reason="replaced by a push from the CLI", minute_ms=self.minute_ms)
+                task_flow.stop_retries(conn, ota_tasks.c.id.in_(task_pks))
+        if cancel and tasks:
+            self._notify()
+        return tasks
+
+    @retry_on_deadlock
     def confirm(self, tenant: Tenant, task_ids: list[str]) -> int:
         with self.db.write_turn(), self.db.begin() as conn:
             tasks = self._tasks(conn, tenant, task_ids)

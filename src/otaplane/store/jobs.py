@@ -144,6 +144,15 @@ def device_unfinished_tasks(conn: Connection, device_id: int, module_name: str |
     return [row._mapping for row in conn.execute(_TASK.where(*condition).order_by(ota_tasks.c.id))]
 
 
+def tasks_owning_push(conn: Connection, device_id: int, module_name: str) -> list[RowMapping]:
+    """The device's tasks for the module that have its push, or will: unfinished ones, and failed
+    ones waiting for a retry."""
+    waits_for_retry = sa.and_(ota_tasks.c.status == "FAILED", ota_tasks.c.due_ms.is_not(None))
+    condition = [ota_tasks.c.device_id == device_id, ota_tasks.c.module_name == module_name,
+                 sa.or_(ota_tasks.c.status.in_(UNFINISHED), waits_for_retry)]
+    return [row._mapping for row in conn.execute(_TASK.where(*condition).order_by(ota_tasks.c.id))]
+
+
 def jobs_of_device(conn: Connection, device_id: int) -> list[int]:
     """The jobs that have a task for the device."""
     return list(conn.execute(sa.select(ota_tasks.c.job_pk).distinct().where(ota_tasks.c.device_id == device_id))
