@@ -32,6 +32,7 @@ import pytest
 from aliyunsdkcore.acs_exception.exceptions import ServerException as LegacyServerException
 from Tea.exceptions import TeaException
 
+from otaplane.services.device_ota import PUSH_AGAIN_QUIET_MS
 from tests.conftest import BACKENDS
 from tests.e2e.test_products_sdk import assert_shape
 from tests.support.clients import RawSigner, SdkCaller, iot_models, legacy_call, legacy_client, tea_client
@@ -232,6 +233,7 @@ class Lab:
         self.product_key = api.ok("CreateProduct", {"ProductName": unique("jobs_"), "NodeType": 0})["ProductKey"]
         self.firmware_id = self.firmware(verify=False)
         self.iot_ids: dict[str, str] = {}
+        self.secrets: dict[str, str] = {}
         self.opened: list[Device] = []
 
     def firmware(self, verify: bool, version: str = "2.0.0") -> str:
@@ -249,6 +251,7 @@ class Lab:
             name = unique("dev-")
             data = self.api.ok("RegisterDevice", {"ProductKey": self.product_key, "DeviceName": name})["Data"]
             self.iot_ids[name] = data["IotId"]
+            self.secrets[name] = data["DeviceSecret"]
             device = connect(self.server.mqtt_port, self.product_key, name, data["DeviceSecret"])
             self.opened.append(device)
             device.inform(version)
@@ -458,7 +461,7 @@ def test_static_specific_failure_report_and_reupgrade(lab):
     failing.progress(-3, "md5 mismatch")
     wrong_version.progress(100)
     eventually(lambda: lab.tasks(job_id)[wrong_version.device_name]["Progress"] == "100.00")
-    wrong_version.inform("1.0.0")  # restarted on the old version
+    wrong_version.inform("1.5.0")  # restarted on neither the version it ran nor the package's
     fine.progress(30)
     fine.inform("2.0.0")
     tasks = lab.wait_statuses(job_id, {failing.device_name: "FAILED", wrong_version.device_name: "FAILED",
@@ -872,6 +875,26 @@ def test_timeout_fails_the_task_and_the_retry_pushes_again(fast):
     tasks = fast.wait_statuses(job_id, {device.device_name: "FAILED"}, timeout=8)  # no retry left
     assert tasks[device.device_name]["TaskDesc"] == "upgrade timed out"
     fast.wait_job(job_id, "COMPLETED")
+
+
+def test_a_device_that_lost_the_push_gets_it_again_when_it_reports_its_old_version(fast):
+    """It took the push and restarted before any progress: its task stayed NOTIFIED for good
+    (never pushed again, no timeout before a first progress) (found by an audit)."""
+    [device] = fast.devices(1)
+    job_id = fast.static_job("SPECIFIC", TargetDeviceName=[device.device_name])
+    first = expect_push(device)
+    fast.wait_statuses(job_id, {device.device_name: "NOTIFIED"})
+    time.sleep(PUSH_AGAIN_QUIET_MS / 1000)
+    device.close()  # power lost; booted again, still on the version it ran
+    device = connect(fast.server.mqtt_port, fast.product_key, device.device_name,
+                     fast.secrets[device.device_name])
+    fast.opened.append(device)
+    device.inform("1.0.0")
+    again = device.expect(device.upgrade_topic).json()
+    assert again["id"] == first["id"] and again["data"]["version"] == "2.0.0"
+    device.progress(100)
+    device.inform("2.0.0")
+    fast.wait_statuses(job_id, {device.device_name: "SUCCEEDED"})
 
 
 def test_planned_job_starts_at_its_schedule_time(fast):

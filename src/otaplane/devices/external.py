@@ -275,7 +275,9 @@ class ExternalChannel:
         except Exception:
             log.exception("re-offer to device %d failed", device_id)
             return
-        if package is None or package.version == version:
+        # An undelivered push is the sweep's (_deliver_undelivered): publishing it here too would
+        # send it twice. A re-offer is for one that was delivered to nobody listening.
+        if package is None or package.version == version or not package.delivered:
             return
         # At most once per RE_OFFER_INTERVAL_S whichever process gets the report (a shared
         # subscription spreads one device's messages over the processes).

@@ -27,6 +27,7 @@ from otaplane.services.tenancy import Tenant
 from otaplane.store import Database
 from otaplane.store.database import retry_on_deadlock
 from otaplane.store import device_ota as store
+from otaplane.store.schema import ota_tasks
 from otaplane.timefmt import now_ms
 
 log = logging.getLogger("otaplane.device_ota")
@@ -34,6 +35,10 @@ log = logging.getLogger("otaplane.device_ota")
 UNDELIVERED_BATCH = 2000
 
 # What the device protocol's failure steps mean (`/ota/device/progress`).
+# A delivered push goes again when the device reports the version it ran before the task and
+# neither it was pushed nor it reported progress for this long: not to a device that is busy
+# downloading, nor twice to one that connected and reported as the push went out.
+PUSH_AGAIN_QUIET_MS = 10_000
 FAILURE_STEPS = {-1: "upgrade failed", -2: "download failed", -3: "verify failed", -4: "burn failed"}
 
 
@@ -381,16 +386,37 @@ class DeviceOtaService:
             return False, 0  # a module over the device's cap: the report is refused as a whole
         task = store.task_of(conn, report.device_id, module_name)
         if task is not None and task["status"] in task_flow.UNFINISHED:
-            if task["dest_version"] == report.version:
-                task_flow.move(conn, [task["id"]], task_flow.SUCCEEDED, actor="device", now_ms=now,
-                               values={"progress": 100}, minute_ms=self.minute_ms)
-            elif task["status"] == task_flow.IN_PROGRESS and task["progress"] == 100:
-                # Installed, restarted, and still on another version: the upgrade did not take.
-                task_flow.move(conn, [task["id"]], task_flow.FAILED, actor="device", now_ms=now,
-                               reason="report version is not conform", minute_ms=self.minute_ms)
+            self._version_during_task(conn, report, module_name, task, now)
+        else:
+            self._version_before_push(conn, report, module_name, now)
         completed = store.clear_installed(conn, report.device_id, module_name, report.version) > 0
         created = jobs.dynamic_tasks_for_device(conn, report.device_id, module_name, report.version, now)
         return completed, created
+
+    def _version_during_task(self, conn, report: "VersionReport", module_name: str, task: dict, now: int) -> None:
+        """A version report while the device has the task's push, read as the platform does:
+        the DestVersion succeeds; the version it ran when the task began means it is not
+        upgraded yet (it restarted, lost the push, its download broke), so it is pushed again;
+        any other version fails the task."""
+        if task["dest_version"] == report.version:
+            task_flow.move(conn, [task["id"]], task_flow.SUCCEEDED, actor="device", now_ms=now,
+                           values={"progress": 100}, minute_ms=self.minute_ms)
+        elif task["src_version"] is not None and task["src_version"] != report.version:
+            task_flow.move(conn, [task["id"]], task_flow.FAILED, actor="device", now_ms=now,
+                           reason="report version is not conform", minute_ms=self.minute_ms)
+        elif task["progress"] < 100:
+            # At 100 it has the package and is installing (a reconnect before its restart reports
+            # the old version): not sent again; a failed install ends at the task's timeout.
+            store.push_again(conn, report.device_id, module_name, now, PUSH_AGAIN_QUIET_MS)
+
+    def _version_before_push(self, conn, report: "VersionReport", module_name: str, now: int) -> None:
+        """The device reports a package's DestVersion before its task's push (paced, scheduled)
+        or while the task waits for a retry: it runs that version, so the task succeeded."""
+        task = store.waiting_task(conn, report.device_id, module_name, report.version)
+        if task is not None:
+            task_flow.stop_retries(conn, ota_tasks.c.id == task["id"])
+            task_flow.move(conn, [task["id"]], task_flow.SUCCEEDED, actor="device", now_ms=now,
+                           values={"progress": 100}, minute_ms=self.minute_ms)
 
     def _progress(self, conn, report: "ProgressReport", now: int) -> bool:
         module_name = report.module or DEFAULT_MODULE

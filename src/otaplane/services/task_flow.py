@@ -42,7 +42,7 @@ ALLOWED: Mapping[str, tuple[str, ...]] = {
     CONFIRM: (FAILED, CANCELED),  # re-upgraded in a job that needs confirmation
     NOTIFIED: (QUEUED,),  # the device took the push (or asked for it)
     IN_PROGRESS: (QUEUED, NOTIFIED),  # first progress report
-    SUCCEEDED: (QUEUED, NOTIFIED, IN_PROGRESS),  # reported the DestVersion
+    SUCCEEDED: (QUEUED, NOTIFIED, IN_PROGRESS, FAILED),  # reported the DestVersion (FAILED: a retry was due)
     FAILED: (QUEUED, NOTIFIED, IN_PROGRESS),  # failure step, timeout, bad version
     CANCELED: UNFINISHED,
 }

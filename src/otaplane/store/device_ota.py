@@ -304,7 +304,7 @@ def set_firmware_md5(conn: Connection, firmware_pk: int, md5: str) -> None:
 
 # What a device report needs of the task behind its push (task_of, progress_and_task).
 _TASK_COLUMNS = (ota_tasks.c.id, ota_tasks.c.status, ota_tasks.c.progress, ota_tasks.c.job_pk,
-                 firmware.c.dest_version, ota_jobs.c.timeout_minutes)
+                 ota_tasks.c.src_version, firmware.c.dest_version, ota_jobs.c.timeout_minutes)
 _TASK_OF = Prepared(
     sa.select(*_TASK_COLUMNS)
     .select_from(pending)
@@ -350,6 +350,40 @@ def progress_and_task(conn: Connection, device_id: int, module_name: str, step: 
     if row is None:
         return False, None
     return True, (row if row["id"] is not None and row["job_pk"] is not None else None)
+
+
+_PUSH_AGAIN = Prepared(
+    sa.update(pending)
+    .where(pending.c.device_id == sa.bindparam("p_device"), pending.c.module_name == sa.bindparam("p_module"),
+           pending.c.delivered_ms <= sa.bindparam("p_before"), pending.c.modified_ms <= sa.bindparam("p_before"))
+    .values(delivered_ms=sa.null(), modified_ms=sa.bindparam("p_now"))
+)
+
+
+def push_again(conn: Connection, device_id: int, module_name: str, now_ms: int, quiet_ms: int) -> bool:
+    """Make the module's push undelivered again, so that the device channel pushes it anew,
+    when it was delivered and the device reported no progress for `quiet_ms` (a device busy
+    downloading is not sent the push twice). Whether it was."""
+    return _PUSH_AGAIN.rowcount(conn, p_device=device_id, p_module=module_name, p_before=now_ms - quiet_ms,
+                                p_now=now_ms) > 0
+
+
+_WAITING_TASK = Prepared(
+    sa.select(ota_tasks.c.id, ota_tasks.c.status)
+    .join(ota_jobs, ota_jobs.c.id == ota_tasks.c.job_pk)
+    .join(firmware, firmware.c.id == ota_jobs.c.firmware_pk)
+    .where(ota_tasks.c.device_id == sa.bindparam("p_device"), ota_tasks.c.module_name == sa.bindparam("p_module"),
+           sa.or_(ota_tasks.c.status == sa.bindparam("p_queued"),
+                  sa.and_(ota_tasks.c.status == sa.bindparam("p_failed"), ota_tasks.c.due_ms.is_not(None))),
+           firmware.c.dest_version == sa.bindparam("p_version"))
+)
+
+
+def waiting_task(conn: Connection, device_id: int, module_name: str, version: str) -> dict | None:
+    """The device's task for the module that is not pushed yet (QUEUED: paced or scheduled) or
+    waits for its retry (FAILED with due_ms), of a package whose DestVersion is `version`."""
+    return _WAITING_TASK.first(conn, p_device=device_id, p_module=module_name, p_version=version,
+                               p_queued="QUEUED", p_failed="FAILED")
 
 
 def tasks_of_pushes(conn: Connection, items: Iterable[tuple[int, str, int]]) -> list[int]:
