@@ -442,6 +442,21 @@ def test_a_device_back_on_its_old_version_is_pushed_again(fleet):
     assert fleet.statuses(job_id)["dev-001"] == "IN_PROGRESS"
 
 
+def test_the_version_a_device_runs_when_pushed_is_its_tasks_src_version(fleet):
+    """A paced task's device moved on (1.0.0 -> 1.5.0) before its push; restarted before any
+    progress, it reported 1.5.0 and its task failed as "not conform" instead of being pushed
+    again: the task compared with the version at its creation (found by an audit)."""
+    job_id = fleet.job(target_selection="SPECIFIC", device_names=["dev-000"])
+    ota = fleet.services.device_ota
+    ota.version_reported(fleet.ids["dev-000"], None, "1.5.0")  # before the dispatcher's turn
+    fleet.tick()
+    fleet.deliver_all()
+    assert fleet.tasks(job_id)["dev-000"]["src_version"] == "1.5.0"
+    _age_the_push(fleet, "dev-000", 30)
+    ota.version_reported(fleet.ids["dev-000"], None, "1.5.0")
+    assert fleet.statuses(job_id)["dev-000"] == "NOTIFIED" and not _delivered(fleet, "dev-000")
+
+
 def test_an_installing_device_that_reports_its_old_version_is_neither_failed_nor_pushed_again(fleet):
     """At 100 it has the package; a reconnect before its restart reports the old version. That
     failed the task ("report version is not conform"), and the new version reported after the

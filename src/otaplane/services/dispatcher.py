@@ -33,7 +33,7 @@ from otaplane.store import Database
 from otaplane.store import device_ota as pending_store
 from otaplane.store import jobs as store
 from otaplane.store.prepared import Prepared
-from otaplane.store.schema import ota_jobs, ota_tasks
+from otaplane.store.schema import device_modules, ota_jobs, ota_tasks
 from otaplane.timefmt import now_ms as clock_ms
 
 log = logging.getLogger("otaplane.dispatcher")
@@ -62,12 +62,19 @@ _HAS_DUE_TASK = Prepared(sa.select(sa.exists().where(
     ota_tasks.c.due_ms <= sa.bindparam("p_now")).label("due")))
 
 # Claims one task (executemany): only while it is QUEUED and not yet dispatched (due_ms set).
+# The version the device runs as it is pushed (it may have changed since the task was made):
+# a version report equal to it means "not upgraded yet" (services/device_ota.py).
+_RUNNING_VERSION = (
+    sa.select(device_modules.c.version)
+    .where(device_modules.c.device_id == ota_tasks.c.device_id, device_modules.c.module_name == ota_tasks.c.module_name)
+    .scalar_subquery()
+)
 _CLAIM = (
     sa.update(ota_tasks)
     .where(ota_tasks.c.id == sa.bindparam("p_id"), ota_tasks.c.status == task_flow.QUEUED,
            ota_tasks.c.due_ms.is_not(None))
     .values(due_ms=None, dispatched_attempt=sa.bindparam("p_attempt"), message_id=sa.bindparam("p_message"),
-            modified_ms=sa.bindparam("p_now"))
+            modified_ms=sa.bindparam("p_now"), src_version=sa.func.coalesce(_RUNNING_VERSION, ota_tasks.c.src_version))
 )
 
 
