@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from otaplane.store.prepared import Prepared
-from otaplane.store.schema import UNFINISHED_TASK_STATUSES
+from otaplane.store.schema import UNFINISHED_TASK_STATUSES, WAITING_FOR_RETRY
 from otaplane.store.schema import device_ota_pending as pending
 from otaplane.store.schema import firmware, ota_jobs, ota_task_events, ota_tasks
 
@@ -279,8 +279,7 @@ def _schedule_retries(conn: Connection, moved: list[Moved], now_ms: int, minute_
 def stop_retries(conn: Connection, *conditions: sa.ColumnElement) -> None:
     """Failed tasks (of the conditions) waiting for a retry will not get it: a job that ended, or
     tasks an operator cancelled, must not be pushed again by a retry scheduled before."""
-    conn.execute(sa.update(ota_tasks).where(ota_tasks.c.status == FAILED, ota_tasks.c.due_ms.is_not(None),
-                                            *conditions).values(due_ms=None))
+    conn.execute(sa.update(ota_tasks).where(WAITING_FOR_RETRY, *conditions).values(due_ms=None))
 
 
 # Where a verify task that goes with its deleted device is counted, by its status: one that had

@@ -9,6 +9,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, RowMapping
 
 from otaplane.store.prepared import Prepared
+from otaplane.store.schema import WAITING_FOR_RETRY
 from otaplane.store.schema import device_ota_pending as pending
 from otaplane.store.schema import devices, firmware, firmware_files, ota_jobs, ota_modules, ota_tasks, products
 
@@ -373,8 +374,7 @@ _WAITING_TASK = Prepared(
     .join(ota_jobs, ota_jobs.c.id == ota_tasks.c.job_pk)
     .join(firmware, firmware.c.id == ota_jobs.c.firmware_pk)
     .where(ota_tasks.c.device_id == sa.bindparam("p_device"), ota_tasks.c.module_name == sa.bindparam("p_module"),
-           sa.or_(ota_tasks.c.status == sa.bindparam("p_queued"),
-                  sa.and_(ota_tasks.c.status == sa.bindparam("p_failed"), ota_tasks.c.due_ms.is_not(None))),
+           sa.or_(ota_tasks.c.status == sa.bindparam("p_queued"), WAITING_FOR_RETRY),
            firmware.c.dest_version == sa.bindparam("p_version"))
 )
 
@@ -383,7 +383,7 @@ def waiting_task(conn: Connection, device_id: int, module_name: str, version: st
     """The device's task for the module that is not pushed yet (QUEUED: paced or scheduled) or
     waits for its retry (FAILED with due_ms), of a package whose DestVersion is `version`."""
     return _WAITING_TASK.first(conn, p_device=device_id, p_module=module_name, p_version=version,
-                               p_queued="QUEUED", p_failed="FAILED")
+                               p_queued="QUEUED")
 
 
 def tasks_of_pushes(conn: Connection, items: Iterable[tuple[int, str, int]]) -> list[int]:

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
 from otaplane.store.schema import UNFINISHED_TASK_STATUSES as UNFINISHED
+from otaplane.store.schema import WAITING_FOR_RETRY
 from otaplane.store.schema import device_modules, devices, firmware, ota_jobs, ota_tasks, products
 
 _CHUNK = 500
@@ -147,9 +148,8 @@ def device_unfinished_tasks(conn: Connection, device_id: int, module_name: str |
 def tasks_owning_push(conn: Connection, device_id: int, module_name: str) -> list[RowMapping]:
     """The device's tasks for the module that have its push, or will: unfinished ones, and failed
     ones waiting for a retry."""
-    waits_for_retry = sa.and_(ota_tasks.c.status == "FAILED", ota_tasks.c.due_ms.is_not(None))
     condition = [ota_tasks.c.device_id == device_id, ota_tasks.c.module_name == module_name,
-                 sa.or_(ota_tasks.c.status.in_(UNFINISHED), waits_for_retry)]
+                 sa.or_(ota_tasks.c.status.in_(UNFINISHED), WAITING_FOR_RETRY)]
     return [row._mapping for row in conn.execute(_TASK.where(*condition).order_by(ota_tasks.c.id))]
 
 
@@ -171,8 +171,7 @@ def status_counts(conn: Connection, job_pk: int) -> dict[str, int]:
 
 def retry_pending(conn: Connection, job_pk: int) -> int:
     return conn.execute(sa.select(sa.func.count()).select_from(ota_tasks).where(
-        ota_tasks.c.job_pk == job_pk, ota_tasks.c.status == "FAILED", ota_tasks.c.retries_left > 0,
-        ota_tasks.c.due_ms.is_not(None))).scalar_one()
+        ota_tasks.c.job_pk == job_pk, WAITING_FOR_RETRY, ota_tasks.c.retries_left > 0)).scalar_one()
 
 
 def job_has_device(conn: Connection, job_pk: int, device_id: int) -> bool:

@@ -338,3 +338,6 @@ sa.Index(
     sqlite_where=ota_tasks.c.status.in_(UNFINISHED_TASK_STATUSES),
     postgresql_where=ota_tasks.c.status.in_(UNFINISHED_TASK_STATUSES),
 )
+# A failed task whose retry is scheduled (due_ms: when). The status is a literal, not a bound
+# value, so that prepared statements (store/prepared.py) take the condition as it is.
+WAITING_FOR_RETRY = sa.and_(ota_tasks.c.status == sa.literal_column("'FAILED'"), ota_tasks.c.due_ms.is_not(None))
