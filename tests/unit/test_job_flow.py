@@ -835,3 +835,27 @@ def test_two_dispatchers_on_one_postgresql_never_dispatch_a_task_twice(settings)
     finally:
         second.close()
         first.close()
+
+
+def test_a_push_is_published_by_one_process_until_its_claim_is_old_or_given_back(settings):
+    """Processes on one external broker all see every pending push: each published a push made
+    by the CLI (15 of 100 devices got it twice in an audit). The claim is what decides; here two
+    processes' services claim the same push at the same instant."""
+    first, second = Services.build(settings), Services.build(settings)
+    try:
+        prepare(first)
+        fleet = Fleet(first)
+        fleet.job(target_selection="SPECIFIC", device_names=["dev-000"])
+        fleet.tick()
+        [key] = first.device_ota.undelivered(online_only=False)
+        claimed, at_ms = first.device_ota.claim([key], "publishing_ms", 30)
+        assert claimed == [key]
+        assert second.device_ota.claim([key], "publishing_ms", 30)[0] == []  # taken: the other publishes it
+        assert second.device_ota.claim([key], "re_offered_ms", 30)[0] == [key]  # another purpose, its own stamp
+        first.device_ota.release([key], "publishing_ms", at_ms)  # its publish failed
+        assert second.device_ota.claim([key], "publishing_ms", 30)[0] == [key]
+        time.sleep(0.01)
+        assert first.device_ota.claim([key], "publishing_ms", 0.005)[0] == [key]  # the hold ran out
+    finally:
+        first.close()
+        second.close()
