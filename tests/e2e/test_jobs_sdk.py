@@ -553,7 +553,7 @@ def test_gray_and_src_version_filters(lab):
     all_pool = lab.devices(2, all_version)
     params = {"ProductKey": lab.product_key, "FirmwareId": lab.firmware_id, "TargetSelection": "GRAY",
               "SrcVersion": [gray_version]}
-    for bad in ("0", "100.5", "12.3456", "abc", "-5"):
+    for bad in ("0", "100.5", "12.3456", "abc", "-5", "1e1", "+5", " 5", "nan"):
         api.refused("CreateOTAStaticUpgradeJob", "InvalidParameter", {**params, "GrayPercent": bad})
     api.refused("CreateOTAStaticUpgradeJob", "MissingGrayPercent", params)
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import csv
 import io
 import random
+import re
 import secrets
 from dataclasses import dataclass, field
-from decimal import ROUND_DOWN, Decimal, InvalidOperation
+from decimal import ROUND_DOWN, Decimal
 from math import ceil
 from types import SimpleNamespace
 from typing import Any
@@ -128,12 +129,16 @@ def gray_count(candidates: int, percent: str) -> int:
     return max(1, min(candidates, int(share))) if candidates else 0
 
 
+# The platform's format ("33.33"): Decimal() would also read 1e1, " 5", +5, 5., .5, 1_0, nan,
+# inf and other scripts' digits, and the raw text is what QueryOTAJob gives back.
+_GRAY_PERCENT = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+
+
 def parse_gray_percent(raw: str) -> str:
-    try:
-        value = Decimal(raw)
-    except InvalidOperation:
-        raise errors.invalid("GrayPercent", "must be a number such as 33.33") from None
-    if not value.is_finite() or value <= 0 or value > 100 or -value.as_tuple().exponent > 3:
+    if not _GRAY_PERCENT.fullmatch(raw):
+        raise errors.invalid("GrayPercent", "must be a number such as 33.33")
+    value = Decimal(raw)
+    if value <= 0 or value > 100 or -value.as_tuple().exponent > 3:
         raise errors.invalid("GrayPercent", "must be above 0 and at most 100, with at most 3 decimals")
     return raw
 
