@@ -34,7 +34,7 @@ Gateway errors are answered with an HTTP 4xx/5xx status and the body keys `Reque
 `Code`, `Message`, `Recommend`. Business errors are answered with HTTP 200 and `Success: false`,
 `Code`, `ErrorMessage` (the platform's convention, so both SDKs hand the body to the caller).
 
-Rule of thumb: a parameter that is missing or fails its declared type, range, length or pattern
+Rule of thumb: a parameter that is missing (or empty) or fails its declared type, range, length or pattern
 is a gateway error (`Missing<Name>`, `InvalidParameter`); a request that is well formed but breaks
 a rule of the resource (a duplicate name, an unknown id, a checksum that does not match) is a
 business error. Codes marked *otaplane* are not published by the platform and were named in its style.

@@ -140,6 +140,22 @@ def test_upload_create_query_list_modify_delete_with_each_sdk(sdk):
     assert httpx.get(info["FirmwareUrl"], timeout=30).status_code == 404
 
 
+def test_empty_optional_values_count_as_not_given(sdk):
+    # Each SDK sends a field set to "" as `Name=`: the defaults apply, and ModifyOTAFirmware keeps
+    # what it is not given (both were refused or cleared: SrcVersion= failed, FirmwareDesc= erased).
+    product_key = new_product(sdk)
+    created = create(sdk, product_key, upload(sdk, b"e" * 10), FirmwareDesc="first", Udi="u", SrcVersion="",
+                     ModuleName="", IotInstanceId="")
+    assert created["Success"], created
+    firmware_id = created["Data"]["FirmwareId"]
+    modified = sdk.call("ModifyOTAFirmware", {"FirmwareId": firmware_id, "ProductKey": product_key,
+                                              "FirmwareName": "", "FirmwareDesc": "", "FirmwareUdi": ""})
+    assert modified["Success"], modified
+    info = sdk.call("QueryOTAFirmware", {"FirmwareId": firmware_id})["FirmwareInfo"]
+    assert (info["ModuleName"], info["FirmwareDesc"], info["Udi"]) == ("default", "first", "u")
+    assert "SrcVersion" not in info or info["SrcVersion"] is None
+
+
 def test_query_accepts_the_FirmwareID_spelling(server, admin_key, api):
     firmware_id = create(api, new_product(api), upload(api, b"abc" * 100))["Data"]["FirmwareId"]
     body = RawSigner(server.base_url, *admin_key).v1("QueryOTAFirmware", {"FirmwareID": firmware_id}).json()

@@ -158,9 +158,12 @@ def test_str_keeps_the_raw_value():
     assert parse_raw(Param("S", Str()), {"S": "  padded  "}) == {"S": "  padded  "}
 
 
-def test_str_empty_optional_is_an_empty_string():
-    assert parse_raw(Param("S", Str()), {"S": ""}) == {"S": ""}
-    assert_invalid(error_of(Param("S", Str(min_len=1)), {"S": ""}), "S")
+def test_str_empty_optional_means_absent():
+    # The Python SDKs send a field set to "" as `S=`: it is a field not given, whatever its checks.
+    assert parse_raw(Param("S", Str()), {"S": ""}) == {"S": None}
+    assert parse_raw(Param("S", Str(min_len=1)), {"S": ""}) == {"S": None}
+    assert parse_raw(Param("S", Str(min_len=1, pattern="[a-z]+"), default="d"), {"S": ""}) == {"S": "d"}
+    assert_missing(error_of(Param("S", Str(min_len=1), required=True), {"S": ""}), "S")
 
 
 def test_str_absent_optional_gets_the_default():
@@ -231,6 +234,12 @@ def test_alias():
     assert parse_raw(spec, {"FirmwareUdi": "u"}) == {"Udi": "u"}
     assert parse_raw(spec, {"Udi": "main", "FirmwareUdi": "alias"}) == {"Udi": "main"}
     assert parse_raw(spec, {}) == {"Udi": None}
+
+
+def test_empty_name_falls_back_to_the_alias():
+    spec = Param("FirmwareId", Str(min_len=1), required=True, aliases=("FirmwareID",))
+    assert parse_raw(spec, {"FirmwareId": "", "FirmwareID": "fw1"}) == {"FirmwareId": "fw1"}
+    assert_missing(error_of(spec, {"FirmwareId": "", "FirmwareID": ""}), "FirmwareId")
 
 
 def test_alias_satisfies_required_and_is_validated():
@@ -448,3 +457,42 @@ def test_parse_params_all_values():
         "TargetDeviceName": ["d1", "d2"],
         "Tag": [{"Key": "k", "Value": "v"}],
     }
+
+
+# --- empty values in the declared actions -------------------------------------------------------
+def _action_params(name: str, raw: dict[str, str]) -> dict:
+    from otaplane.openapi.registry import build_table
+
+    return parse_params(build_table()[name].all_params, raw)
+
+
+def test_empty_optional_values_of_create_firmware_are_defaults():
+    raw = {"FirmwareName": "fw", "DestVersion": "2.0", "ProductKey": "pk", "FirmwareUrl": "https://x/y.bin"}
+    empty = dict.fromkeys(("IotInstanceId", "FirmwareDesc", "SrcVersion", "ModuleName", "Udi", "FirmwareSign",
+                           "SignMethod", "Type", "FirmwareSize", "NeedToVerify"), "")
+    p = _action_params("CreateOTAFirmware", {**raw, **empty})
+    assert (p["IotInstanceId"], p["FirmwareDesc"], p["SrcVersion"], p["Udi"], p["FirmwareSign"]) == (None,) * 5
+    assert (p["ModuleName"], p["SignMethod"], p["Type"], p["NeedToVerify"]) == ("default", "MD5", 0, True)
+
+
+def test_empty_optional_values_of_jobs_and_lists_are_defaults():
+    p = _action_params("CreateOTAStaticUpgradeJob", {"FirmwareId": "f", "ProductKey": "pk", "TargetSelection": "ALL",
+                                                     "DownloadProtocol": "", "DnListFileUrl": "", "GrayPercent": ""})
+    assert (p["DownloadProtocol"], p["DnListFileUrl"], p["GrayPercent"]) == ("HTTPS", None, None)
+    p = _action_params("ListOTAFirmware", {"CurrentPage": "1", "PageSize": "10", "ProductKey": "", "DestVersion": ""})
+    assert (p["ProductKey"], p["DestVersion"]) == (None, None)
+
+
+def test_empty_description_of_modify_firmware_changes_nothing():
+    # None: FirmwareService.modify leaves the stored description and Udi as they are.
+    p = _action_params("ModifyOTAFirmware", {"FirmwareId": "f", "ProductKey": "pk", "FirmwareName": "",
+                                             "FirmwareDesc": "", "FirmwareUdi": ""})
+    assert (p["FirmwareName"], p["FirmwareDesc"], p["FirmwareUdi"]) == (None, None, None)
+
+
+@pytest.mark.parametrize("name", ["FirmwareId", "ProductKey", "TargetSelection"])
+def test_empty_required_values_are_missing(name):
+    raw = {"FirmwareId": "f", "ProductKey": "pk", "TargetSelection": "ALL", name: ""}
+    with pytest.raises(ApiError) as info:
+        _action_params("CreateOTAStaticUpgradeJob", raw)
+    assert_missing(info.value, name)

@@ -202,11 +202,12 @@ def parse_params(specs: tuple[Param, ...], raw: Mapping[str, str]) -> dict[str, 
         else:
             text = raw.get(param.name)
             for alias in param.aliases:
-                if text is None:
+                if not text:
                     text = raw.get(alias)
-            if text is None or (text == "" and not isinstance(param.type, Str)):
-                value = None
-            elif text == "" and param.required:
+            # An empty value is no value: both Python SDKs send a field set to "" as `Name=`, while the
+            # Go SDK never sends one, so on the platform "" cannot mean more than "not given". A
+            # required parameter is then Missing<Name>; an optional one gets its default.
+            if not text:
                 value = None
             else:
                 try:
