@@ -164,7 +164,8 @@ def serve(
         access_log=settings.access_log,
         log_level=settings.log_level,
         server_header=False,
-        http=CoalescingHttpToolsProtocol,  # a response's head and body in one send()
+        # a response's head and body in one send(); its own 400 in the configured case
+        http=CoalescingHttpToolsProtocol.for_case(settings.response_case),
     )
 
 

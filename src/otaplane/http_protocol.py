@@ -25,6 +25,15 @@ from otaplane.openapi import envelope
 
 
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
+    camel = False  # --response-case camel: the 400 below in lower-camel keys, as every answer
+
+    @classmethod
+    def for_case(cls, response_case: str) -> type[CoalescingHttpToolsProtocol]:
+        """The class answering in `response_case` (uvicorn takes a protocol class, not an object)."""
+        if response_case != "camel":
+            return cls
+        return type(cls.__name__, (cls,), {"camel": True})
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
 
@@ -33,7 +42,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         the gateway's error body, not uvicorn's plain text, so clients read a Code and a RequestId."""
         request_id = ids.request_id()
         error = errors.invalid("Request", f"it is not an HTTP/1.1 request this server can read ({msg})")
-        reply = envelope.failure(None, request_id, error, "JSON", False, "")
+        reply = envelope.failure(None, request_id, error, "JSON", self.camel, "")
         self.transport.write(b"".join([
             b"HTTP/1.1 400 Bad Request\r\n",
             b"content-type: " + reply.content_type + b"\r\n",

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import time
 import uuid
 
@@ -389,6 +390,15 @@ def test_camel_case_dialect(make_server):
     assert body["success"] is True and body["code"] == "" and body["requestId"]
     assert body["firmwareInfo"]["destVersion"] == "1.0" and body["firmwareInfo"]["verifyProgress"] == 0
     assert "firmwareUrl" in body["firmwareInfo"]
+    # Gateway errors too, the HTTP parser's own 400 included (both were PascalCase).
+    missing = raw.v1("QueryOTAFirmware", {})
+    assert missing.status_code == 400 and missing.json()["code"] == "MissingFirmwareId" and missing.json()["requestId"]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 ") and b'"code":"InvalidParameter"' in answer
     # otaplane's own CLI reads either case (it failed with KeyError: 'Data' on such a server).
     from tests.support.server import otaplane_cli
 

@@ -94,7 +94,11 @@ def failure(
             "Message": error.message,
             "Recommend": f"See docs/errors.md#{_anchor(spec.code)} in the otaplane repository",
         }
-        # Gateway errors keep the POP shape in both dialects: SDKs parse Code/Message from it.
+        # The POP shape, in the configured case like every other answer: a client of the camel
+        # dialect reads code/message (aliyun-python-sdk-core, which reads Code/Message only, is
+        # for the default dialect; it cannot read a camel success either).
+        if camel:
+            body = lower_camel(body)
         return render(body, "Error", fmt, spec.http_status)
     body = {"RequestId": request_id, "Success": False, "Code": spec.code, "ErrorMessage": error.message}
     if camel:
