@@ -68,6 +68,9 @@ def generate_upload_url(services, tenant, p):
     "CreateOTAFirmware",
     Param("FirmwareName", FIRMWARE_NAME, required=True),
     Param("DestVersion", VERSION, required=True),
+    # Optional in the platform's metadata, but a package there belongs to one product (the console
+    # makes product-less packages from before be assigned one before any use) and its ModuleName
+    # is that product's: without it, MissingProductKey rather than a package no job could use.
     PRODUCT_KEY,
     Param("FirmwareUrl", URL),
     Param("SrcVersion", VERSION),
