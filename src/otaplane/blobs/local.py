@@ -5,14 +5,17 @@ presigned URLs under the same prefix. So SDKs, consoles and devices written for 
 against it unchanged. Files live under `root/<key>`; uploads stream into `root/.incoming/` and are
 linked into place, so a reader never sees half an object, and each key is written once (as with
 OSS's `x-oss-forbid-overwrite`): a form posted again gets 409 FileAlreadyExists. An uploaded
-object's ETag is its MD5, as on OSS, kept beside it under `root/.md5/` (`_keep_md5`).
+object's ETag is its MD5, as on OSS, kept beside it under `root/.md5/` (`_keep_md5`) before the
+object appears.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import email.utils
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -51,6 +54,7 @@ log = logging.getLogger("otaplane.blobs")
 
 INCOMING_DIR = ".incoming"  # segments starting with "." are never valid keys, so never served
 MD5_DIR = ".md5"  # root/.md5/<key>: an uploaded object's MD5 (see _keep_md5)
+LOCK_FILE = ".lock"  # root/.lock: held while an object and its MD5 appear or go (_key_lock)
 CHUNK = 1024 * 1024
 DOWNLOAD_CHUNK = 1024 * 1024  # per read of a GET (see _ObjectResponse)
 
@@ -121,8 +125,11 @@ class LocalBlobStore:
 
     def delete(self, key: str) -> None:
         if path := self._path(key):
-            path.unlink(missing_ok=True)
-            self._md5_path(key).unlink(missing_ok=True)
+            # The object first: a crash in between leaves a sidecar without object (harmless),
+            # and a form posted again meanwhile keeps the MD5 it writes (_publish).
+            with self._key_lock():
+                path.unlink(missing_ok=True)
+                self._md5_path(key).unlink(missing_ok=True)
             self._md5_etags.pop(key, None)
 
     def routes(self) -> list[Route]:
@@ -153,17 +160,40 @@ class LocalBlobStore:
             raise invalid_name()
         upload.finish()
         target.parent.mkdir(parents=True, exist_ok=True)
-        _publish_once(upload.temp, target)
-        _fsync_dir(target.parent)
-        self._keep_md5(upload)
+        with self._key_lock():
+            # Checked again under the lock: the MD5 of an upload that loses the key must not
+            # replace the winner's.
+            if os.path.lexists(target):
+                raise already_exists()
+            self._keep_md5(upload)
+            _publish_once(upload.temp, target)
+            _fsync_dir(target.parent)
+
+    @contextlib.contextmanager
+    def _key_lock(self):
+        """Held, by every thread and process on this folder (replicas), from an upload's MD5
+        sidecar to its object, and around a delete: so two forms for one key never write each
+        other's sidecar, and a delete never takes the sidecar of an object published meanwhile."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX)
+            except OSError as problem:  # a network file system without locks: unlocked, as before
+                log.warning("%s not locked: %s", self.root / LOCK_FILE, problem)
+            yield
+        finally:
+            os.close(descriptor)  # releases the lock
 
     # Why a sidecar file (root/.md5/<key>) and not an extended attribute: not every file system
     # keeps user xattrs (tmpfs before Linux 6.6, NFS, FAT; some copy and backup tools drop them),
-    # and a sidecar works the same everywhere. It is written only by the upload that won the key,
-    # right after the link and before that upload is answered, so an upload refused with 409
-    # never touches it. It names the size and mtime of the file it describes: an object changed
-    # behind our back, or whose sidecar a crash lost, falls back to the size-and-mtime ETag (as
-    # objects stored before MD5 ETags do), never to a wrong MD5.
+    # and a sidecar works the same everywhere. It is written, durably, before the object appears
+    # (under _key_lock, by the upload that finds the key free), so a crash at any point leaves
+    # either the object with its MD5 or a sidecar without object: harmless (the next upload of
+    # the key replaces it, the collector of abandoned uploads deletes it through delete()). It
+    # names the size and mtime of the file it describes (a link keeps both): an object changed
+    # behind our back falls back to the size-and-mtime ETag (as objects stored before MD5 ETags
+    # do), never to a wrong MD5.
     def _keep_md5(self, upload: Upload) -> None:
         sidecar = self._md5_path(upload.key)
         temp = upload.temp.with_name(upload.temp.stem + ".md5.part")  # in .incoming: swept if we die here
@@ -176,7 +206,7 @@ class LocalBlobStore:
                 os.fsync(handle.fileno())
             os.replace(temp, sidecar)
             _fsync_dir(sidecar.parent)
-        except OSError as problem:  # the object is stored: answer success, with the older ETag
+        except OSError as problem:  # store the object all the same, with the older ETag
             log.warning("MD5 of %s not kept, its ETag derives from size and time: %s", upload.key, problem)
         finally:
             temp.unlink(missing_ok=True)
@@ -189,7 +219,7 @@ class LocalBlobStore:
         if known is not None and known[:2] == (st.st_size, st.st_mtime_ns):
             return known[2]
         etag = self._read_md5_etag(key, st)
-        if etag is not None:  # not remembered when absent: the sidecar may be on its way (_keep_md5)
+        if etag is not None:  # not remembered when absent: only objects stored before MD5 ETags
             if len(self._md5_etags) >= 10_000:
                 self._md5_etags.clear()
             self._md5_etags[key] = (st.st_size, st.st_mtime_ns, etag)
@@ -436,7 +466,7 @@ def _publish_once(temp: Path, target: Path) -> None:
             raise
         if target.exists():
             raise already_exists() from None
-        os.replace(temp, target)  # atomic, but two racing uploads may both get here
+        os.replace(temp, target)  # atomic; racing uploads are kept apart by _key_lock
         return
     temp.unlink()
 

@@ -1,0 +1,156 @@
+"""The local store after a crash at each step of an upload, and under racing uploads and deletes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+import pytest
+
+from otaplane.blobs import local
+from otaplane.blobs.local import LocalBlobStore
+from otaplane.blobs.oss_signing import OssError
+from tests.support.uploads import store_as_received
+
+KEY = "ota/iot-1a2b3c4d/crash.bin"
+DATA = os.urandom(300_000)
+CRASHED = 77
+# The steps of an upload that touch the disk: a crash (os._exit) is simulated before each one.
+STEPS = ("open", "fsync", "link", "replace", "unlink", "mkdir")
+
+
+def md5_etag(data: bytes) -> str:
+    return f'"{hashlib.md5(data).hexdigest().upper()}"'
+
+
+def stored_etag(store: LocalBlobStore, key: str) -> str | None:
+    return store._open_object(key, True)[3]  # noqa: SLF001
+
+
+def new_store(root) -> LocalBlobStore:
+    return LocalBlobStore(root=root, public_url="https://ota.example.com", secret="unit-secret")
+
+
+def count_steps(monkeypatch, tmp_path) -> int:
+    """How many disk steps an upload takes, from its temp file to its answer."""
+    calls = []
+    for name in STEPS:
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda *args, _real=real, **kwargs: calls.append(1) or _real(*args, **kwargs))
+    store = new_store(tmp_path / "counted")
+    store_as_received(store, KEY, DATA)
+    monkeypatch.undo()
+    assert stored_etag(store, KEY) == md5_etag(DATA)
+    return len(calls)
+
+
+def crash_at(root, step: int) -> None:
+    """Upload in a child process that dies before its `step`-th disk step, as kill -9 would."""
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            calls = [0]
+
+            def dying(real):
+                def call(*args, **kwargs):
+                    calls[0] += 1
+                    if calls[0] == step:
+                        os._exit(CRASHED)
+                    return real(*args, **kwargs)
+                return call
+
+            for name in STEPS:
+                setattr(os, name, dying(getattr(os, name)))
+            store_as_received(new_store(root), KEY, DATA)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == CRASHED, step
+
+
+def test_after_a_crash_at_any_step_of_an_upload_a_stored_object_has_its_md5_etag(monkeypatch, tmp_path):
+    """The MD5 sidecar was written after the object appeared: a crash in between left an object
+    whose ETag came from size and time, and changed once another upload... never came (found by
+    an audit). Now either the object is there with its MD5, or the form posted again stores it."""
+    steps = count_steps(monkeypatch, tmp_path)
+    assert steps >= 6
+    outcomes = set()
+    for step in range(1, steps + 1):
+        root = tmp_path / f"crash-{step}"
+        crash_at(root, step)
+        store = new_store(root)  # the restart
+        if (root / KEY).exists():
+            outcomes.add("stored")
+            assert store.read(KEY, len(DATA)) == DATA, step
+            assert stored_etag(store, KEY) == md5_etag(DATA), step
+            with pytest.raises(OssError) as again:  # a form posted again: the object stays
+                store_as_received(store, KEY, b"other")
+            assert again.value.code == "FileAlreadyExists"
+        else:
+            outcomes.add("not stored")
+            store_as_received(store, KEY, DATA)  # the form posted again
+            assert stored_etag(store, KEY) == md5_etag(DATA), step
+        assert stored_etag(new_store(root), KEY) == md5_etag(DATA), step
+        store.sweep_incoming(idle_s=-1)  # what the crash left in .incoming, a day later
+        assert list((root / ".incoming").iterdir()) == [], step
+        store.delete(KEY)  # the collector of abandoned uploads: the object and its MD5 go
+        assert not (root / KEY).exists() and not (root / ".md5" / KEY).exists(), step
+    assert outcomes == {"stored", "not stored"}
+
+
+def test_an_md5_kept_without_its_object_is_harmless_and_collected(tmp_path):
+    """What a crash between the sidecar and the link leaves: no object, so no ETag to give; the
+    form posted again replaces the sidecar, and the collector's delete() takes it."""
+    store = new_store(tmp_path / "blobs")
+    sidecar = store.root / ".md5" / KEY
+    sidecar.parent.mkdir(parents=True)
+    sidecar.write_text(f"{hashlib.md5(b'lost').hexdigest().upper()} 4 1\n")
+    assert store.read(KEY, 100) is None
+    store.delete(KEY)
+    assert not sidecar.exists()
+    sidecar.write_text(f"{hashlib.md5(b'lost').hexdigest().upper()} {len(DATA)} 1\n")
+    store_as_received(store, KEY, DATA)
+    assert stored_etag(store, KEY) == md5_etag(DATA)
+
+
+def test_the_upload_that_loses_a_key_never_replaces_the_winners_md5(monkeypatch, tmp_path):
+    """Two forms for one key, both past the early check for an object: with the sidecar written
+    before the link, the loser's, written while the winner was between its own and its link,
+    would replace the winner's (its ETag then from size and time, or, same size in the same
+    mtime tick, the loser's MD5). The store's lock keeps the second one out until the first is
+    done, and then it finds the object."""
+    store = new_store(tmp_path / "blobs")
+    first_waits, second_wrote, first_linked = threading.Event(), threading.Event(), threading.Event()
+    real_publish_once = local._publish_once  # noqa: SLF001
+
+    def publish_once(temp, target):
+        if threading.current_thread().name == "first":
+            first_waits.set()
+            second_wrote.wait(0.5)  # under the lock the second one cannot write: never set
+            real_publish_once(temp, target)
+            first_linked.set()
+        else:  # unlocked, it would have written its sidecar by now: link after the first
+            second_wrote.set()
+            first_linked.wait(10)
+            real_publish_once(temp, target)
+
+    monkeypatch.setattr(local, "_publish_once", publish_once)
+    results: dict[str, str] = {}
+
+    def upload(name: str, data: bytes) -> None:
+        try:
+            store_as_received(store, KEY, data)
+            results[name] = "stored"
+        except OssError as refused:
+            results[name] = refused.code
+
+    first = threading.Thread(target=upload, args=("first", DATA), name="first")
+    first.start()
+    assert first_waits.wait(10)
+    second = threading.Thread(target=upload, args=("second", DATA[::-1]), name="second")
+    second.start()
+    first.join(10)
+    second.join(10)
+    assert results == {"first": "stored", "second": "FileAlreadyExists"}
+    assert stored_etag(store, KEY) == md5_etag(DATA)
