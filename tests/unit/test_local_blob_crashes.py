@@ -1,4 +1,5 @@
-"""The local store after a crash at each step of an upload, and under racing uploads and deletes."""
+"""The local store after a crash at each step of an upload, on a full disk, and under racing
+uploads, deletes and downloads."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import os
 import threading
 
 import pytest
+import xmltodict
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
 
 from otaplane.blobs import local
 from otaplane.blobs.local import LocalBlobStore
 from otaplane.blobs.oss_signing import OssError
+from otaplane.blobs.post_object import Upload
 from tests.support.uploads import store_as_received
 
 KEY = "ota/iot-1a2b3c4d/crash.bin"
@@ -154,3 +159,32 @@ def test_the_upload_that_loses_a_key_never_replaces_the_winners_md5(monkeypatch,
     second.join(10)
     assert results == {"first": "stored", "second": "FileAlreadyExists"}
     assert stored_etag(store, KEY) == md5_etag(DATA)
+
+
+def client_of(store: LocalBlobStore) -> TestClient:
+    return TestClient(Starlette(routes=store.routes()), raise_server_exceptions=False)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("size", [1000, 3 * 1024 * 1024])
+def test_a_full_disk_refuses_the_upload_with_an_oss_error_and_keeps_nothing(monkeypatch, tmp_path, size):
+    """ENOSPC while the file is written (a big upload) or flushed (a small one, at publish) was a
+    plain-text 500; and discarding the small one flushed again, failed again and left its temp
+    file on the full disk (found by an audit)."""
+    store = new_store(tmp_path / "blobs")
+    real_open = Upload.open.__func__
+
+    def on_a_full_disk(cls, incoming, fields, sizes):
+        upload = real_open(cls, incoming, fields, sizes)
+        upload.handle.close()
+        upload.handle = open("/dev/full", "wb")  # every write that reaches the disk: ENOSPC
+        return upload
+
+    monkeypatch.setattr(Upload, "open", classmethod(on_a_full_disk))
+    form = store.upload_form(KEY, max_bytes=10 * 1024 * 1024, expires_in_s=60)
+    response = client_of(store).post(form.host, data=form.fields, files={"file": ("fw.bin", os.urandom(size))})
+    assert response.status_code == 503, response.text
+    assert response.headers["content-type"].startswith("application/xml")
+    assert xmltodict.parse(response.text)["Error"]["Code"] == "ServiceUnavailable"
+    assert not (store.root / KEY).exists()
+    assert list((store.root / ".incoming").iterdir()) == []

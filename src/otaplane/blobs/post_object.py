@@ -170,7 +170,7 @@ class PostObjectReceiver:
             return self.error(exc)
         except ClientDisconnect:
             return self.error(OssError(400, "IncompleteBody", "The client closed the connection."))
-        except BlobStoreUnavailable as problem:
+        except (BlobStoreUnavailable, OSError) as problem:  # OSError: our disk (full, failing, read-only...)
             log.error("upload of %s not stored: %s", upload.key if upload else "a form", problem)
             return self.error(OssError(503, "ServiceUnavailable", "The object store is unavailable; try again."))
         finally:
@@ -292,7 +292,10 @@ class Upload:
         self.handle.close()
 
     def discard(self) -> None:
-        self.handle.close()
+        try:
+            self.handle.close()
+        except OSError:  # flushing what a full disk refused: the file goes all the same
+            pass
         self.temp.unlink(missing_ok=True)
 
 
