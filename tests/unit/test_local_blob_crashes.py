@@ -3,9 +3,11 @@ uploads, deletes and downloads."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import threading
+import warnings
 
 import pytest
 import xmltodict
@@ -188,3 +190,51 @@ def test_a_full_disk_refuses_the_upload_with_an_oss_error_and_keeps_nothing(monk
     assert xmltodict.parse(response.text)["Error"]["Code"] == "ServiceUnavailable"
     assert not (store.root / KEY).exists()
     assert list((store.root / ".incoming").iterdir()) == []
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_a_download_sends_the_object_it_stat_ed_even_if_deleted_and_posted_again_meanwhile(tmp_path):
+    """The GET stat-ed the file, then FileResponse opened its path again to stream it: a delete in
+    between (a package deletion, the collector) sent none of its bytes under its Content-Length,
+    and a form posted again for the key sent the new file's bytes under the old ETag (found by an
+    audit). Now the file opened for the stat is the one streamed, whatever happens to the path."""
+    store = new_store(tmp_path / "blobs")
+    data = os.urandom(2 * 1024 * 1024 + 5)
+    store_as_received(store, KEY, data)
+    client = client_of(store)
+    url = store.presigned_get(KEY, 60)
+    real_open_object = store._open_object  # noqa: SLF001
+    before = open_descriptors()
+
+    def deleted_and_posted_again(key, whole):
+        opened = real_open_object(key, whole)
+        store.delete(key)
+        store_as_received(store, key, b"N" * len(data))
+        return opened
+
+    store._open_object = deleted_and_posted_again  # noqa: SLF001
+    for headers, status, body in (({}, 200, data), ({"Range": "bytes=10-19"}, 206, data[10:20]),
+                                  ({"Range": "bytes=0-0,5-6"}, 206, None)):
+        response = client.get(url, headers=headers)
+        assert response.status_code == status
+        assert response.headers["etag"] == md5_etag(data)
+        if body is not None:
+            assert response.content == body
+        else:
+            assert data[0:1] in response.content and data[5:7] in response.content
+        store.delete(KEY)
+        store_as_received(store, KEY, data)
+    store._open_object = real_open_object  # noqa: SLF001
+    etag = md5_etag(data)
+    with warnings.catch_warnings(record=True) as caught:  # a file left to the garbage collector says so
+        warnings.simplefilter("always", ResourceWarning)
+        for method, headers in (("HEAD", {}), ("GET", {"If-None-Match": etag}), ("GET", {"If-Match": '"other"'}),
+                                ("GET", {"Range": f"bytes={len(data)}-"}), ("GET", {"Range": "bytes=0-9"})):
+            client.request(method, url, headers=headers)  # every answer closes the file it opened
+        gc.collect()
+    assert [str(warning.message) for warning in caught if warning.category is ResourceWarning] == []
+    assert open_descriptors() == before

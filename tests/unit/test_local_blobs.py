@@ -200,9 +200,11 @@ def test_downloads_refuse_a_symlinked_file_or_folder(store, tmp_path):
     (store.root / "ota" / "real" / "link.bin").symlink_to(outside / "secret.bin")
     (store.root / "ota" / "linked").symlink_to(outside)
 
-    path, st, content, _ = store._open_object("ota/real/fw.bin", True)  # noqa: SLF001
-    assert (content, st.st_size, path) == (b"firmware", 8, store.root / "ota" / "real" / "fw.bin")
-    assert store._open_object("ota/real/fw.bin", False)[2] is None  # noqa: SLF001
+    path, st, content, _, handle = store._open_object("ota/real/fw.bin", True)  # noqa: SLF001
+    assert (content, st.st_size, path, handle) == (b"firmware", 8, store.root / "ota" / "real" / "fw.bin", None)
+    *_, content, _, handle = store._open_object("ota/real/fw.bin", False)  # noqa: SLF001
+    with handle:  # not read: open, to stream from
+        assert (content, handle.read()) == (None, b"firmware")
     for key in ("ota/real/link.bin", "ota/linked/secret.bin"):
         with pytest.raises(OssError):
             store._open_object(key, True)  # noqa: SLF001

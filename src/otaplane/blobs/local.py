@@ -291,20 +291,31 @@ class LocalBlobStore:
             return None
         return handle
 
-    def _open_object(self, key: str, whole: bool) -> tuple[Path, os.stat_result, bytes | None, str | None]:
+    def _open_object(self, key: str, whole: bool) -> tuple[Path, os.stat_result, bytes | None, str | None,
+                                                         IO[bytes] | None]:
         """In a worker thread: the key's file, its stat, the content of a small file when `whole`,
-        and its stored MD5 ETag if any (one thread hop per GET)."""
+        its stored MD5 ETag if any (one thread hop per GET), and the file still open to stream
+        from when it is one and was not read whole (the caller closes it)."""
         path = self._path(key)
         if path is None:
             raise invalid_name()
         descriptor = self._open_descriptor(path)
         if descriptor is None:  # the file is a symlink
             raise invalid_name()
+        handle = os.fdopen(descriptor, "rb")
         try:
             st, content = _stat_and_small_read(descriptor, whole)
-        finally:
-            os.close(descriptor)
-        return path, st, content, self._md5_etag(key, st) if stat.S_ISREG(st.st_mode) else None
+            if not stat.S_ISREG(st.st_mode):
+                handle.close()
+                return path, st, content, None, None
+            etag = self._md5_etag(key, st)
+        except BaseException:
+            handle.close()
+            raise
+        if content is not None and len(content) == st.st_size:
+            handle.close()
+            handle = None
+        return path, st, content, etag, handle
 
     def _error(self, exc: OssError) -> Response:
         return oss_error_response(exc, self._host_id)
@@ -315,11 +326,12 @@ class LocalBlobStore:
         key = request.path_params["key"]
         # HEAD may come with a URL presigned for GET (that is all a device ever gets).
         methods = ("HEAD", "GET") if request.method == "HEAD" else ("GET",)
+        handle = None  # the object's open file, closed here unless a streaming response takes it
         try:
             verify_presigned(request.query_params, BUCKET, key, ACCESS_KEY_ID, self._secret, time.time(), methods)
             whole = request.method == "GET" and not any(h in request.headers for h in _CONDITIONAL_HEADERS)
             try:
-                path, st, content, etag = await anyio.to_thread.run_sync(self._open_object, key, whole)
+                path, st, content, etag, handle = await anyio.to_thread.run_sync(self._open_object, key, whole)
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 path, st, content, etag = None, None, None, None
             if st is None or not stat.S_ISREG(st.st_mode):
@@ -329,7 +341,7 @@ class LocalBlobStore:
                 headers["etag"] = etag
             # FileResponse streams from disk and answers Range (206, multipart/byteranges) itself,
             # weighing If-Range against the ETag given here.
-            response = _ObjectResponse(path, stat_result=st, headers=headers)
+            response = _ObjectResponse(path, handle, stat_result=st, headers=headers)
             precondition = precondition_status(request.headers, response.headers["etag"], int(st.st_mtime))
             if precondition == 412:
                 raise OssError(412, "PreconditionFailed",
@@ -340,13 +352,17 @@ class LocalBlobStore:
             if response.range_not_satisfiable(request.headers):
                 raise OssError(416, "InvalidRange", "The requested range cannot be satisfied.",
                                {"Content-Range": f"bytes */{st.st_size}"})
+            if handle is None:
+                # A small package, read in the same worker-thread hop as the stat: the same headers,
+                # without FileResponse's further hops (read, close) per download.
+                return Response(content, headers=dict(response.headers))
+            handle = None  # the response's now: it closes it once sent
+            return response
         except OssError as exc:
             return self._error(exc)
-        if content is not None and len(content) == st.st_size:
-            # A small package, read in the same worker-thread hop as the stat: the same headers,
-            # without FileResponse's three more hops (open, read, close) per download.
-            return Response(content, headers=dict(response.headers))
-        return response
+        finally:
+            if handle is not None:
+                handle.close()
 
 # Requests with conditions (precondition_status) or ranges (FileResponse): never the small-file path.
 _CONDITIONAL_HEADERS = ("range", "if-range", "if-none-match", "if-modified-since", "if-match", "if-unmodified-since")
@@ -373,6 +389,25 @@ class _ObjectResponse(FileResponse):
     The price: a download holds up to one chunk in memory beyond the kernel's socket buffer."""
 
     chunk_size = DOWNLOAD_CHUNK
+
+    def __init__(self, path: Path, handle: IO[bytes] | None, **kwargs):
+        super().__init__(path, **kwargs)
+        self._handle = handle
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._handle.close()
+
+    @contextlib.asynccontextmanager
+    async def _open_file(self):
+        """The file that was stat-ed for the headers, not its path opened again: an object
+        deleted in between (and its key's form posted again) was sent as none of its bytes, or
+        as the new file's, under the old one's length and ETag. Once open, a deleted file
+        still reads whole."""
+        self._handle.seek(0)
+        yield anyio.wrap_file(self._handle)
 
     @classmethod
     def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
