@@ -144,6 +144,23 @@ def test_verify_job_drives_firmware_status_and_progress(services):
     assert nothing.value.code == "iot.ota.NoDeviceToUpgrade"
 
 
+def test_a_verify_task_moving_changes_its_package_only_when_status_or_progress_does(services):
+    """Every move of a verify job's task (QUEUED -> NOTIFIED -> IN_PROGRESS) rewrote the package's
+    UtcModified although its Status and VerifyProgress stayed as they were (found by an audit)."""
+    fleet = Fleet(services, devices=2, need_to_verify=True)
+    fleet.job(job_type=VERIFY, target_selection="SPECIFIC", device_names=fleet.names)
+    verifying = fleet.firmware()
+    assert (verifying.status, verifying.verify_progress) == (2, 0)
+    time.sleep(0.01)
+    assert fleet.tick().dispatched == 2
+    fleet.deliver_all()  # both NOTIFIED
+    services.device_ota.progress_reported(fleet.ids["dev-000"], None, 10, None)  # IN_PROGRESS
+    assert fleet.firmware().modified_ms == verifying.modified_ms
+    fleet.upgrade("dev-000")
+    assert (fleet.firmware().status, fleet.firmware().verify_progress) == (2, 50)
+    assert fleet.firmware().modified_ms > verifying.modified_ms
+
+
 def test_a_verified_package_stays_verified(services):
     """Verify job 1 failed on one device while another of its devices was still upgrading; job 2
     then verified the package; job 1's last device finishing took it back to "verify failed",

@@ -333,7 +333,10 @@ def refresh_verification(conn: Connection, job_pks: Iterable[int], now_ms: int) 
             status = FIRMWARE_UNVERIFIED
         progress = succeeded * 100 // total if total else 0
         # Verified stays verified: another verify job of the package ending worse afterwards (or
-        # a task of one re-upgraded) must not take back what jobs were already allowed on.
+        # a task of one re-upgraded) must not take back what jobs were already allowed on. A task
+        # move that changes neither Status nor VerifyProgress leaves the package (and its
+        # UtcModified) alone.
         conn.execute(sa.update(firmware)
-                     .where(firmware.c.id == job.firmware_pk, firmware.c.status != FIRMWARE_VERIFIED)
+                     .where(firmware.c.id == job.firmware_pk, firmware.c.status != FIRMWARE_VERIFIED,
+                            sa.or_(firmware.c.status != status, firmware.c.verify_progress != progress))
                      .values(status=status, verify_progress=progress, modified_ms=now_ms))
