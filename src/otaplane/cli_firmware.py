@@ -15,9 +15,11 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 from rich.table import Column, Table
 
 from otaplane.client import ApiCallError, Credentials, OtaplaneClient
+from otaplane import errors
 from otaplane.errors import ApiError
 from otaplane.openapi.params import parse_params
 from otaplane.openapi.registry import build_table
+from otaplane.services.firmware import MAX_FILE_BYTES, MAX_PACKAGES_PER_INSTANCE
 
 app = typer.Typer(help="Firmware packages on an otaplane endpoint.", no_args_is_help=True)
 console = Console()
@@ -120,10 +122,24 @@ def _default_name(file: Path, version: str) -> str:
     return (name.lstrip("_-()") or "firmware")[:40]
 
 
+def _package_names(client: OtaplaneClient) -> tuple[set[str], int]:
+    """The names of the instance's packages and how many there are (ListOTAFirmware, all pages)."""
+    names: set[str] = set()
+    page, total = 1, 0
+    while True:
+        body = client.call("ListOTAFirmware", {"CurrentPage": page, "PageSize": 100})
+        items = body["FirmwareInfo"]["SimpleFirmwareInfo"]
+        names.update(item["FirmwareName"] for item in items)
+        total = body["Total"]
+        if not items or page >= body["PageCount"]:
+            return names, total
+        page += 1
+
+
 def _check_before_upload(client: OtaplaneClient, params: dict, file: Path) -> None:
     """Refuse now what CreateOTAFirmware would refuse after a long upload: the parameters by
-    the server's own rules (otaplane.openapi's declarations), an empty file, an unknown product
-    or module (asked of the server)."""
+    the server's own rules (otaplane.openapi's declarations), an empty or too large file, an
+    unknown product or module, a name taken or a full instance (asked of the server)."""
     flat = {key: str(value).lower() if isinstance(value, bool) else str(value)
             for key, value in params.items() if value is not None}
     try:
@@ -131,8 +147,13 @@ def _check_before_upload(client: OtaplaneClient, params: dict, file: Path) -> No
     except ApiError as refused:
         console.print(f"[red]{refused.code}[/]: {refused.message}")
         raise typer.Exit(2) from None
-    if file.stat().st_size == 0:
+    size = file.stat().st_size
+    if size == 0:
         console.print(f"[red]{file} is empty[/]: a firmware file has at least one byte.")
+        raise typer.Exit(2)
+    if size > MAX_FILE_BYTES:
+        refused = errors.FirmwareTooLarge(limit=MAX_FILE_BYTES, actual=size)
+        console.print(f"[red]{refused.code}[/]: {refused.message}")
         raise typer.Exit(2)
     try:
         modules = client.call("ListOTAModuleByProduct", {"ProductKey": params["ProductKey"]}, method="GET")["Data"]
@@ -141,6 +162,18 @@ def _check_before_upload(client: OtaplaneClient, params: dict, file: Path) -> No
     if params["ModuleName"].lower() not in {module["ModuleName"].lower() for module in modules}:
         console.print(f"[red]iot.ota.ModuleNotFound[/]: product {params['ProductKey']} has no OTA module "
                       f"{params['ModuleName']!r}.")
+        raise typer.Exit(1)
+    try:
+        names, total = _package_names(client)
+    except ApiCallError as error:
+        _fail(error)
+    refused = None
+    if params["FirmwareName"] in names:
+        refused = errors.FirmwareNameExists()
+    elif total >= MAX_PACKAGES_PER_INSTANCE:
+        refused = errors.FirmwareCountExceeded(limit=MAX_PACKAGES_PER_INSTANCE)
+    if refused is not None:
+        console.print(f"[red]{refused.code}[/]: {refused.message}")
         raise typer.Exit(1)
 
 

@@ -102,4 +102,14 @@ def test_cli_refuses_before_uploading_what_create_would_refuse(server, tmp_path)
     assert signer_view.call("ListOTAFirmware", {"CurrentPage": 1, "PageSize": 10})["Total"] == 0
     # The default name is made valid: the file name starts with '_', which a name may not.
     out = otaplane_cli(*upload, "--version", "2.0", "--json", env=env)
-    assert json.loads(out.stdout)["FirmwareName"] == "leading-underscore-2-0"
+    info = json.loads(out.stdout)
+    assert info["FirmwareName"] == "leading-underscore-2-0"
+    # The same command again: the name is taken. Refused before the file is sent (it was sent,
+    # then CreateOTAFirmware refused it, leaving an object nobody adopts; found by an audit).
+    folder = server.data_dir / "blobs" / httpx.URL(info["FirmwareUrl"]).path.split("/oss/otaplane/", 1)[1]
+    folder = folder.parent
+    objects = sorted(folder.iterdir())
+    again = otaplane_cli(*upload, "--version", "2.0", env=env, check=False)
+    assert again.returncode == 1 and "iot.ota.FirmwareNameExisted" in again.stdout, again.stdout
+    assert sorted(folder.iterdir()) == objects
+    assert signer_view.call("ListOTAFirmware", {"CurrentPage": 1, "PageSize": 10})["Total"] == 1
