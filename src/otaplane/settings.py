@@ -30,8 +30,9 @@ class Settings(BaseSettings):
     # downloads), as an OSS bucket's CORS rule: comma-separated http(s)://host[:port] (a `*` in
     # one matches anything there), or `*` for any. Empty = no CORS headers (blobs/cors.py).
     cors_origins: str = ""
-    # Lifetime of presigned firmware download URLs (QueryOTAFirmware, device pushes).
-    download_url_ttl_seconds: int = 24 * 3600
+    # Lifetime of presigned firmware download URLs (QueryOTAFirmware, device pushes). At least a
+    # second: 0 or less would hand out URLs that have expired already, which no device can use.
+    download_url_ttl_seconds: int = Field(default=24 * 3600, gt=0)
     response_case: Literal["pascal", "camel"] = "pascal"
     # Base URL that devices and clients dial to reach this server (presigned URLs).
     public_url: str = ""
