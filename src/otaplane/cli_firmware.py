@@ -183,9 +183,14 @@ def _print_firmware(info: dict) -> None:
     table.add_column(overflow="fold")  # a URL folds onto more lines rather than losing its end
     for key in ("FirmwareId", "FirmwareName", "ProductKey", "ProductName", "ModuleName", "DestVersion",
                 "SrcVersion", "Type", "FirmwareSize", "SignMethod", "FirmwareSign", "Status", "VerifyProgress",
-                "FirmwareDesc", "UtcCreate", "UtcModified", "FirmwareUrl"):
+                "FirmwareDesc", "Udi", "UtcCreate", "UtcModified", "FirmwareUrl"):
         if key in info:
             table.add_row(key, str(info[key]))
+    for file in info.get("MultiFiles") or []:  # a multi-file package: each file, its checksum and URL
+        sign = f"{info.get('SignMethod')} {file.get('SignValue')}"
+        if info.get("SignMethod") != "Md5":
+            sign += f", Md5 {file.get('FileMd5')}"
+        table.add_row(f"File {file.get('Name')}", f"{file.get('Size')} bytes, {sign}\n{file.get('Url')}")
     console.print(table)
 
 

@@ -11,6 +11,7 @@ import httpx
 
 from tests.support.clients import SdkCaller
 from tests.support.server import otaplane_cli
+from tests.support.uploads import post_upload
 
 
 def test_cli_upload_show_list_delete(server, tmp_path):
@@ -113,3 +114,25 @@ def test_cli_refuses_before_uploading_what_create_would_refuse(server, tmp_path)
     assert again.returncode == 1 and "iot.ota.FirmwareNameExisted" in again.stdout, again.stdout
     assert sorted(folder.iterdir()) == objects
     assert signer_view.call("ListOTAFirmware", {"CurrentPage": 1, "PageSize": 10})["Total"] == 1
+
+
+def test_cli_show_prints_the_udi_and_each_file_of_a_multi_file_package(server):
+    """`firmware show` printed neither the Udi nor the files of a multi-file package (their names,
+    sizes, checksums and download URLs): only their total size (found by an audit)."""
+    key_id, secret = server.create_key("cli-multi-" + uuid.uuid4().hex[:6])
+    env = {"OTAPLANE_ENDPOINT": server.base_url, "OTAPLANE_ACCESS_KEY_ID": key_id,
+           "OTAPLANE_ACCESS_KEY_SECRET": secret}
+    api = SdkCaller("tea-v3", server.endpoint, key_id, secret)
+    product_key = api.call("CreateProduct", {"ProductName": "cli_" + uuid.uuid4().hex[:8], "NodeType": 0})["ProductKey"]
+    files = []
+    for name, content in (("boot-img", b"boot" * 100), ("app-img", b"application" * 50)):
+        generated = api.call("GenerateOTAUploadURL", {"FileSuffix": "bin"})["Data"]
+        assert post_upload(generated, content).status_code in (200, 204)
+        files.append({"Name": name, "Url": generated["FirmwareUrl"]})
+    firmware_id = api.call("CreateOTAFirmware", {
+        "ProductKey": product_key, "FirmwareName": "multi", "DestVersion": "3.0", "MultiFiles": files,
+        "Udi": "udi-for-devices"})["Data"]["FirmwareId"]
+    shown = " ".join(otaplane_cli("firmware", "show", firmware_id, env=env).stdout.split())
+    assert "udi-for-devices" in shown
+    assert "File boot-img" in shown and "400 bytes, Md5 " + hashlib.md5(b"boot" * 100).hexdigest() in shown
+    assert "File app-img" in shown and "550 bytes" in shown
