@@ -36,11 +36,15 @@ KeySecret = Annotated[
 DataDir = Annotated[Path, typer.Option(envvar="OTAPLANE_DATA_DIR", help="Where to find admin-credentials.json "
                                        "when no key is given.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the raw response body.")]
+Instance = Annotated[Optional[str], typer.Option(
+    "--instance", envvar="OTAPLANE_IOT_INSTANCE_ID", help="IotInstanceId (otaplane instances create); "
+    "default: the account's default instance.", show_default=False)]
 
 
-def _client(endpoint: str, key_id: str | None, secret: str | None, data_dir: Path) -> OtaplaneClient:
+def _client(endpoint: str, key_id: str | None, secret: str | None, data_dir: Path,
+            instance: str | None = None) -> OtaplaneClient:
     if key_id and secret:
-        return OtaplaneClient(endpoint, Credentials(key_id, secret))
+        return OtaplaneClient(endpoint, Credentials(key_id, secret), instance_id=instance)
     if key_id or secret:  # half a pair: never fall back to the admin key of the data directory
         given, missing = ("AccessKeyId", "AccessKeySecret") if key_id else ("AccessKeySecret", "AccessKeyId")
         console.print(f"[red]An {given} without its {missing}: pass both (--access-key-id/--access-key-secret "
@@ -49,7 +53,7 @@ def _client(endpoint: str, key_id: str | None, secret: str | None, data_dir: Pat
     fallback = data_dir / "admin-credentials.json"
     if fallback.exists():
         try:
-            return OtaplaneClient(endpoint, Credentials.from_file(fallback))
+            return OtaplaneClient(endpoint, Credentials.from_file(fallback), instance_id=instance)
         except ValueError as problem:
             console.print(f"[red]{problem}[/]")
             raise typer.Exit(2) from None
@@ -210,10 +214,11 @@ def upload(
     access_key_id: KeyId = None,
     access_key_secret: KeySecret = None,
     data_dir: DataDir = Path("./otaplane-data"),
+    instance: Instance = None,
     as_json: AsJson = False,
 ) -> None:
     """Upload FILE and create a firmware package from it."""
-    client = _client(endpoint, access_key_id, access_key_secret, data_dir)
+    client = _client(endpoint, access_key_id, access_key_secret, data_dir, instance)
     method = sign_method.upper()
     params = {
         "ProductKey": product, "FirmwareName": name or _default_name(file, version), "DestVersion": version,
@@ -245,10 +250,11 @@ def show(
     access_key_id: KeyId = None,
     access_key_secret: KeySecret = None,
     data_dir: DataDir = Path("./otaplane-data"),
+    instance: Instance = None,
     as_json: AsJson = False,
 ) -> None:
     """Show one package (QueryOTAFirmware)."""
-    client = _client(endpoint, access_key_id, access_key_secret, data_dir)
+    client = _client(endpoint, access_key_id, access_key_secret, data_dir, instance)
     try:
         info = client.call("QueryOTAFirmware", {"FirmwareId": firmware_id})["FirmwareInfo"]
     except ApiCallError as error:
@@ -265,10 +271,11 @@ def list_(
     access_key_id: KeyId = None,
     access_key_secret: KeySecret = None,
     data_dir: DataDir = Path("./otaplane-data"),
+    instance: Instance = None,
     as_json: AsJson = False,
 ) -> None:
     """List packages, newest first (ListOTAFirmware)."""
-    client = _client(endpoint, access_key_id, access_key_secret, data_dir)
+    client = _client(endpoint, access_key_id, access_key_secret, data_dir, instance)
     try:
         body = client.call("ListOTAFirmware", {"CurrentPage": page, "PageSize": page_size, "ProductKey": product})
     except ApiCallError as error:
@@ -294,9 +301,10 @@ def delete(
     access_key_id: KeyId = None,
     access_key_secret: KeySecret = None,
     data_dir: DataDir = Path("./otaplane-data"),
+    instance: Instance = None,
 ) -> None:
     """Delete a package (DeleteOTAFirmware)."""
-    client = _client(endpoint, access_key_id, access_key_secret, data_dir)
+    client = _client(endpoint, access_key_id, access_key_secret, data_dir, instance)
     try:
         client.call("DeleteOTAFirmware", {"FirmwareId": firmware_id})
     except ApiCallError as error:

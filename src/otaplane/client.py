@@ -77,8 +77,10 @@ def _upper_camel(value: Any) -> Any:
 
 
 class OtaplaneClient:
-    def __init__(self, endpoint: str, credentials: Credentials, timeout_s: float = 600):
+    def __init__(self, endpoint: str, credentials: Credentials, timeout_s: float = 600,
+                 instance_id: str | None = None):
         self.endpoint = endpoint.rstrip("/")
+        self.instance_id = instance_id  # IotInstanceId of every call; None: the account's default instance
         if "://" not in self.endpoint:
             self.endpoint = "http://" + self.endpoint
         self.credentials = credentials
@@ -94,7 +96,7 @@ class OtaplaneClient:
             "SignatureVersion": "1.0",
             "SignatureNonce": uuid.uuid4().hex,
             "Timestamp": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            **_flatten(params or {}),
+            **_flatten({"IotInstanceId": self.instance_id, **(params or {})}),
         }
         string_to_sign = signing.v1_string_to_sign(method, query)
         query["Signature"] = signing.v1_signature(self.credentials.access_key_secret, string_to_sign)

@@ -136,3 +136,30 @@ def test_cli_show_prints_the_udi_and_each_file_of_a_multi_file_package(server):
     assert "udi-for-devices" in shown
     assert "File boot-img" in shown and "400 bytes, Md5 " + hashlib.md5(b"boot" * 100).hexdigest() in shown
     assert "File app-img" in shown and "550 bytes" in shown
+
+
+def test_cli_works_on_another_instance_of_the_account(server, tmp_path):
+    """The firmware commands had no way to name an IotInstanceId: a product of a second instance
+    (otaplane instances create) was "not existed" to them, and its packages out of reach (found by
+    an audit)."""
+    account = "cli-inst-" + uuid.uuid4().hex[:6]
+    key_id, secret = server.create_key(account)
+    instance = json.loads(server.cli("instances", "create", "--account", account, "--json").stdout)["IotInstanceId"]
+    env = {"OTAPLANE_ENDPOINT": server.base_url, "OTAPLANE_ACCESS_KEY_ID": key_id,
+           "OTAPLANE_ACCESS_KEY_SECRET": secret}
+    product_key = SdkCaller("tea-v3", server.endpoint, key_id, secret).call(
+        "CreateProduct", {"ProductName": "cli_" + uuid.uuid4().hex[:8], "NodeType": 0,
+                          "IotInstanceId": instance})["ProductKey"]
+    firmware = tmp_path / "second.bin"
+    firmware.write_bytes(b"second instance" * 100)
+    upload = ("firmware", "upload", str(firmware), "--product", product_key, "--version", "1.1", "--json")
+    refused = otaplane_cli(*upload, env=env, check=False)
+    assert refused.returncode == 1 and "iot.prod.NotExistedProduct" in refused.stdout
+    info = json.loads(otaplane_cli(*upload, "--instance", instance, env=env).stdout)
+    assert info["ProductKey"] == product_key and info["FirmwareSize"] == len(firmware.read_bytes())
+    in_instance = {**env, "OTAPLANE_IOT_INSTANCE_ID": instance}
+    listed = json.loads(otaplane_cli("firmware", "list", "--json", env=in_instance).stdout)
+    assert [i["FirmwareId"] for i in listed["FirmwareInfo"]["SimpleFirmwareInfo"]] == [info["FirmwareId"]]
+    assert json.loads(otaplane_cli("firmware", "list", "--json", env=env).stdout)["Total"] == 0
+    assert otaplane_cli("firmware", "show", info["FirmwareId"], env=env, check=False).returncode == 1
+    assert otaplane_cli("firmware", "delete", info["FirmwareId"], "--instance", instance, env=env).returncode == 0
