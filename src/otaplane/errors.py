@@ -156,6 +156,12 @@ FirmwareUrlInvalid = _business(
 FirmwareFileNotFound = _business(
     "iot.ota.FirmwareFileNotFound", "No uploaded object exists at {url!r}; upload it first."
 )
+# Same code: the object is there, but its upload was withdrawn when the package that held it was
+# deleted (a form posted again while still valid stores it all the same), so no package adopts it.
+FirmwareUploadWithdrawn = _business(
+    "iot.ota.FirmwareFileNotFound", "The upload at {url!r} was withdrawn when the package that held it was "
+    "deleted; generate a new upload URL and upload the file again."
+)
 FirmwareFileEmpty = _business(
     "iot.ota.FirmwareFileEmpty", "The object at {url!r} is empty; a firmware file has at least one byte."
 )

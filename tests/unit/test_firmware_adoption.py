@@ -134,6 +134,7 @@ def test_a_form_posted_again_after_its_package_was_deleted_leaves_no_object_behi
     with pytest.raises(errors.ApiError) as refused:  # withdrawn: no package adopts it again
         services.firmware.create(tenant, NewFirmware(product_key, "readopted", "1.0", firmware_url=form.object_url))
     assert refused.value.code == "iot.ota.FirmwareFileNotFound"
+    assert "withdrawn when the package that held it was deleted" in refused.value.message
     monkeypatch.setattr(firmware_module, "now_ms",
                         lambda real=firmware_module.now_ms: real() + firmware_module.UPLOAD_ADOPTION_GRACE_MS + 1)
     assert services.firmware.collect_abandoned_uploads() == 1

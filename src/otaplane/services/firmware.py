@@ -237,6 +237,8 @@ class FirmwareService:
                 # another package may have removed one since. Its upload row decides, under lock.
                 for key, url in adopted:
                     if not upload_store.lock(conn, key, tenant.instance_pk):
+                        if upload_store.withdrawn(conn, key, tenant.instance_pk):
+                            raise errors.FirmwareUploadWithdrawn(url=url)
                         raise errors.FirmwareFileNotFound(url=url)
                 self._check_name_and_quota(conn, tenant, new.name)
                 store.insert(

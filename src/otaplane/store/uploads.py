@@ -31,6 +31,14 @@ def lock(conn: Connection, blob_key: str, instance_pk: int | None = None) -> boo
     return conn.execute(statement).rowcount > 0
 
 
+def withdrawn(conn: Connection, blob_key: str, instance_pk: int) -> bool:
+    """Whether the instance's upload of the key was withdrawn (its package deleted)."""
+    return conn.execute(
+        sa.select(uploads.c.blob_key).where(uploads.c.blob_key == blob_key, uploads.c.instance_pk == instance_pk,
+                                            uploads.c.withdrawn_ms.is_not(None))
+    ).first() is not None
+
+
 def withdraw(conn: Connection, blob_key: str, now_ms: int) -> None:
     """No package may adopt the key any more; the record stays for the collector."""
     conn.execute(sa.update(uploads).where(uploads.c.blob_key == blob_key).values(withdrawn_ms=now_ms))
