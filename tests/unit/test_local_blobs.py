@@ -236,6 +236,45 @@ def test_sweep_incoming_deletes_only_temp_files_idle_past_the_limit(store):
     assert sorted(path.name for path in incoming.iterdir()) == ["live.part", "not-a-temp-file"]
 
 
+def test_sweep_incoming_deletes_a_dead_process_s_temp_file_without_waiting_a_day(store):
+    """A server killed mid-upload left up to 1000 MB in .incoming for a day. A live upload holds
+    its temp file's lock, which the system releases when its process dies: a file older than a
+    minute whose lock is free goes at the next sweep; a live upload's file stays, however idle."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from otaplane.blobs.oss_signing import SizeRange
+    from otaplane.blobs.post_object import Upload
+
+    incoming = store.root / ".incoming"
+    killed = textwrap.dedent(f"""
+        import os
+        from pathlib import Path
+        from otaplane.blobs.oss_signing import SizeRange
+        from otaplane.blobs.post_object import Upload
+        upload = Upload.open(Path({str(incoming)!r}), {{"key": "ota/a.bin"}}, SizeRange(0, 10**9))
+        upload.handle.write(b"half of it")
+        upload.handle.flush()
+        os._exit(9)  # killed mid-upload: no discard, no cleanup
+    """)
+    subprocess.run([sys.executable, "-c", killed], check=False, timeout=60)
+    (dead,) = incoming.iterdir()
+    live = Upload.open(incoming, {"key": "ota/b.bin"}, SizeRange(0, 10**9))
+    live.handle.write(b"a client that went quiet")
+    young = incoming / "young.part"  # unlocked but new: maybe an upload between its open and its lock
+    young.write_bytes(b"x")
+    two_minutes_ago = time.time() - 120
+    for path in (dead, live.temp):
+        os.utime(path, (two_minutes_ago, two_minutes_ago))
+    try:
+        assert store.sweep_incoming() == 1
+        assert sorted(incoming.iterdir()) == sorted([live.temp, young])
+    finally:
+        live.discard()
+    assert sorted(incoming.iterdir()) == [young]
+
+
 def test_an_upload_whose_temp_file_was_swept_is_refused_at_commit(store):
     """A client silent for the whole idle limit mid-upload: its commit answers OSS's
     RequestTimeout, not a 500, and stores nothing."""

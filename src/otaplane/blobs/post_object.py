@@ -10,6 +10,7 @@ would need x-amz-* fields they drop. Each key is written once, as under OSS's
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import logging
@@ -50,6 +51,9 @@ ROUTE_PREFIX = f"/oss/{BUCKET}"
 HTTP_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 # An upload temp file unwritten for this long belongs to a process that died (sweep_incoming).
 INCOMING_IDLE_S = 24 * 3600
+# An unlocked upload temp file this old belongs to a process that died: a live upload holds its
+# file's lock from a moment after creating it (Upload.open) until it is gone (sweep_incoming).
+INCOMING_UNLOCKED_S = 60
 FIELDS_CAP = 64 * 1024  # form fields before `file` are held in memory: keep them small
 MAX_KEY_LENGTH = 1023  # OSS's own limit
 # `/`-separated segments, each 1-255 of [A-Za-z0-9._-] not starting with a dot: one regex
@@ -231,19 +235,27 @@ class PostObjectReceiver:
             raise already_exists()
         return sizes
 
-    def sweep_incoming(self, idle_s: float = INCOMING_IDLE_S) -> int:
-        """Delete upload temp files nobody has written for `idle_s`: those of a process that
-        died mid-upload (a live upload writes as its bytes arrive). How many were deleted."""
+    def sweep_incoming(self, idle_s: float = INCOMING_IDLE_S, unlocked_s: float = INCOMING_UNLOCKED_S) -> int:
+        """Delete the upload temp files of processes that died mid-upload: at once (after
+        `unlocked_s`) when no process holds the file's lock, which a live upload does and the
+        system releases when its process dies, so a crash does not hold up to 1000 MB for a day;
+        and any nobody has written for `idle_s` (a file system without locks, a client silent
+        that long: a live upload writes as its bytes arrive). How many were deleted."""
         deleted = 0
-        cutoff = time.time() - idle_s
+        now = time.time()
         try:
             entries = list(os.scandir(self.incoming))
         except FileNotFoundError:
             return 0
         for entry in entries:
             try:
-                if entry.name.endswith(".part") and entry.stat().st_mtime < cutoff:
+                if not entry.name.endswith(".part"):
+                    continue
+                modified = entry.stat().st_mtime
+                if modified < now - idle_s:
                     os.unlink(entry.path)
+                    deleted += 1
+                elif modified < now - unlocked_s and _unlink_if_unlocked(entry.path):
                     deleted += 1
             except FileNotFoundError:  # published or discarded meanwhile
                 continue
@@ -252,11 +264,35 @@ class PostObjectReceiver:
         return deleted
 
 
-class Upload:
-    """A form's file in a temp file of the incoming folder, until the store publishes it."""
+def _unlink_if_unlocked(path: str) -> bool:
+    """Whether the temp file's lock was free (the upload that held it is over): then it is
+    deleted here, under the lock. False while an upload holds it, or if locks are not to be had."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held (EWOULDBLOCK), or a file system without locks: the idle rule decides
+        os.close(descriptor)
+        return False
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(descriptor)
+    return True
 
-    def __init__(self, handle: IO[bytes], temp: Path, fields: dict[str, str], sizes: SizeRange):
-        self.handle, self.temp = handle, temp
+
+class Upload:
+    """A form's file in a temp file of the incoming folder, until the store publishes it. Its
+    lock (an flock on a descriptor of its own, as `handle` is closed before publishing) is held
+    until the temp file is gone, so sweep_incoming tells it from a dead process's file."""
+
+    def __init__(self, handle: IO[bytes], temp: Path, fields: dict[str, str], sizes: SizeRange,
+                 lock: int | None = None):
+        self.handle, self.temp, self._lock = handle, temp, lock
         self.key, self.fields, self.sizes = fields["key"], fields, sizes
         self.size = 0
         self._md5 = hashlib.md5()
@@ -266,7 +302,14 @@ class Upload:
     def open(cls, incoming: Path, fields: dict[str, str], sizes: SizeRange) -> Upload:
         incoming.mkdir(parents=True, exist_ok=True)
         temp = incoming / f"{uuid.uuid4().hex}.part"
-        return cls(open(temp, "xb"), temp, fields, sizes)
+        handle = open(temp, "xb")
+        lock: int | None = os.open(temp, os.O_RDONLY)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a file system without locks: the sweep's idle rule covers this upload
+            os.close(lock)
+            lock = None
+        return cls(handle, temp, fields, sizes, lock)
 
     async def write(self, data: bytes) -> None:
         self.size += len(data)
@@ -297,6 +340,9 @@ class Upload:
         except OSError:  # flushing what a full disk refused: the file goes all the same
             pass
         self.temp.unlink(missing_ok=True)
+        if self._lock is not None:  # released once the file is gone: never a live file unlocked
+            os.close(self._lock)
+            self._lock = None
 
 
 def _malformed() -> OssError:
