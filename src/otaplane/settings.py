@@ -60,11 +60,19 @@ class Settings(BaseSettings):
     # the ScheduleTime limits count in these. 60 in production; tests and demos shorten it.
     # Pacing (MaximumPerMinute) always uses real minutes.
     job_minute_seconds: float = 60.0
+    # A device with an unfinished task that reports the version it ran before the task is pushed
+    # again once neither the push nor its last progress report is this recent (before that it may
+    # be reporting as the push goes out, or while it downloads); a report within it schedules the
+    # push for its end. 10 in production; tests shorten it.
+    push_again_quiet_seconds: float = 10.0
     # How often the job dispatcher looks at the database (it is also woken by new work).
     dispatch_interval_seconds: float = 0.1
 
     def job_minute_ms(self) -> int:
         return max(1, int(self.job_minute_seconds * 1000))
+
+    def push_again_quiet_ms(self) -> int:
+        return max(0, int(self.push_again_quiet_seconds * 1000))
 
     def resolved_database_url(self) -> str:
         """SQLAlchemy URL: SQLite in the data dir by default; psycopg 3 for PostgreSQL."""

@@ -32,7 +32,6 @@ import pytest
 from aliyunsdkcore.acs_exception.exceptions import ServerException as LegacyServerException
 from Tea.exceptions import TeaException
 
-from otaplane.services.device_ota import PUSH_AGAIN_QUIET_MS
 from tests.conftest import BACKENDS
 from tests.e2e.test_products_sdk import assert_shape
 from tests.support.clients import RawSigner, SdkCaller, iot_models, legacy_call, legacy_client, tea_client
@@ -850,9 +849,13 @@ def test_create_refusals(lab):
 
 
 # --- job timers: a server whose job "minute" is one second (one client variant is enough) ---------
+FAST_QUIET_S = 2.0  # its quiet period before a push goes again after a version report (10 s in production)
+
+
 @pytest.fixture(scope="module", params=BACKENDS)
 def fast(request, make_server):
-    server = make_server(request.param, "--rate-limit", "0", env={"OTAPLANE_JOB_MINUTE_SECONDS": "1"})
+    server = make_server(request.param, "--rate-limit", "0", env={
+        "OTAPLANE_JOB_MINUTE_SECONDS": "1", "OTAPLANE_PUSH_AGAIN_QUIET_SECONDS": str(FAST_QUIET_S)})
     lab = Lab(server, Api("tea-v3", server.endpoint, *server.create_key("jobs-timers")))
     yield lab
     lab.close()
@@ -884,17 +887,54 @@ def test_a_device_that_lost_the_push_gets_it_again_when_it_reports_its_old_versi
     job_id = fast.static_job("SPECIFIC", TargetDeviceName=[device.device_name])
     first = expect_push(device)
     fast.wait_statuses(job_id, {device.device_name: "NOTIFIED"})
-    time.sleep(PUSH_AGAIN_QUIET_MS / 1000)
-    device.close()  # power lost; booted again, still on the version it ran
-    device = connect(fast.server.mqtt_port, fast.product_key, device.device_name,
-                     fast.secrets[device.device_name])
-    fast.opened.append(device)
+    time.sleep(FAST_QUIET_S)
+    device = restart(fast, device)  # power lost; booted again, still on the version it ran
     device.inform("1.0.0")
     again = device.expect(device.upgrade_topic).json()
     assert again["id"] == first["id"] and again["data"]["version"] == "2.0.0"
     device.progress(100)
     device.inform("2.0.0")
     fast.wait_statuses(job_id, {device.device_name: "SUCCEEDED"})
+
+
+def restart(lab: Lab, device: Device) -> Device:
+    """The device disconnects and connects again (a reboot)."""
+    device.close()
+    device = connect(lab.server.mqtt_port, lab.product_key, device.device_name, lab.secrets[device.device_name])
+    lab.opened.append(device)
+    return device
+
+
+def test_a_device_that_restarts_at_once_after_the_push_gets_it_again_when_the_quiet_period_ends(fast):
+    """It took the push and restarted before any progress, within the quiet period after the push:
+    the one version report it makes on reconnecting was dropped (the quiet period keeps the push
+    from going twice to a device that reports as it goes out, or while it downloads), so the push
+    never went again and the task stayed NOTIFIED for good (found by an audit). Now it goes when
+    the quiet period ends; a device that reports progress meanwhile (it has the push) is not sent
+    it twice."""
+    device, busy = fast.devices(2)
+    job_id = fast.static_job("SPECIFIC", TargetDeviceName=names([device, busy]))
+    first = expect_push(device)
+    pushed_at = time.monotonic()
+    expect_push(busy)
+    fast.wait_statuses(job_id, {device.device_name: "NOTIFIED", busy.device_name: "NOTIFIED"})
+    device = restart(fast, device)
+    device.inform("1.0.0")  # at once, before any progress: the report it makes on every connect
+    busy.progress(10)
+    busy = restart(fast, busy)  # its connection broke while it downloads
+    busy.inform("1.0.0")
+    busy.progress(20)
+    # Not before the quiet period ends (the report came within it) ...
+    device.expect_nothing(device.upgrade_topic, within=max(0.0, pushed_at + FAST_QUIET_S - 0.5 - time.monotonic()))
+    # ... but then, the same push.
+    again = device.expect(device.upgrade_topic, timeout=FAST_QUIET_S + 8).json()
+    assert again["id"] == first["id"] and again["data"]["version"] == "2.0.0"
+    busy.expect_nothing(busy.upgrade_topic, within=FAST_QUIET_S)
+    assert fast.statuses(job_id) == {device.device_name: "NOTIFIED", busy.device_name: "IN_PROGRESS"}
+    for each in (device, busy):
+        each.progress(100)
+        each.inform("2.0.0")
+    fast.wait_statuses(job_id, {device.device_name: "SUCCEEDED", busy.device_name: "SUCCEEDED"})
 
 
 def test_planned_job_starts_at_its_schedule_time(fast):

@@ -13,6 +13,7 @@ from otaplane import errors
 from otaplane.server import prepare
 from otaplane.services import task_flow
 from otaplane.services.container import Services
+from otaplane.services.device_ota import PUSH_AGAIN_QUIET_MS
 from otaplane.services.devices import DeviceRef
 from otaplane.services.firmware import NewFirmware
 from otaplane.services.jobs import DYNAMIC, JobSpec, VERIFY, gray_count
@@ -457,6 +458,77 @@ def test_a_device_back_on_its_old_version_is_pushed_again(fleet):
     ota.version_reported(fleet.ids["dev-001"], None, "1.0.0")
     assert _delivered(fleet, "dev-001")  # not sent again in the middle of a download
     assert fleet.statuses(job_id)["dev-001"] == "IN_PROGRESS"
+    row = _push_row(fleet, "dev-001")  # unless no progress comes by 10 s after the last one
+    assert row["push_again_ms"] == row["modified_ms"] + PUSH_AGAIN_QUIET_MS
+    ota.progress_reported(fleet.ids["dev-001"], None, 50, None)
+    assert _push_row(fleet, "dev-001")["push_again_ms"] is None
+
+
+def _push_row(fleet, name: str):
+    with fleet.services.db.connect() as conn:
+        return conn.execute(sa.select(device_ota_pending)
+                            .where(device_ota_pending.c.device_id == fleet.ids[name])).mappings().first()
+
+
+def test_a_device_that_restarts_within_the_quiet_period_is_pushed_again_when_it_ends(fleet):
+    """It took the push and restarted at once, before any progress: the one version report it
+    makes on reconnecting came within 10 s of the push and was dropped (that quiet period keeps
+    the push from going twice to a device that reports as it goes out), so the push never went
+    again and the task stayed NOTIFIED until its timeout, or for good without one (found by an
+    audit). Now the report schedules the push for the end of the quiet period."""
+    job_id = fleet.job(target_selection="SPECIFIC", device_names=["dev-000"])
+    fleet.tick()
+    fleet.deliver_all()
+    now = int(time.time() * 1000)
+    with fleet.services.db.begin() as conn:  # made a minute ago, delivered 2 s ago (the device was offline)
+        conn.execute(sa.update(device_ota_pending).where(device_ota_pending.c.device_id == fleet.ids["dev-000"])
+                     .values(modified_ms=now - 60_000, delivered_ms=now - 2_000))
+    ota = fleet.services.device_ota
+    message_id = _push_row(fleet, "dev-000")["message_id"]
+    ota.version_reported(fleet.ids["dev-000"], None, "1.0.0")  # restarted: its one report
+    row = _push_row(fleet, "dev-000")
+    assert row["delivered_ms"] == now - 2_000  # not pushed again now ...
+    assert row["push_again_ms"] == now - 2_000 + PUSH_AGAIN_QUIET_MS  # ... but 10 s after the delivery
+    assert ota.undelivered(online_only=False) == []
+    assert ota.push_due_again(now=row["push_again_ms"] - 1) == 0
+    ota.version_reported(fleet.ids["dev-000"], None, "1.0.0")  # a second report changes nothing
+    assert _push_row(fleet, "dev-000")["push_again_ms"] == row["push_again_ms"]
+    assert ota.push_due_again(now=row["push_again_ms"]) == 1
+    assert [(k.device_id, k.message_id) for k in ota.undelivered(online_only=False)] == [
+        (fleet.ids["dev-000"], message_id)]  # the same push, for the device channel to send again
+    assert fleet.statuses(job_id)["dev-000"] == "NOTIFIED"
+    fleet.deliver_all()
+    assert _push_row(fleet, "dev-000")["push_again_ms"] is None
+    assert ota.push_due_again(now=row["push_again_ms"] + 60_000) == 0  # once
+    fleet.upgrade("dev-000")
+    assert fleet.statuses(job_id)["dev-000"] == "SUCCEEDED"
+
+
+def test_a_push_scheduled_to_go_again_is_called_off_by_what_the_device_does_meanwhile(fleet):
+    """Progress (it has the push), another version (the task fails), the DestVersion (it
+    succeeds), asking for the package (firmware/get: it has it now), a cancelled task: the
+    scheduled push does not go."""
+    job_id = fleet.job(target_selection="ALL")
+    fleet.tick()
+    fleet.deliver_all()
+    ota = fleet.services.device_ota
+    for name in fleet.names:
+        ota.version_reported(fleet.ids[name], None, "1.0.0")  # reported as the push went out
+        assert _push_row(fleet, name)["push_again_ms"] is not None
+    ota.progress_reported(fleet.ids["dev-000"], None, 0, None)
+    ota.version_reported(fleet.ids["dev-001"], None, "1.5.0")
+    ota.version_reported(fleet.ids["dev-002"], None, "2.0.0")
+    assert ota.offer(fleet.ids["dev-003"], None).version == "2.0.0"
+    fleet.services.jobs.cancel_by_device(fleet.tenant, fleet.pk, fleet.firmware_id, ["dev-004"], None)
+    due = _push_row(fleet, "dev-005")["push_again_ms"]
+    assert ota.push_due_again(now=due + 60_000) == 1  # dev-005 only: it did nothing
+    assert [k.device_id for k in ota.undelivered(online_only=False)] == [fleet.ids["dev-005"]]
+    assert _push_row(fleet, "dev-000")["push_again_ms"] is None and _delivered(fleet, "dev-000")
+    assert _push_row(fleet, "dev-003")["push_again_ms"] is None and _delivered(fleet, "dev-003")
+    assert _push_row(fleet, "dev-001") is None and _push_row(fleet, "dev-002") is None
+    assert _push_row(fleet, "dev-004") is None
+    assert fleet.statuses(job_id) == {"dev-000": "IN_PROGRESS", "dev-001": "FAILED", "dev-002": "SUCCEEDED",
+                                      "dev-003": "NOTIFIED", "dev-004": "CANCELED", "dev-005": "NOTIFIED"}
 
 
 def test_the_version_a_device_runs_when_pushed_is_its_tasks_src_version(fleet):
@@ -876,3 +948,31 @@ def test_a_push_is_published_by_one_process_until_its_claim_is_old_or_given_back
     finally:
         first.close()
         second.close()
+
+
+def test_a_push_scheduled_to_go_again_goes_from_any_process_on_the_database(settings):
+    """The time is in the push's row: another process (a replica, or this one restarted) makes it
+    undelivered at its first sweep once it is due; on an external broker the claim of the push's
+    first publish does not hold the second one back."""
+    first = Services.build(settings.model_copy(update={"push_again_quiet_seconds": 1.5}))
+    second = Services.build(settings)
+    try:
+        prepare(first)
+        fleet = Fleet(first)
+        fleet.job(target_selection="SPECIFIC", device_names=["dev-000"])
+        fleet.tick()
+        [key] = first.device_ota.undelivered(online_only=False)
+        claimed, _ = first.device_ota.claim([key], "publishing_ms", 30)  # an external broker's publish
+        assert claimed == [key]
+        first.device_ota.mark_delivered([(key.device_id, key.module_name, key.message_id)])
+        first.device_ota.version_reported(key.device_id, None, "1.0.0")
+        due = _push_row(fleet, "dev-000")["push_again_ms"]
+        assert due is not None and first.device_ota.undelivered(online_only=False) == []
+        first.close()
+        time.sleep(max(0.0, due / 1000 - time.time()) + 0.05)
+        assert second.device_ota.undelivered(online_only=False) == [key]
+        assert second.device_ota.claim([key], "publishing_ms", 30)[0] == [key]
+    finally:
+        first.close()
+        second.close()
+

@@ -48,7 +48,7 @@ class Services:
         firmware = FirmwareService(db, blobs, settings.download_url_ttl_seconds)
         devices = DeviceService(db, box)
         minute_ms = settings.job_minute_ms()
-        device_ota = DeviceOtaService(db, devices, firmware, minute_ms)
+        device_ota = DeviceOtaService(db, devices, firmware, minute_ms, settings.push_again_quiet_ms())
         return cls(
             settings=settings,
             db=db,

@@ -34,11 +34,13 @@ log = logging.getLogger("otaplane.device_ota")
 
 UNDELIVERED_BATCH = 2000
 
-# What the device protocol's failure steps mean (`/ota/device/progress`).
-# A delivered push goes again when the device reports the version it ran before the task and
-# neither it was pushed nor it reported progress for this long: not to a device that is busy
-# downloading, nor twice to one that connected and reported as the push went out.
+# A delivered push goes again when the device reports the version it ran before the task, once
+# neither it was pushed nor the device reported progress for this long: not to a device that is
+# busy downloading, nor twice to one that connected and reported as the push went out. A report
+# within that time schedules the push for its end, when it goes unless the device reported
+# progress or took the push (firmware/get) meanwhile. Settings.push_again_quiet_seconds.
 PUSH_AGAIN_QUIET_MS = 10_000
+# What the device protocol's failure steps mean (`/ota/device/progress`).
 FAILURE_STEPS = {-1: "upgrade failed", -2: "download failed", -3: "verify failed", -4: "burn failed"}
 
 
@@ -75,6 +77,9 @@ class PendingPackage:
     progress_desc: str | None
     delivered: bool
     mqtt_stream: int | None = None  # DownloadProtocol MQTT: the streamId the device asks blocks of
+    # Delivered, and scheduled to go again at this time (a version report in the quiet period,
+    # DeviceOtaService.push_due_again); a firmware/get answer before then calls that off.
+    push_again_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -118,11 +123,13 @@ def new_message_id() -> int:
 
 
 class DeviceOtaService:
-    def __init__(self, db: Database, devices: DeviceService, firmware: FirmwareService, minute_ms: int = 60_000):
+    def __init__(self, db: Database, devices: DeviceService, firmware: FirmwareService, minute_ms: int = 60_000,
+                 push_again_quiet_ms: int = PUSH_AGAIN_QUIET_MS):
         self.db = db
         self.devices = devices
         self.firmware = firmware
         self.minute_ms = minute_ms  # a job "minute": task timeouts (shorter in tests)
+        self.push_again_quiet_ms = push_again_quiet_ms  # PUSH_AGAIN_QUIET_MS (shorter in tests)
         self._blocks = ChunkCache(firmware.blobs)  # MQTT downloads: 5 KB asks, 64 KB reads
         self._listeners: list[Callable[[int], None]] = []
         self._job_listeners: list[Callable[[], None]] = []
@@ -225,7 +232,8 @@ class DeviceOtaService:
         if not packages:
             return None
         package = packages[0]
-        if not package.delivered:  # asking for it is taking it: the task is NOTIFIED
+        # Asking for it is taking it: the task is NOTIFIED, and a push-again scheduled is off.
+        if not package.delivered or package.push_again_ms is not None:
             self.mark_delivered([(package.device_id, package.module_name, package.message_id)])
         return package
 
@@ -244,11 +252,28 @@ class DeviceOtaService:
         first (cheap: every device channel asks several times a second, then loads only the
         packages it can deliver). `online_only=False`: to any device (the external-broker
         channel cannot see connections). A full page (`limit` keys): pass its last key as
-        `after` for the next one."""
+        `after` for the next one. A sweep's first page first makes the pushes whose push-again
+        is due undelivered (`push_due_again`), so every sweep of every process honours them."""
+        if after is None:
+            self.push_due_again()
         query = store.undelivered_online if online_only else store.undelivered_any
         position = (after.device_id, after.module_name) if after is not None else None
         with self.db.connect() as conn:
             return [PendingKey(r.device_id, r.module_name, r.message_id) for r in query(conn, limit, position)]
+
+    @retry_on_deadlock
+    def push_due_again(self, now: int | None = None, limit: int = UNDELIVERED_BATCH) -> int:
+        """Make undelivered the pushes whose push-again is due (a version report asked for it
+        within the quiet period, `_version_during_task`): the device channels push them as any
+        other. Durable and shared: the time is in the row, so a restart or another replica on the
+        same database honours it. How many it made undelivered (the rest, past `limit`, next time)."""
+        now = now_ms() if now is None else now
+        with self.db.connect() as conn:
+            due = store.due_again(conn, now, limit)
+        if not due:
+            return 0
+        with self.db.write_turn(), self.db.begin() as conn:
+            return store.push_due_again(conn, due, now)
 
     def packages(self, keys: Iterable[PendingKey]) -> list[PendingPackage]:
         """The packages of these pushes, for those still pending and not replaced since."""
@@ -310,7 +335,7 @@ class DeviceOtaService:
                 url=self.firmware.download_url(row["blob_key"]) if single else None,
                 files=package_files, is_diff=row["type"] == 1, udi=row["udi"],
                 progress=row["progress"], progress_desc=row["progress_desc"],
-                delivered=row["delivered_ms"] is not None,
+                delivered=row["delivered_ms"] is not None, push_again_ms=row["push_again_ms"],
                 mqtt_stream=row["firmware_pk"] if single and row["download_protocol"] == "MQTT" else None,
             ))
         return packages
@@ -396,7 +421,8 @@ class DeviceOtaService:
     def _version_during_task(self, conn, report: "VersionReport", module_name: str, task: dict, now: int) -> None:
         """A version report while the device has the task's push, read as the platform does:
         the DestVersion succeeds; the version it ran when the task began means it is not
-        upgraded yet (it restarted, lost the push, its download broke), so it is pushed again;
+        upgraded yet (it restarted, lost the push, its download broke), so it is pushed again
+        (at the end of the quiet period after the push or its last progress: store.push_again);
         any other version fails the task."""
         if task["dest_version"] == report.version:
             task_flow.move(conn, [task["id"]], task_flow.SUCCEEDED, actor="device", now_ms=now,
@@ -407,7 +433,7 @@ class DeviceOtaService:
         elif task["progress"] < 100:
             # At 100 it has the package and is installing (a reconnect before its restart reports
             # the old version): not sent again; a failed install ends at the task's timeout.
-            store.push_again(conn, report.device_id, module_name, now, PUSH_AGAIN_QUIET_MS)
+            store.push_again(conn, report.device_id, module_name, now, self.push_again_quiet_ms)
 
     def _version_before_push(self, conn, report: "VersionReport", module_name: str, now: int) -> None:
         """The device reports a package's DestVersion before its task's push (paced, scheduled)

@@ -22,6 +22,7 @@ _PACKAGE = (
         pending.c.progress,
         pending.c.progress_desc,
         pending.c.delivered_ms,
+        pending.c.push_again_ms,
         pending.c.firmware_pk,
         firmware.c.firmware_id,
         firmware.c.dest_version,
@@ -117,10 +118,11 @@ def pending_row(device_id: int, module_name: str, firmware_pk: int, message_id: 
                 task_pk: int | None = None, push: bool = True) -> dict:
     return {"device_id": device_id, "module_name": module_name, "firmware_pk": firmware_pk,
             "message_id": message_id, "progress": None, "progress_desc": None, "delivered_ms": None,
-            "created_ms": now_ms, "modified_ms": now_ms, "task_pk": task_pk, "push": push}
+            "created_ms": now_ms, "modified_ms": now_ms, "task_pk": task_pk, "push": push, "push_again_ms": None}
 
 
-_REPLACED = ("firmware_pk", "message_id", "progress", "progress_desc", "delivered_ms", "modified_ms", "task_pk", "push")
+_REPLACED = ("firmware_pk", "message_id", "progress", "progress_desc", "delivered_ms", "modified_ms", "task_pk", "push",
+             "push_again_ms")
 
 
 def _upsert_statement(dialect_name: str):
@@ -220,7 +222,8 @@ def files_of(conn: Connection, firmware_pks: Iterable[int]) -> dict[int, list[Ro
 
 
 def mark_delivered(conn: Connection, items: Iterable[tuple[int, str, int]], now_ms: int) -> None:
-    """(device_id, module_name, message_id): only that push, not one that replaced it since."""
+    """(device_id, module_name, message_id): only that push, not one that replaced it since. The
+    device has it now: a push-again scheduled for it (push_again) is off."""
     params = [{"p_device": d, "p_module": m, "p_message": i, "p_now": now_ms} for d, m, i in items]
     if params:
         conn.execute(
@@ -228,7 +231,7 @@ def mark_delivered(conn: Connection, items: Iterable[tuple[int, str, int]], now_
             .where(pending.c.device_id == sa.bindparam("p_device"),
                    pending.c.module_name == sa.bindparam("p_module"),
                    pending.c.message_id == sa.bindparam("p_message"))
-            .values(delivered_ms=sa.bindparam("p_now")),
+            .values(delivered_ms=sa.bindparam("p_now"), push_again_ms=sa.null()),
             params,
         )
 
@@ -273,13 +276,16 @@ def release(conn: Connection, items: Iterable[tuple[int, str, int]], stamp: str,
 _RECORD_PROGRESS = Prepared(
     sa.update(pending)
     .where(pending.c.device_id == sa.bindparam("p_device"), pending.c.module_name == sa.bindparam("p_module"))
-    .values(progress=sa.bindparam("p_step"), progress_desc=sa.bindparam("p_desc"), modified_ms=sa.bindparam("p_now"))
+    # A progress report says the device works on the push: a push-again scheduled is off.
+    .values(progress=sa.bindparam("p_step"), progress_desc=sa.bindparam("p_desc"), modified_ms=sa.bindparam("p_now"),
+            push_again_ms=sa.null())
 )
 
 
 def record_progress(conn: Connection, device_id: int, module_name: str, step: int, desc: str | None,
                     now_ms: int) -> int:
-    """Inside a transaction begun on `conn` (a prepared statement: it runs for every report)."""
+    """Inside a transaction begun on `conn` (a prepared statement: it runs for every report). The
+    row's modified_ms is the time of its last progress report (or of its push, or push-again)."""
     return _RECORD_PROGRESS.rowcount(conn, p_device=device_id, p_module=module_name, p_step=step, p_desc=desc,
                                      p_now=now_ms)
 
@@ -353,20 +359,73 @@ def progress_and_task(conn: Connection, device_id: int, module_name: str, step: 
     return True, (row if row["id"] is not None and row["job_pk"] is not None else None)
 
 
+# A delivered push made undelivered: the sweeps push it again. The claim of its last publish is
+# done with (it was delivered), and would hold the new one back on an external broker.
+_AGAIN = {"delivered_ms": sa.null(), "modified_ms": sa.bindparam("p_now"), "push_again_ms": sa.null(),
+          "publishing_ms": sa.null()}
 _PUSH_AGAIN = Prepared(
     sa.update(pending)
     .where(pending.c.device_id == sa.bindparam("p_device"), pending.c.module_name == sa.bindparam("p_module"),
            pending.c.delivered_ms <= sa.bindparam("p_before"), pending.c.modified_ms <= sa.bindparam("p_before"))
-    .values(delivered_ms=sa.null(), modified_ms=sa.bindparam("p_now"))
+    .values(_AGAIN)
+)
+# The end of the quiet period: the later of the delivery and the last progress report. Not
+# modified_ms alone: it is the time the push was made (or last made undelivered) until the device
+# reports progress, and a push may be delivered long after it was made (an offline device).
+_QUIET_SINCE = sa.case((pending.c.delivered_ms > pending.c.modified_ms, pending.c.delivered_ms),
+                       else_=pending.c.modified_ms)
+_PUSH_AGAIN_LATER = Prepared(
+    sa.update(pending)
+    .where(pending.c.device_id == sa.bindparam("p_device"), pending.c.module_name == sa.bindparam("p_module"),
+           pending.c.delivered_ms.is_not(None))
+    .values(push_again_ms=_QUIET_SINCE + sa.bindparam("p_quiet", type_=sa.BigInteger))
 )
 
 
-def push_again(conn: Connection, device_id: int, module_name: str, now_ms: int, quiet_ms: int) -> bool:
-    """Make the module's push undelivered again, so that the device channel pushes it anew,
-    when it was delivered and the device reported no progress for `quiet_ms` (a device busy
-    downloading is not sent the push twice). Whether it was."""
-    return _PUSH_AGAIN.rowcount(conn, p_device=device_id, p_module=module_name, p_before=now_ms - quiet_ms,
-                                p_now=now_ms) > 0
+def push_again(conn: Connection, device_id: int, module_name: str, now_ms: int, quiet_ms: int) -> str | None:
+    """Make the module's delivered push undelivered again, so that the device channel pushes it
+    anew: now when neither the push nor the device's last progress report is under `quiet_ms`
+    old ("now"), else once they are (`push_again_ms`, "later": made undelivered by
+    push_due_again, unless the device reports progress or takes the push before). The quiet
+    period keeps the push from going twice to a device that reported its version as the push
+    went out, or while it downloads. None: the push is not delivered yet (it is on its way)."""
+    if _PUSH_AGAIN.rowcount(conn, p_device=device_id, p_module=module_name, p_before=now_ms - quiet_ms,
+                            p_now=now_ms) > 0:
+        return "now"
+    if _PUSH_AGAIN_LATER.rowcount(conn, p_device=device_id, p_module=module_name, p_quiet=quiet_ms) > 0:
+        return "later"
+    return None
+
+
+_DUE_AGAIN = (
+    sa.select(pending.c.device_id, pending.c.module_name, pending.c.message_id)
+    .where(pending.c.push_again_ms <= sa.bindparam("p_now"))
+    .order_by(pending.c.device_id, pending.c.module_name)
+)
+_PUSH_DUE_AGAIN = (
+    sa.update(pending)
+    .where(pending.c.device_id == sa.bindparam("p_device"), pending.c.module_name == sa.bindparam("p_module"),
+           pending.c.message_id == sa.bindparam("p_message"), pending.c.push_again_ms <= sa.bindparam("p_now"))
+    .values(_AGAIN)
+)
+
+
+def due_again(conn: Connection, now_ms: int, limit: int) -> list[tuple[int, str, int]]:
+    """(device_id, module_name, message_id) of pushes whose push-again (push_again) is due, in
+    device order (cheap when there is none: an indexed range that is empty)."""
+    return [tuple(r) for r in conn.execute(_DUE_AGAIN.limit(limit), {"p_now": now_ms})]
+
+
+def push_due_again(conn: Connection, items: Iterable[tuple[int, str, int]], now_ms: int) -> int:
+    """Make these pushes (due_again's) undelivered, those whose push-again is still due (not
+    called off, by a progress report or a delivery, since they were read): how many were. Row by
+    row in device order, the lock order of device report batches; of processes racing for a row,
+    one makes it undelivered."""
+    done = 0
+    for device_id, module_name, message_id in sorted(items):
+        done += conn.execute(_PUSH_DUE_AGAIN, {"p_device": device_id, "p_module": module_name,
+                                               "p_message": message_id, "p_now": now_ms}).rowcount
+    return done
 
 
 _WAITING_TASK = Prepared(

@@ -236,6 +236,10 @@ device_ota_pending = sa.Table(
     # when one last published it again after a version report (store.device_ota.claim).
     sa.Column("publishing_ms", sa.BigInteger, nullable=True),
     sa.Column("re_offered_ms", sa.BigInteger, nullable=True),
+    # A delivered task push the device asked for again (it reported the version it ran before the
+    # task) within the quiet period after the push or its last progress: it goes again at this
+    # time, unless the device reports progress or takes a push first (store.device_ota.push_again).
+    sa.Column("push_again_ms", sa.BigInteger, nullable=True, index=True),
 )
 
 # Upgrade jobs (verify, static, dynamic). Lists and tags are small JSON arrays: never queried into.
