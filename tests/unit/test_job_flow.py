@@ -16,11 +16,13 @@ from otaplane.services.container import Services
 from otaplane.services.device_ota import PUSH_AGAIN_QUIET_MS
 from otaplane.services.devices import DeviceRef
 from otaplane.services.firmware import NewFirmware
-from otaplane.services.jobs import DYNAMIC, JobSpec, VERIFY, gray_count
+from otaplane.services.jobs import DYNAMIC, VERIFY, JobSpec, gray_count
 from otaplane.services.products import NewProduct
 from otaplane.settings import Settings
+from otaplane.store import device_ota as device_ota_store
 from otaplane.store import uploads
 from otaplane.store.schema import device_ota_pending, ota_task_events, ota_tasks
+from otaplane.timefmt import now_ms
 from tests.conftest import BACKENDS
 
 MINUTE_MS = 1000  # job minutes are one second long here
@@ -945,6 +947,31 @@ def test_a_push_is_published_by_one_process_until_its_claim_is_old_or_given_back
         assert second.device_ota.claim([key], "publishing_ms", 30)[0] == [key]
         time.sleep(0.01)
         assert first.device_ota.claim([key], "publishing_ms", 0.005)[0] == [key]  # the hold ran out
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_new_push_is_not_held_back_by_the_claims_of_the_push_it_replaces(settings):
+    """The claims (publishing, re-offer) belong to one push; a new push for the module (a retry's
+    attempt, another job, the CLI) replaces the row and kept them, so on an external broker it
+    waited out the old claim's 30-s hold before any process published it."""
+    first, second = Services.build(settings), Services.build(settings)
+    try:
+        prepare(first)
+        fleet = Fleet(first)
+        fleet.job(target_selection="SPECIFIC", device_names=["dev-000"])
+        fleet.tick()
+        [old] = first.device_ota.undelivered(online_only=False)
+        for stamp in ("publishing_ms", "re_offered_ms"):
+            assert first.device_ota.claim([old], stamp, 30)[0] == [old]
+        with first.db.begin() as conn:  # a new push for the module, as push() writes it
+            device_ota_store.upsert(conn, old.device_id, old.module_name, _push_row(fleet, "dev-000")["firmware_pk"],
+                                    old.message_id + 1, now_ms())
+        [new] = second.device_ota.undelivered(online_only=False)
+        assert new.message_id == old.message_id + 1
+        for stamp in ("publishing_ms", "re_offered_ms"):
+            assert second.device_ota.claim([new], stamp, 30)[0] == [new], stamp
     finally:
         first.close()
         second.close()

@@ -118,11 +118,14 @@ def pending_row(device_id: int, module_name: str, firmware_pk: int, message_id: 
                 task_pk: int | None = None, push: bool = True) -> dict:
     return {"device_id": device_id, "module_name": module_name, "firmware_pk": firmware_pk,
             "message_id": message_id, "progress": None, "progress_desc": None, "delivered_ms": None,
-            "created_ms": now_ms, "modified_ms": now_ms, "task_pk": task_pk, "push": push, "push_again_ms": None}
+            "created_ms": now_ms, "modified_ms": now_ms, "task_pk": task_pk, "push": push, "push_again_ms": None,
+            "publishing_ms": None, "re_offered_ms": None}
 
 
+# Every column but the key and created_ms: a new push starts afresh. Its claims too (claim):
+# those of the push it replaces would hold the new one back for their whole hold.
 _REPLACED = ("firmware_pk", "message_id", "progress", "progress_desc", "delivered_ms", "modified_ms", "task_pk", "push",
-             "push_again_ms")
+             "push_again_ms", "publishing_ms", "re_offered_ms")
 
 
 def _upsert_statement(dialect_name: str):
