@@ -496,8 +496,8 @@ def test_a_device_that_restarts_within_the_quiet_period_is_pushed_again_when_it_
     ota.version_reported(fleet.ids["dev-000"], None, "1.0.0")  # a second report changes nothing
     assert _push_row(fleet, "dev-000")["push_again_ms"] == row["push_again_ms"]
     assert ota.push_due_again(now=row["push_again_ms"]) == 1
-    assert [(k.device_id, k.message_id) for k in ota.undelivered(online_only=False)] == [
-        (fleet.ids["dev-000"], message_id)]  # the same push, for the device channel to send again
+    [again] = ota.undelivered(online_only=False)  # for the device channel to send again, as a new message
+    assert again.device_id == fleet.ids["dev-000"] and again.message_id != message_id
     assert fleet.statuses(job_id)["dev-000"] == "NOTIFIED"
     fleet.deliver_all()
     assert _push_row(fleet, "dev-000")["push_again_ms"] is None
@@ -997,8 +997,10 @@ def test_a_push_scheduled_to_go_again_goes_from_any_process_on_the_database(sett
         assert due is not None and first.device_ota.undelivered(online_only=False) == []
         first.close()
         time.sleep(max(0.0, due / 1000 - time.time()) + 0.05)
-        assert second.device_ota.undelivered(online_only=False) == [key]
-        assert second.device_ota.claim([key], "publishing_ms", 30)[0] == [key]
+        [again] = second.device_ota.undelivered(online_only=False)  # a new message of the same push
+        assert (again.device_id, again.module_name) == (key.device_id, key.module_name)
+        assert again.message_id != key.message_id
+        assert second.device_ota.claim([again], "publishing_ms", 30)[0] == [again]
     finally:
         first.close()
         second.close()

@@ -273,7 +273,7 @@ class DeviceOtaService:
         if not due:
             return 0
         with self.db.write_turn(), self.db.begin() as conn:
-            return store.push_due_again(conn, due, now)
+            return store.push_due_again(conn, [(*key, new_message_id()) for key in due], now)
 
     def packages(self, keys: Iterable[PendingKey]) -> list[PendingPackage]:
         """The packages of these pushes, for those still pending and not replaced since."""
@@ -433,7 +433,7 @@ class DeviceOtaService:
         elif task["progress"] < 100:
             # At 100 it has the package and is installing (a reconnect before its restart reports
             # the old version): not sent again; a failed install ends at the task's timeout.
-            store.push_again(conn, report.device_id, module_name, now, self.push_again_quiet_ms)
+            store.push_again(conn, report.device_id, module_name, now, self.push_again_quiet_ms, new_message_id())
 
     def _version_before_push(self, conn, report: "VersionReport", module_name: str, now: int) -> None:
         """The device reports a package's DestVersion before its task's push (paced, scheduled)

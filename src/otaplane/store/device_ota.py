@@ -362,10 +362,12 @@ def progress_and_task(conn: Connection, device_id: int, module_name: str, step: 
     return True, (row if row["id"] is not None and row["job_pk"] is not None else None)
 
 
-# A delivered push made undelivered: the sweeps push it again. The claim of its last publish is
-# done with (it was delivered), and would hold the new one back on an external broker.
+# A delivered push made undelivered: the sweeps push it again, under a new message id. It is a new
+# message, not a redelivery: a device that drops ids it handled (QoS 1 duplicates) must act on it,
+# and the embedded broker sends an id once per connection. The claim of its last publish is done
+# with (it was delivered), and would hold the new one back on an external broker.
 _AGAIN = {"delivered_ms": sa.null(), "modified_ms": sa.bindparam("p_now"), "push_again_ms": sa.null(),
-          "publishing_ms": sa.null()}
+          "publishing_ms": sa.null(), "message_id": sa.bindparam("p_new_message", type_=sa.BigInteger)}
 _PUSH_AGAIN = Prepared(
     sa.update(pending)
     .where(pending.c.device_id == sa.bindparam("p_device"), pending.c.module_name == sa.bindparam("p_module"),
@@ -385,7 +387,8 @@ _PUSH_AGAIN_LATER = Prepared(
 )
 
 
-def push_again(conn: Connection, device_id: int, module_name: str, now_ms: int, quiet_ms: int) -> str | None:
+def push_again(conn: Connection, device_id: int, module_name: str, now_ms: int, quiet_ms: int,
+               new_message_id: int) -> str | None:
     """Make the module's delivered push undelivered again, so that the device channel pushes it
     anew: now when neither the push nor the device's last progress report is under `quiet_ms`
     old ("now"), else once they are (`push_again_ms`, "later": made undelivered by
@@ -393,7 +396,7 @@ def push_again(conn: Connection, device_id: int, module_name: str, now_ms: int, 
     period keeps the push from going twice to a device that reported its version as the push
     went out, or while it downloads. None: the push is not delivered yet (it is on its way)."""
     if _PUSH_AGAIN.rowcount(conn, p_device=device_id, p_module=module_name, p_before=now_ms - quiet_ms,
-                            p_now=now_ms) > 0:
+                            p_now=now_ms, p_new_message=new_message_id) > 0:
         return "now"
     if _PUSH_AGAIN_LATER.rowcount(conn, p_device=device_id, p_module=module_name, p_quiet=quiet_ms) > 0:
         return "later"
@@ -419,15 +422,16 @@ def due_again(conn: Connection, now_ms: int, limit: int) -> list[tuple[int, str,
     return [tuple(r) for r in conn.execute(_DUE_AGAIN.limit(limit), {"p_now": now_ms})]
 
 
-def push_due_again(conn: Connection, items: Iterable[tuple[int, str, int]], now_ms: int) -> int:
-    """Make these pushes (due_again's) undelivered, those whose push-again is still due (not
-    called off, by a progress report or a delivery, since they were read): how many were. Row by
-    row in device order, the lock order of device report batches; of processes racing for a row,
-    one makes it undelivered."""
+def push_due_again(conn: Connection, items: Iterable[tuple[int, str, int, int]], now_ms: int) -> int:
+    """Make these pushes (due_again's, each with its new message id) undelivered, those whose
+    push-again is still due (not called off, by a progress report or a delivery, since they were
+    read): how many were. Row by row in device order, the lock order of device report batches;
+    of processes racing for a row, one makes it undelivered."""
     done = 0
-    for device_id, module_name, message_id in sorted(items):
+    for device_id, module_name, message_id, new_message_id in sorted(items):
         done += conn.execute(_PUSH_DUE_AGAIN, {"p_device": device_id, "p_module": module_name,
-                                               "p_message": message_id, "p_now": now_ms}).rowcount
+                                               "p_message": message_id, "p_now": now_ms,
+                                               "p_new_message": new_message_id}).rowcount
     return done
 
 
