@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import sqlalchemy as sa
 
 from otaplane.server import prepare
 from otaplane.services.container import Services
@@ -15,7 +16,7 @@ from otaplane.services.products import NewProduct
 from otaplane.settings import Settings
 from otaplane.store import device_ota as store
 from otaplane.store import uploads
-from otaplane.store.schema import device_ota_pending
+from otaplane.store.schema import device_ota_pending, firmware
 from tests.conftest import BACKENDS
 
 
@@ -94,3 +95,28 @@ def test_a_page_after_a_row_that_is_gone_is_empty(services):
         conn.execute(device_ota_pending.delete().where(device_ota_pending.c.device_id == first.device_id))
     assert services.device_ota.undelivered(limit=10, online_only=False, after=first) == []
     assert len(services.device_ota.undelivered(limit=10, online_only=False)) == 2
+
+
+def test_a_push_racing_the_deletion_of_its_package_is_refused_as_firmware_not_found(services, monkeypatch):
+    """`otaplane devices push` while another process deletes the package: the push read the
+    package, the deletion committed, and the insert's foreign key refused it, which came out of
+    the CLI as a traceback (found by an audit). It is FirmwareNotFound, and nothing is pushed."""
+    from otaplane import errors
+
+    ids, firmware_pk = _pushed_to(services, 2)
+    tenant = services.accounts.tenant_by_name("paging")
+    with services.db.connect() as conn:
+        firmware_id = conn.execute(sa.select(firmware.c.firmware_id).where(firmware.c.id == firmware_pk)).scalar_one()
+    real = store.device_products
+
+    def deleted_meanwhile(conn, device_ids):
+        found = real(conn, device_ids)
+        services.firmware.delete(tenant, firmware_id)  # another connection: it commits first
+        return found
+
+    monkeypatch.setattr(store, "device_products", deleted_meanwhile)
+    with pytest.raises(errors.ApiError) as refused:
+        services.device_ota.push_many(firmware_pk, ids)
+    assert refused.value.code == "iot.ota.FirmwareNotFound"
+    with services.db.connect() as conn:
+        assert conn.execute(device_ota_pending.select()).first() is None

@@ -18,6 +18,8 @@ import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from sqlalchemy.exc import IntegrityError
+
 from otaplane import errors
 from otaplane.blobs.chunk_cache import ChunkCache
 from otaplane.services import jobs, task_flow
@@ -175,22 +177,30 @@ class DeviceOtaService:
     def push_many(self, firmware_pk: int, device_ids: list[int]) -> list[Pushed]:
         """One package to many devices in one transaction (a job's batch); all or none."""
         pushed: list[Pushed] = []
-        with self.db.write_turn(), self.db.begin() as conn:
-            target = store.firmware_target(conn, firmware_pk)
-            if target is None:
-                raise errors.FirmwareNotFound()
-            products = store.device_products(conn, device_ids)
-            now = now_ms()
-            rows = []
-            for device_id in device_ids:
-                if device_id not in products:
-                    raise errors.NotExistedDevice()
-                if products[device_id] != target["product_id"]:
-                    raise errors.FirmwareProductMismatch()
-                message_id = new_message_id()
-                rows.append(store.pending_row(device_id, target["module_name"], firmware_pk, message_id, now))
-                pushed.append(Pushed(device_id, target["module_name"], message_id))
-            store.upsert_many(conn, rows)
+        try:
+            with self.db.write_turn(), self.db.begin() as conn:
+                target = store.firmware_target(conn, firmware_pk)
+                if target is None:
+                    raise errors.FirmwareNotFound()
+                products = store.device_products(conn, device_ids)
+                now = now_ms()
+                rows = []
+                for device_id in device_ids:
+                    if device_id not in products:
+                        raise errors.NotExistedDevice()
+                    if products[device_id] != target["product_id"]:
+                        raise errors.FirmwareProductMismatch()
+                    message_id = new_message_id()
+                    rows.append(store.pending_row(device_id, target["module_name"], firmware_pk, message_id, now))
+                    pushed.append(Pushed(device_id, target["module_name"], message_id))
+                store.upsert_many(conn, rows)
+        except IntegrityError:
+            # A foreign key: the package (or a device) was deleted after it was read above, by
+            # another process (`otaplane devices push` runs beside the server).
+            with self.db.connect() as conn:
+                if store.firmware_target(conn, firmware_pk) is None:
+                    raise errors.FirmwareNotFound() from None
+            raise errors.NotExistedDevice() from None
         self.notify_pushed(item.device_id for item in pushed)
         return pushed
 
