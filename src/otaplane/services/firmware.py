@@ -339,6 +339,11 @@ class FirmwareService:
 
     def delete(self, tenant: Tenant, firmware_id: str) -> None:
         with self.db.begin() as conn:
+            # Locked before the checks: a job (or push) of the package that another replica is
+            # creating is either committed and seen below, or waits and then finds no package.
+            # Unlocked, the DELETE waited for that job's commit and then took it away with it.
+            if not store.lock_for_delete(conn, tenant.instance_pk, firmware_id):
+                raise errors.FirmwareNotFound()
             row = store.get(conn, tenant.instance_pk, firmware_id)
             if row is None:
                 raise errors.FirmwareNotFound()

@@ -173,12 +173,17 @@ class JobService:
                 job_id = new_job_id()
                 planned = spec.schedule_ms is not None and spec.schedule_ms > now
                 job_pk = store.insert_job(conn, self._job_values(tenant, spec, fw, job_id, planned, now))
-                self._create_tasks(conn, job_pk, spec, fw["module_name"], targets, now, actor=f"api:{self._action(spec)}")
+                self._create_tasks(conn, job_pk, spec, fw["module_name"], targets, now,
+                                   actor=f"api:{self._action(spec)}")
                 if spec.job_type == VERIFY:
                     task_flow.refresh_verification(conn, [job_pk], now)
         except IntegrityError:
-            # Only the unique index on unfinished tasks can fire here: another job took a device
-            # between our check and our insert.
+            # The package deleted meanwhile (the job's foreign key; its deletion holds the row
+            # from before its checks, so the job waited and then found it gone)...
+            with self.db.connect() as conn:
+                self._firmware(conn, tenant, spec)
+            # ...or the unique index on unfinished tasks: another job took a device between our
+            # check and our insert.
             raise errors.DeviceHasUnfinishedTask(device="one of the devices", job="another job") from None
         self._notify()
         return job_id, now

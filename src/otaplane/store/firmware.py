@@ -105,6 +105,18 @@ def page(
     return total, [row._mapping for row in rows]
 
 
+def lock_for_delete(conn: Connection, instance_pk: int, firmware_id: str) -> bool:
+    """Hold the package's row until the transaction ends, against every writer that refers to
+    it (run it first): on PostgreSQL `FOR UPDATE`, which waits for a transaction that inserted a
+    job or a push of the package (its foreign key check holds `FOR KEY SHARE`) and makes later
+    ones wait; on SQLite a write, which takes the database's write lock. False: no such package
+    (deleted meanwhile included)."""
+    where = (firmware.c.instance_pk == instance_pk, firmware.c.firmware_id == firmware_id)
+    if conn.dialect.name == "sqlite":
+        return conn.execute(sa.update(firmware).where(*where).values(id=firmware.c.id)).rowcount > 0
+    return conn.execute(sa.select(firmware.c.id).where(*where).with_for_update()).first() is not None
+
+
 def update(conn: Connection, firmware_pk: int, values: dict[str, Any]) -> None:
     conn.execute(sa.update(firmware).where(firmware.c.id == firmware_pk).values(**values))
 
