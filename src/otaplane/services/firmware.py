@@ -21,6 +21,7 @@ from otaplane.services.modules import module_row, product_row
 from otaplane.services.row_memo import RowMemo
 from otaplane.services.tenancy import Tenant
 from otaplane.store import Database
+from otaplane.store import accounts as account_store
 from otaplane.store import firmware as store
 from otaplane.store import jobs as job_store
 from otaplane.store import uploads as upload_store
@@ -233,6 +234,10 @@ class FirmwareService:
         adopted += [(key, spec.url) for spec, key in zip(new.files, file_keys)]
         try:
             with self.db.begin() as conn:
+                # Creates in the instance take turns from here: the quota counted below sees every
+                # other create's package (unheld, creates on several replicas each counted 499 and
+                # all inserted). First, so the upload rows below are always locked after it.
+                account_store.hold_instance(conn, tenant.instance_pk)
                 # The objects were hashed outside any transaction: a collector or the deletion of
                 # another package may have removed one since. Its upload row decides, under lock.
                 for key, url in adopted:

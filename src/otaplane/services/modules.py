@@ -9,6 +9,7 @@ from sqlalchemy.exc import IntegrityError
 from otaplane import errors
 from otaplane.services.tenancy import Tenant
 from otaplane.store import Database
+from otaplane.store import accounts as account_store
 from otaplane.store import modules as store
 from otaplane.store import products as product_store
 from otaplane.timefmt import now_ms
@@ -48,6 +49,9 @@ class ModuleService:
     def create(self, tenant: Tenant, product_key: str, name: str, alias: str | None, desc: str | None) -> None:
         try:
             with self.db.begin() as conn:
+                # Creates take turns, so the count below sees every other create's module
+                # (unheld, creates on several replicas each counted 9 and all inserted).
+                account_store.hold_instance(conn, tenant.instance_pk)
                 product = product_row(conn, tenant, product_key)
                 if store.get(conn, product["id"], name) is not None:
                     raise errors.ModuleAlreadyExists(name=name)

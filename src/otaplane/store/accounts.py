@@ -136,3 +136,15 @@ def revoke_key(conn: Connection, key_id: str, now_ms: int) -> bool:
         .values(status="revoked", revoked_ms=now_ms)
     )
     return result.rowcount == 1
+
+
+def hold_instance(conn: Connection, instance_pk: int) -> None:
+    """Take turns with every other transaction that counts the instance's packages or modules
+    against a limit and then inserts one (run it first): each sees the others' inserts. On
+    PostgreSQL the instance row `FOR NO KEY UPDATE` (inserts that merely refer to the instance
+    take `FOR KEY SHARE` and never wait for it); on SQLite a write, which takes the database's
+    write lock (the instances table has no cached reads to invalidate)."""
+    if conn.dialect.name == "sqlite":
+        conn.execute(sa.update(instances).where(instances.c.id == instance_pk).values(id=instances.c.id))
+        return
+    conn.execute(sa.select(instances.c.id).where(instances.c.id == instance_pk).with_for_update(key_share=True))
