@@ -334,3 +334,48 @@ def test_an_md5_that_cannot_be_kept_leaves_the_upload_stored(store):
     assert store.read(KEY, 100) == b"firmware"
     assert stored_etag(store, KEY) is None
     assert list((store.root / ".incoming").iterdir()) == []
+
+
+def test_an_upload_ending_after_its_adoption_hour_is_refused_and_stores_nothing(tmp_path, monkeypatch):
+    """A post begun while its form was valid but still streaming when the hour to create a
+    package from it ran out stored an object after the collector had forgotten its upload: nobody's,
+    kept for good (found by an audit). It is refused at its end, and the temp file goes."""
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    from otaplane.blobs import post_object
+    from otaplane.services import firmware as firmware_service
+
+    # The receiver's limit ends before the collector's grace, clock skew between replicas included.
+    assert (firmware_service.UPLOAD_POLICY_TTL_S + post_object.UPLOAD_TIME_LIMIT_S + firmware_service.CLOCK_SKEW_S
+            ) * 1000 < firmware_service.UPLOAD_ADOPTION_GRACE_MS
+    store = LocalBlobStore(tmp_path / "blobs", "http://127.0.0.1:19080", "secret")
+    client = TestClient(Starlette(routes=store.routes()), base_url="http://127.0.0.1:19080")
+    form = store.upload_form(KEY, max_bytes=100, expires_in_s=60)
+    real_time = time.time
+    ended_at = {"now": real_time() + 60 + post_object.UPLOAD_TIME_LIMIT_S + 1}
+
+    class LateClock:  # the policy is checked at the start; the post ends an hour later
+        @staticmethod
+        def time():
+            return ended_at["now"] if late["yes"] else real_time()
+
+    late = {"yes": False}
+    original_receive = post_object.PostObjectReceiver._receive
+
+    async def receive_then_late(self, request):
+        upload = await original_receive(self, request)
+        late["yes"] = True
+        return upload
+
+    monkeypatch.setattr(post_object, "time", LateClock)
+    monkeypatch.setattr(post_object.PostObjectReceiver, "_receive", receive_then_late)
+    response = client.post(form.host, data=form.fields, files={"file": ("fw.bin", b"late bytes")})
+    assert response.status_code == 400 and b"<Code>RequestTimeout</Code>" in response.content
+    assert not (store.root / KEY).exists()
+    assert list((store.root / ".incoming").iterdir()) == []
+    monkeypatch.setattr(post_object.PostObjectReceiver, "_receive", original_receive)
+    late["yes"] = False
+    form = store.upload_form(KEY, max_bytes=100, expires_in_s=60)  # in time: stored as before
+    assert client.post(form.host, data=form.fields, files={"file": ("fw.bin", b"on time")}).status_code == 204
+    assert (store.root / KEY).read_bytes() == b"on time"

@@ -105,6 +105,11 @@ def check_policy(policy: str, fields: Mapping[str, str], now_s: float, bucket: s
     return sizes
 
 
+def policy_expiration(policy: str) -> float:
+    """The expiration (Unix seconds) of a policy that check_policy accepted."""
+    return parse_utc_seconds(_decode_policy(policy)["expiration"])
+
+
 def _decode_policy(policy: str) -> dict[str, Any]:
     try:
         document = json.loads(base64.b64decode(policy, validate=True))

@@ -14,6 +14,7 @@ import fcntl
 import functools
 import hashlib
 import logging
+import math
 import os
 import re
 import time
@@ -32,7 +33,7 @@ from starlette.routing import Route
 from otaplane import ids
 from otaplane.blobs.base import BlobStoreUnavailable, UploadForm
 from otaplane.blobs.cors import cors_middleware
-from otaplane.blobs.oss_signing import OssError, SizeRange, build_policy, sign_policy, verify_post
+from otaplane.blobs.oss_signing import OssError, SizeRange, build_policy, policy_expiration, sign_policy, verify_post
 
 try:  # python-multipart >= 0.0.13 renamed its import package
     from python_multipart import MultipartParser
@@ -54,6 +55,11 @@ INCOMING_IDLE_S = 24 * 3600
 # An unlocked upload temp file this old belongs to a process that died: a live upload holds its
 # file's lock from a moment after creating it (Upload.open) until it is gone (sweep_incoming).
 INCOMING_UNLOCKED_S = 60
+# A form's post must end this long after its policy expired, or it is refused (RequestTimeout):
+# a package adopts an upload within the hour after GenerateOTAUploadURL, after which the
+# collector forgets the upload (services.firmware.UPLOAD_ADOPTION_GRACE_MS, a few minutes more),
+# so an object that landed later would be nobody's, kept for good.
+UPLOAD_TIME_LIMIT_S = 55 * 60
 FIELDS_CAP = 64 * 1024  # form fields before `file` are held in memory: keep them small
 MAX_KEY_LENGTH = 1023  # OSS's own limit
 # `/`-separated segments, each 1-255 of [A-Za-z0-9._-] not starting with a dot: one regex
@@ -97,6 +103,12 @@ def invalid_name() -> OssError:
 def already_exists() -> OssError:
     message = "The object you specified already exists and can not be overwritten."
     return OssError(409, "FileAlreadyExists", message)
+
+
+def too_late() -> OssError:
+    message = ("The upload ended too late: a package must be created from it within an hour of "
+               "GenerateOTAUploadURL. Generate a new upload URL and upload again.")
+    return OssError(400, "RequestTimeout", message)
 
 
 def swept_while_idle() -> OssError:
@@ -167,6 +179,8 @@ class PostObjectReceiver:
         upload: Upload | None = None
         try:
             upload = await self._receive(request)
+            if time.time() > upload.deadline_s:
+                raise too_late()
             if not upload.temp.exists():
                 raise swept_while_idle()
             await anyio.to_thread.run_sync(self._publish, upload)
@@ -208,6 +222,7 @@ class PostObjectReceiver:
                 if form.file_started and upload is None:
                     sizes = await self._authorize(form.fields)
                     upload = await anyio.to_thread.run_sync(Upload.open, self.incoming, form.fields, sizes)
+                    upload.deadline_s = policy_expiration(form.fields["policy"]) + UPLOAD_TIME_LIMIT_S
                 if upload is not None and form.file_data:
                     await upload.write(form.take_file_data())
             _feed(parser.finalize)
@@ -297,6 +312,7 @@ class Upload:
         self.size = 0
         self._md5 = hashlib.md5()
         self.stat: os.stat_result | None = None  # of the finished file (finish())
+        self.deadline_s = math.inf  # when its post must have ended (UPLOAD_TIME_LIMIT_S)
 
     @classmethod
     def open(cls, incoming: Path, fields: dict[str, str], sizes: SizeRange) -> Upload:
