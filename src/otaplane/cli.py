@@ -9,7 +9,9 @@ from typing import Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from otaplane.cli_devices import app as devices_app
 from otaplane.cli_firmware import app as firmware_app
@@ -60,12 +62,14 @@ def _print_rows(rows: list[dict], as_json: bool, columns: tuple[str, ...]) -> No
     for header in columns[1:]:
         table.add_column(header)
     for row in rows:
-        table.add_row(*("yes" if row[c] is True else "" if row[c] is False else str(row[c]) for c in columns))
+        # Text, not markup: an account named '[/x]' (or a description '[ci/prod]') is shown as it is, and
+        # never breaks the table (rich's MarkupError) or hides part of a value
+        table.add_row(*(Text("yes" if row[c] is True else "" if row[c] is False else str(row[c])) for c in columns))
     console.print(table)
 
 
 def _refuse(problem: Exception) -> NoReturn:
-    console.print(f"[red]otaplane: {problem}[/]")
+    console.print(f"[red]otaplane: {escape(str(problem))}[/]")
     raise typer.Exit(2)
 
 
@@ -76,8 +80,9 @@ def _services(settings: Settings):
 
     url = settings.resolved_database_url()
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
-        Console(stderr=True).print(f"[yellow]otaplane: no database at {url.removeprefix('sqlite:///')}: a new one is "
-                                   "made. Run this where the server runs, or pass --data-dir.[/]")
+        path = escape(url.removeprefix("sqlite:///"))
+        Console(stderr=True).print(f"[yellow]otaplane: no database at {path}: a new one is made. Run this where the "
+                                   "server runs, or pass --data-dir.[/]")
     try:
         services = Services.build(settings)
     except ValueError as problem:  # e.g. an OTAPLANE_MASTER_KEY that is not a Fernet key
@@ -96,7 +101,7 @@ def _check_mqtt_port_free(host: str, port: int) -> None:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as problem:
-        console.print(f"[red]otaplane: the MQTT address {host}:{port} cannot be used: {problem}[/]")
+        console.print(f"[red]otaplane: the MQTT address {host}:{port} cannot be used: {escape(str(problem))}[/]")
         raise typer.Exit(1) from None
     family, _, _, _, address = infos[0]
     with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -104,8 +109,9 @@ def _check_mqtt_port_free(host: str, port: int) -> None:
         try:
             probe.bind(address)
         except OSError as problem:
-            console.print(f"[red]otaplane: the MQTT port {host}:{port} is not free ({problem.strerror}); another "
-                          "MQTT broker? Pass --mqtt-port N (OTAPLANE_MQTT_PORT), or OTAPLANE_MQTT_URL to use "
+            reason = escape(str(problem.strerror))
+            console.print(f"[red]otaplane: the MQTT port {host}:{port} is not free ({reason}); another MQTT broker? "
+                          "Pass --mqtt-port N (OTAPLANE_MQTT_PORT), or OTAPLANE_MQTT_URL to use "
                           "that broker instead of the embedded one.[/]")
             raise typer.Exit(1) from None
 
@@ -155,7 +161,7 @@ def serve(
         services = Services.build(settings)
         prepare(services)
     except (ValueError, BlobStoreUnavailable) as problem:  # a bad setting, a store that cannot be used
-        console.print(f"[red]otaplane cannot start:[/] {problem}")
+        console.print(f"[red]otaplane cannot start:[/] {escape(str(problem))}")
         raise typer.Exit(1) from None
     uvicorn.run(
         create_app(services),
@@ -188,9 +194,9 @@ def keys_create(
     if as_json:
         typer.echo(json.dumps({"AccessKeyId": new_key.access_key_id, "AccessKeySecret": new_key.access_key_secret}))
         return
-    console.print(f"Account:         [bold]{new_key.account}[/]")
-    console.print(f"AccessKeyId:     [bold]{new_key.access_key_id}[/]")
-    console.print(f"AccessKeySecret: [bold]{new_key.access_key_secret}[/]")
+    console.print(f"Account:         [bold]{escape(new_key.account)}[/]")
+    console.print(f"AccessKeyId:     [bold]{escape(new_key.access_key_id)}[/]")
+    console.print(f"AccessKeySecret: [bold]{escape(new_key.access_key_secret)}[/]")
     console.print("[yellow]The secret is not shown again; store it now.[/]")
 
 
@@ -231,9 +237,9 @@ def keys_revoke(
     revoked = services.accounts.revoke_key(access_key_id)
     services.close()
     if not revoked:
-        console.print(f"[red]No active key {access_key_id}.[/]")
+        console.print(f"[red]No active key {escape(access_key_id)}.[/]")
         raise typer.Exit(1)
-    console.print(f"Revoked {access_key_id}.")
+    console.print(f"Revoked {escape(access_key_id)}.")
 
 
 @instances_app.command("create")
@@ -257,7 +263,7 @@ def instances_create(
     if as_json:
         typer.echo(json.dumps({"IotInstanceId": instance_id, "Account": account}))
         return
-    console.print(f"Account {account}: IotInstanceId [bold]{instance_id}[/]")
+    console.print(f"Account {escape(account)}: IotInstanceId [bold]{instance_id}[/]")
 
 
 @instances_app.command("list")

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from otaplane.errors import ApiError
 
@@ -29,7 +30,8 @@ def push(
     device: Annotated[str, typer.Option("--device", help="DeviceName.")],
     firmware: Annotated[str, typer.Option("--firmware", help="FirmwareId of the package to install.")],
     account: Annotated[str, typer.Option(help="Account that owns the device and the package.")] = "default",
-    iot_instance_id: Annotated[Optional[str], typer.Option(help="IotInstanceId [the account's default].")] = None,
+    iot_instance_id: Annotated[Optional[str], typer.Option(
+        "--iot-instance-id", "--instance", help="IotInstanceId \\[the account's default].")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print {Module, MessageId}.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Cancel the device's job task for the module, whose "
                                         "push this one replaces (refused otherwise).")] = False,
@@ -50,7 +52,8 @@ def push(
         tasks = services.jobs.make_way_for_push(tenant, ref, firmware, cancel=force)
         if tasks and not force:
             task = tasks[0]
-            console.print(f"[red]refused[/]: {product}/{device} has task {task['task_id']} ({task['status']}) of "
+            console.print(f"[red]refused[/]: {escape(product)}/{escape(device)} has task {task['task_id']} "
+                          f"({task['status']}) of "
                           f"job {task['job_id']} for module {task['module_name']}, which this push would orphan; "
                           "cancel it, or pass --force to cancel it and push.", soft_wrap=True)
             raise typer.Exit(1)
@@ -59,11 +62,12 @@ def push(
                                        f"{task['job_id']}: replaced by this push.", soft_wrap=True)
         pushed = services.device_ota.push(tenant, ref, firmware)
     except ApiError as error:
-        console.print(f"[red]{error.code}[/]: {error.message}")
+        console.print(f"[red]{error.code}[/]: {escape(error.message)}")
         raise typer.Exit(1) from None
     finally:
         services.close()
     if as_json:
         typer.echo(json.dumps({"Module": pushed.module_name, "MessageId": pushed.message_id}))
         return
-    console.print(f"Pending for {product}/{device}, module {pushed.module_name}: push id {pushed.message_id}.")
+    console.print(f"Pending for {escape(product)}/{escape(device)}, module {escape(pushed.module_name)}: "
+                  f"push id {pushed.message_id}.")

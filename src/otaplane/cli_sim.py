@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from otaplane.cli_firmware import DataDir, Endpoint, KeyId, KeySecret, _client
 from otaplane.client import ApiCallError
@@ -87,13 +88,13 @@ def sim(
     connect_window: Annotated[int, typer.Option(min=1, help="CONNECTs outstanding at once.")] = 256,
     keepalive: Annotated[int, typer.Option(min=30, max=1200, help="MQTT keepalive, seconds.")] = 60,
     duration: Annotated[Optional[float], typer.Option(min=0.0, help="Stop after this many seconds "
-                                                      "[run until Ctrl-C/SIGTERM].")] = None,
+                                                      "\\[run until Ctrl-C/SIGTERM].")] = None,
     stats_file: Annotated[Optional[Path], typer.Option(help="JSON counters, rewritten every second and at exit.")]
     = None,
     per_device: Annotated[bool, typer.Option("--per-device", help="Each device's version in --stats-file.")] = False,
     seed: Annotated[Optional[int], typer.Option(help="Random seed (which upgrades fail).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary lines.")] = False,
-    mqtt_host: Annotated[Optional[str], typer.Option(help="Device channel host [server settings, else the "
+    mqtt_host: Annotated[Optional[str], typer.Option(help="Device channel host \\[server settings, else the "
                                                      "endpoint's host].")] = None,
     mqtt_port: Annotated[Optional[int], typer.Option(help="Device channel port [OTAPLANE_MQTT_PORT, 1883].")] = None,
     mqtt_tls: Annotated[Optional[bool], typer.Option("--mqtt-tls/--no-mqtt-tls", help="MQTT over TLS (the "
@@ -120,7 +121,7 @@ def sim(
     try:
         identities, registered = ensure_devices(client, product, devices, prefix, progress=say)
     except ApiCallError as error:
-        err_console.print(f"[red]{error.code}[/]: {error.message}")
+        err_console.print(f"[red]{error.code}[/]: {escape(error.message)}")
         raise typer.Exit(1) from None
     finally:
         client.close()
@@ -140,7 +141,7 @@ def sim(
 def _say(text: str) -> None:
     """A plain line: no wrapping at the console width when piped."""
     if console.is_terminal:
-        console.print(text, highlight=False)
+        console.print(text, markup=False, highlight=False)  # it names the product, as given
     else:
         typer.echo(text)
 

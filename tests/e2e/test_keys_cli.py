@@ -210,3 +210,34 @@ def test_a_bad_setting_is_one_line_and_a_new_database_is_announced(tmp_path):
     assert fresh.returncode == 0 and "a new one is made" in " ".join(fresh.stderr.split())
     again = otaplane_cli("keys", "list", "--data-dir", str(tmp_path / "elsewhere"), check=False)
     assert "a new one is made" not in again.stderr
+
+
+def test_names_with_brackets_are_printed_as_given(tmp_path):
+    """Output went through rich markup: `keys create --account '[/x]'` created the key and then died
+    in a MarkupError traceback before printing its secret, after which `keys list` died on every
+    call; a description like 'deploy [ci/prod]' was shown as 'deploy ' (found by a CLI audit)."""
+    data_dir = str(tmp_path / "data")
+    created = otaplane_cli("keys", "create", "--account", "[/x]", "--description", "deploy [ci/prod] [/]",
+                           "--data-dir", data_dir, env={"COLUMNS": "200"}, check=False)
+    assert created.returncode == 0, created.stderr
+    assert "Account:         [/x]" in created.stdout and "AccessKeySecret: " in created.stdout
+    listed = otaplane_cli("keys", "list", "--data-dir", data_dir, env={"COLUMNS": "200"}, check=False)
+    assert listed.returncode == 0, listed.stderr
+    assert "[/x]" in listed.stdout and "deploy [ci/prod] [/]" in listed.stdout
+    instance = otaplane_cli("instances", "create", "--account", "[red]acme", "--data-dir", data_dir, check=False)
+    assert instance.returncode == 0 and "Account [red]acme: " in instance.stdout, instance
+    revoked = otaplane_cli("keys", "revoke", "[/y]", "--data-dir", data_dir, check=False)
+    assert revoked.returncode == 1 and "No active key [/y]." in revoked.stdout, revoked
+    assert "Traceback" not in created.stderr + listed.stderr + instance.stderr + revoked.stderr
+
+
+def test_help_shows_bracketed_defaults():
+    """Rich took '[run until Ctrl-C/SIGTERM]' and the like in help texts for markup and dropped them."""
+    shown = {
+        ("sim",): ("[run until Ctrl-C/SIGTERM]", "[server settings, else the endpoint's host]"),
+        ("devices", "push"): ("[the account's default]",),
+    }
+    for command, texts in shown.items():
+        result = otaplane_cli(*command, "--help", env={"COLUMNS": "250"})
+        for text in texts:
+            assert text in result.stdout, (command, text)
