@@ -76,18 +76,53 @@ def _refuse(problem: Exception) -> NoReturn:
 def _services(settings: Settings):
     """The services on the configured database. A command run away from the server's data
     directory would quietly make a database of its own: it says so."""
-    from otaplane.services.container import Services
-
     url = settings.resolved_database_url()
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         path = escape(url.removeprefix("sqlite:///"))
         Console(stderr=True).print(f"[yellow]otaplane: no database at {path}: a new one is made. Run this where the "
                                    "server runs, or pass --data-dir.[/]")
     try:
-        services = Services.build(settings)
+        return _open_services(settings, lambda services: services.db.upgrade())
     except ValueError as problem:  # e.g. an OTAPLANE_MASTER_KEY that is not a Fernet key
         _refuse(problem)
-    services.db.upgrade()
+    except StartupProblem as problem:
+        console.print(f"[red]otaplane: {escape(str(problem))}[/]")
+        raise typer.Exit(1) from None
+
+
+class StartupProblem(Exception):
+    """What keeps the data directory or the database from being used, said in one line."""
+
+
+def _open_services(settings: Settings, prepare):
+    """Services.build and `prepare` (the schema...), then a check that this process's master key
+    is the one the database's secrets were stored with. ValueError for a bad setting, StartupProblem
+    for a data directory or a database that cannot be used, never a traceback. A master.key file
+    made just now for a database whose secrets it cannot read is removed again."""
+    import sqlalchemy.exc
+
+    from otaplane.secretbox import MASTER_KEY_FILE
+    from otaplane.services.container import Services
+
+    key_file = settings.data_dir / MASTER_KEY_FILE
+    fresh_key_file = not settings.master_key and not key_file.exists()
+    services = None
+    try:
+        services = Services.build(settings)
+        prepare(services)
+        services.accounts.check_master_key()
+    except ValueError:
+        if services is not None and fresh_key_file:
+            key_file.unlink(missing_ok=True)
+        raise
+    except sqlalchemy.exc.DBAPIError as problem:  # unreachable, refused, no such database...
+        detail = " ".join(str(problem.orig if problem.orig is not None else problem).split())
+        raise StartupProblem(f"the database cannot be used: {detail}") from None
+    except (sqlalchemy.exc.ArgumentError, ImportError) as problem:  # not a URL; mysql://: no driver
+        raise StartupProblem(f"the database URL cannot be used ({problem}): otaplane runs on SQLite (the "
+                             "default, or sqlite:////path) and postgresql://user@host:port/db") from None
+    except OSError as problem:  # a data directory that cannot be made or written
+        raise StartupProblem(f"the data directory {settings.data_dir} cannot be used: {problem}") from None
     return services
 
 
@@ -116,6 +151,23 @@ def _check_mqtt_port_free(host: str, port: int) -> None:
             raise typer.Exit(1) from None
 
 
+def _check_mqtt_tls(certfile: str, keyfile: str) -> None:
+    """The broker's TLS files, loaded as the broker loads them (one PEM may hold both): a missing,
+    unreadable or mismatched file is one line before anything starts, not the broker's tracebacks."""
+    import ssl
+
+    if not (certfile or keyfile):
+        return
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile or keyfile, keyfile or certfile)
+    except OSError as problem:  # FileNotFoundError, PermissionError, ssl.SSLError
+        files = ", ".join(dict.fromkeys(f for f in (certfile, keyfile) if f))
+        console.print(f"[red]otaplane cannot start:[/] the MQTT TLS certificate and key ({escape(files)}) cannot "
+                      f"be used: {escape(str(problem))}. --mqtt-certfile takes a PEM certificate, --mqtt-keyfile "
+                      "its PEM private key (or one file holding both).")
+        raise typer.Exit(1) from None
+
+
 @app.command()
 def serve(
     data_dir: DataDir = None,
@@ -139,7 +191,6 @@ def serve(
     from otaplane.blobs import BlobStoreUnavailable
     from otaplane.http_protocol import CoalescingHttpToolsProtocol
     from otaplane.server import create_app, prepare
-    from otaplane.services.container import Services
 
     settings = _settings(
         data_dir=data_dir, database_url=database_url, host=host, port=port, public_url=public_url,
@@ -157,10 +208,10 @@ def serve(
             settings.host or "*", settings.resolved_public_url())
     if not settings.mqtt_url:
         _check_mqtt_port_free(settings.resolved_mqtt_host(), settings.mqtt_port)
+        _check_mqtt_tls(settings.mqtt_certfile, settings.mqtt_keyfile)
     try:
-        services = Services.build(settings)
-        prepare(services)
-    except (ValueError, BlobStoreUnavailable) as problem:  # a bad setting, a store that cannot be used
+        services = _open_services(settings, prepare)
+    except (ValueError, BlobStoreUnavailable, StartupProblem) as problem:  # a setting, store, data dir, database
         console.print(f"[red]otaplane cannot start:[/] {escape(str(problem))}")
         raise typer.Exit(1) from None
     uvicorn.run(

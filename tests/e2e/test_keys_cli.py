@@ -14,7 +14,7 @@ from cryptography.fernet import Fernet
 from Tea.exceptions import TeaException
 
 from tests.support.clients import RawSigner, iot_models, legacy_call, legacy_client, tea_client, wait_until_revoked
-from tests.support.server import otaplane_cli
+from tests.support.server import free_port, otaplane_cli
 
 
 def _account(prefix: str) -> str:
@@ -241,3 +241,50 @@ def test_help_shows_bracketed_defaults():
         result = otaplane_cli(*command, "--help", env={"COLUMNS": "250"})
         for text in texts:
             assert text in result.stdout, (command, text)
+
+
+def test_a_master_key_other_than_the_database_s_is_refused(tmp_path):
+    """On a shared database (PostgreSQL; here the SQLite file of another data directory), a local
+    command run from another data directory made a master.key of its own and stored a key whose
+    secret no server could decrypt: every request signed with it was an InternalError. A server
+    started that way failed every request too (found by a CLI audit)."""
+    server_dir, other_dir = tmp_path / "server", tmp_path / "elsewhere"
+    otaplane_cli("keys", "create", "--account", "first", "--data-dir", str(server_dir))
+    url = f"sqlite:///{server_dir / 'otaplane.db'}"
+    for command in (("keys", "create", "--account", "second"), ("keys", "list"), ("db", "upgrade")):
+        result = otaplane_cli(*command, "--data-dir", str(other_dir), "--database-url", url, check=False)
+        assert result.returncode == 2, result
+        assert "stored with another master key" in " ".join(result.stdout.split()), result
+        assert "Traceback" not in result.stdout + result.stderr
+    assert not (other_dir / "master.key").exists()  # not left behind for the next command to trust
+    wrong = otaplane_cli("keys", "create", "--data-dir", str(server_dir), check=False,
+                         env={"OTAPLANE_MASTER_KEY": Fernet.generate_key().decode()})
+    assert wrong.returncode == 2 and "another master key" in " ".join(wrong.stdout.split()), wrong
+    listed = json.loads(otaplane_cli("keys", "list", "--json", "--data-dir", str(server_dir)).stdout)
+    assert [row["Account"] for row in listed] == ["first"]
+    serve = otaplane_cli("serve", "--data-dir", str(other_dir), "--database-url", url, "--port", str(free_port()),
+                         "--mqtt-port", str(free_port()), check=False)
+    assert serve.returncode == 1 and "another master key" in " ".join(serve.stdout.split()), serve
+    assert "Traceback" not in serve.stdout + serve.stderr
+
+
+def test_a_database_or_tls_file_that_cannot_be_used_is_one_line(tmp_path):
+    """A data directory that is a file, a database URL that is not one (or names a driver otaplane
+    lacks), an unreachable PostgreSQL and missing or mismatched MQTT TLS files each ended in a rich
+    traceback of 100-500 lines (found by a CLI audit)."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    data_dir = str(tmp_path / "data")
+    for options in (("--data-dir", str(a_file)), ("--database-url", "nonsense"), ("--database-url", "mysql://x/y"),
+                    ("--database-url", f"postgresql://postgres@127.0.0.1:{free_port()}/test")):
+        for command in (("keys", "list"), ("serve", "--port", str(free_port()), "--mqtt-port", str(free_port()))):
+            result = otaplane_cli(*command, "--data-dir", data_dir, *options, check=False)
+            assert result.returncode == 1, (options, result)
+            assert "Traceback" not in result.stdout + result.stderr, (options, result)
+            assert "cannot be used" in " ".join(result.stdout.split()), (options, result)
+    for tls in (("--mqtt-certfile", str(tmp_path / "no.pem")), ("--mqtt-certfile", str(a_file))):
+        result = otaplane_cli("serve", "--data-dir", data_dir, "--port", str(free_port()), "--mqtt-port",
+                              str(free_port()), *tls, check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr, result
+        assert "MQTT TLS certificate and key" in " ".join(result.stdout.split()), result
+

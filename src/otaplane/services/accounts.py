@@ -81,6 +81,22 @@ class AccountService:
                 return None
         return self.create_key(DEFAULT_ACCOUNT, "admin key created on first start")
 
+    def check_master_key(self) -> None:
+        """ValueError unless this process's master key decrypts the stored secrets. A process with
+        another key (a fresh master.key of another data directory on a shared PostgreSQL database)
+        would store secrets that the servers cannot read, and read none of theirs: every request
+        signed with such a key fails with InternalError."""
+        with self.db.connect() as conn:
+            token = store.oldest_key_secret(conn)
+        if token is None:
+            return
+        try:
+            self.box.decrypt(token)
+        except RuntimeError:
+            raise ValueError(
+                "the database's secrets were stored with another master key: use the servers' one "
+                "(their --data-dir with its master.key, or OTAPLANE_MASTER_KEY)") from None
+
     def create_instance(self, account: str) -> str:
         """Another IotInstanceId for the account (created if new): its own products, firmware,
         devices and jobs, reached by passing IotInstanceId with any of the account's keys."""

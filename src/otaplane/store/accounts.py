@@ -125,6 +125,12 @@ def list_keys(conn: Connection, account_name: str | None) -> list[KeyRecord]:
     return [KeyRecord(**row._mapping) for row in conn.execute(query)]
 
 
+def oldest_key_secret(conn: Connection) -> str | None:
+    """The encrypted secret of the first AccessKey stored (usually the first start's admin key)."""
+    query = sa.select(access_keys.c.secret_encrypted).order_by(access_keys.c.created_ms, access_keys.c.access_key_id)
+    return conn.execute(query.limit(1)).scalar_one_or_none()
+
+
 def count_keys(conn: Connection) -> int:
     return conn.execute(sa.select(sa.func.count()).select_from(access_keys)).scalar_one()
 
