@@ -45,10 +45,20 @@ AsJsonRows = Annotated[bool, typer.Option("--json", help="Machine-readable outpu
 
 
 def _settings(**overrides) -> Settings:
+    from pydantic import ValidationError
+
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValueError as problem:  # pydantic's ValidationError is one: a bad flag or OTAPLANE_* value
+    except ValidationError as problem:  # a bad flag or OTAPLANE_* value: which, and why, on one line
+        _refuse(ValueError("; ".join(_setting_error(error) for error in problem.errors())))
+    except ValueError as problem:
         _refuse(problem)
+
+
+def _setting_error(error: dict) -> str:
+    """'port (OTAPLANE_PORT or its flag): Input should be ...', without the value (a secret, maybe)."""
+    name = ".".join(str(part) for part in error["loc"])
+    return f"{name} (OTAPLANE_{name.upper()} or its flag): {error['msg']}"
 
 
 def _print_rows(rows: list[dict], as_json: bool, columns: tuple[str, ...]) -> None:

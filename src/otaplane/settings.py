@@ -14,14 +14,15 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path("./otaplane-data")
     host: str = "127.0.0.1"
-    port: int = 8080
+    # Checked: getaddrinfo takes a port modulo 65536, so 70000 listened on 4464 while the URLs said 70000.
+    port: int = Field(default=8080, ge=1, le=65535)
     # Empty means "SQLite file under data_dir"; postgresql://... scales out.
     database_url: str = ""
     # Fernet key (urlsafe base64, 32 bytes). Empty means "key file under data_dir".
     master_key: str = Field(default="", repr=False)
     # Requests per second allowed per AccessKey, with a burst of the same size; 0 disables.
-    rate_limit: float = 200.0
-    rate_limit_burst: int = 0
+    rate_limit: float = Field(default=200.0, ge=0)  # a negative rate disabled the limit silently
+    rate_limit_burst: int = Field(default=0, ge=0)
     # Accepted distance between a request's timestamp and our clock (and nonce memory).
     signature_window_seconds: int = 900
     # Empty = files under data_dir/blobs; s3://bucket?endpoint_url=...&region=... for S3.
@@ -47,7 +48,7 @@ class Settings(BaseSettings):
     # ($share/<group>/...); empty = every process gets every message.
     mqtt_share_group: str = "otaplane"
     mqtt_host: str = ""
-    mqtt_port: int = 1883
+    mqtt_port: int = Field(default=1883, ge=0, le=65535)  # 0: any free port
     mqtt_certfile: str = ""
     mqtt_keyfile: str = ""
     # A device connection that sends no CONNECT within this time is closed.

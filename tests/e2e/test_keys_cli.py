@@ -288,3 +288,11 @@ def test_a_database_or_tls_file_that_cannot_be_used_is_one_line(tmp_path):
         assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr, result
         assert "MQTT TLS certificate and key" in " ".join(result.stdout.split()), result
 
+
+
+def test_a_setting_out_of_range_is_named_in_one_message(tmp_path):
+    result = otaplane_cli("serve", "--data-dir", str(tmp_path), "--port", "70000", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr, result
+    said = " ".join(result.stdout.split())
+    assert "port (OTAPLANE_PORT or its flag): Input should be less than or equal to 65535" in said, said
+    assert "errors.pydantic.dev" not in said
