@@ -4,6 +4,7 @@ same calls the device channel makes. The end-to-end tests drive the same paths o
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -769,6 +770,90 @@ def test_abort_when_failures_pass_the_threshold(fleet):
     job = fleet.services.jobs.get(fleet.tenant, job_id)
     assert job["status"] == "CANCELED" and "2 of 2" in job["description"]
     assert sorted(fleet.statuses(job_id).values()) == ["CANCELED"] * 4 + ["FAILED"] * 2
+
+
+class TurnCounter:
+    """Counts the dispatcher's write turns (SQLite: the process's write lock; PostgreSQL: its
+    write transactions, which lock the job's row)."""
+
+    def __init__(self, db):
+        self.turns = 0
+        inner = db.write_turn
+
+        @contextlib.contextmanager
+        def counted():
+            self.turns += 1
+            with inner():
+                yield
+
+        db.write_turn = counted
+
+
+def test_the_review_takes_a_write_turn_only_for_a_job_that_may_end(fleet):
+    """Once a second the review looks at every running job; a job that cannot end (tasks left,
+    failures below its threshold) must not cost a write turn, which would queue the device
+    reports and API writes of the process (bench/review.py)."""
+    job_id = fleet.job(target_selection="ALL", abort_failure_percent=50, abort_minimum_count=2)
+    fleet.tick()
+    fleet.deliver_all()
+    counter = TurnCounter(fleet.services.db)
+    dispatcher = fleet.services.dispatcher
+    ota = fleet.services.device_ota
+    for name in fleet.names[:4]:
+        fleet.upgrade(name)
+    ota.progress_reported(fleet.ids["dev-004"], None, -1, None)  # one failure: below the minimum count
+    counter.turns = 0
+    assert dispatcher._review_jobs(int(time.time() * 1000)) == []
+    assert counter.turns == 0 and fleet.job_status(job_id) == "IN_PROGRESS"
+    # Its last task finishes: the next review ends the job, in one write turn.
+    fleet.upgrade("dev-005")
+    assert fleet.job_status(job_id) == "IN_PROGRESS"
+    counter.turns = 0  # the reports' own turns
+    assert dispatcher._review_jobs(int(time.time() * 1000)) == [job_id]
+    assert counter.turns == 1 and fleet.job_status(job_id) == "COMPLETED"
+    counter.turns = 0
+    assert dispatcher._review_jobs(int(time.time() * 1000)) == [] and counter.turns == 0
+
+
+def test_the_abort_rule_read_before_the_write_turn_agrees_with_full_counts(services):
+    """`_may_abort` counts at most the SUCCEEDED tasks that can matter; whatever the counts, it
+    must say what the review's rule says from full counts (it decides which jobs the review
+    takes under lock, and the review then decides from full counts)."""
+    from types import SimpleNamespace
+
+    from otaplane.services.dispatcher import _may_abort
+    from otaplane.store import jobs as job_store
+
+    fleet = Fleet(services, devices=16)
+    job_id = fleet.job(target_selection="ALL")
+    with services.db.connect() as conn:
+        job_pk = conn.execute(sa.select(ota_tasks.c.job_pk)).scalars().first()
+        task_pks = conn.execute(sa.select(ota_tasks.c.id).order_by(ota_tasks.c.id)).scalars().all()
+    assert len(task_pks) == 16, job_id
+    checked = 0
+    for succeeded in range(0, 9):
+        for failed in range(0, 8):
+            for retrying in sorted({0, min(1, failed), failed // 2}):
+                with services.db.begin() as conn:
+                    conn.execute(sa.update(ota_tasks).values(status="QUEUED", due_ms=None, retries_left=0))
+                    ok, bad = task_pks[:succeeded], task_pks[succeeded:succeeded + failed]
+                    conn.execute(sa.update(ota_tasks).where(ota_tasks.c.id.in_(ok)).values(status="SUCCEEDED"))
+                    conn.execute(sa.update(ota_tasks).where(ota_tasks.c.id.in_(bad)).values(status="FAILED"))
+                    conn.execute(sa.update(ota_tasks).where(ota_tasks.c.id.in_(bad[:retrying]))
+                                 .values(due_ms=1, retries_left=1))
+                with services.db.connect() as conn:
+                    counts = job_store.status_counts(conn, job_pk)
+                    failures = counts.get("FAILED", 0) - job_store.retry_pending(conn, job_pk)
+                    finished = counts.get("SUCCEEDED", 0) + failures
+                    for percent in (1, 10, 33.3, 33.4, 50, 66.7, 75, 99, 100):
+                        for minimum in (None, 1, 3):
+                            share = failures * 100.0 / finished if finished else 0.0
+                            expected = failures >= (minimum or 1) and share >= percent
+                            job = SimpleNamespace(id=job_pk, abort_failure_percent=percent,
+                                                  abort_minimum_count=minimum)
+                            assert _may_abort(conn, job) == expected, (succeeded, failed, retrying, percent, minimum)
+                            checked += 1
+    assert checked > 1000
 
 
 def test_schedule_plans_then_starts_then_finishes(fleet):

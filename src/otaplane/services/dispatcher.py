@@ -20,6 +20,7 @@ takes the push.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from otaplane.store import Database
 from otaplane.store import device_ota as pending_store
 from otaplane.store import jobs as store
 from otaplane.store.prepared import Prepared
-from otaplane.store.schema import device_modules, ota_jobs, ota_tasks
+from otaplane.store.schema import WAITING_FOR_RETRY, device_modules, ota_jobs, ota_tasks
 from otaplane.timefmt import now_ms as clock_ms
 
 log = logging.getLogger("otaplane.dispatcher")
@@ -264,12 +265,27 @@ class Dispatcher:
     # --- job completion -------------------------------------------------------------------------
     def _review_jobs(self, now: int) -> list[str]:
         """End jobs: at ScheduleFinishTime; when a failure threshold is passed; when a static
-        or verify job has nothing left to do."""
+        or verify job has nothing left to do.
+
+        It runs every second in every process. Which jobs may end is read first, outside any
+        write turn or write transaction: one statement with index probes per job (_MAY_END), and for
+        a job with an abort threshold a count of its failures (_may_abort). Only a job that may
+        end takes a write turn, in which `_review` decides under the job's lock from full counts,
+        as it always has: the outcomes are those of reviewing every job that way, while a job
+        that cannot end (tasks left, failures below its threshold) holds no write turn (on
+        SQLite every writer of the process queues on it: device reports, API writes) and
+        counts none of its tasks (bench/review.py)."""
         finished = []
         with self.db.connect() as conn:
-            jobs = conn.execute(sa.select(ota_jobs).where(
-                ota_jobs.c.status.in_((job_rules.PLANNED, job_rules.IN_PROGRESS)))).all()
-        for job in jobs:
+            jobs = conn.execute(_MAY_END).all()
+            candidates = []
+            for job in jobs:
+                try:
+                    if self._may_end(conn, job, now):
+                        candidates.append(job)
+                except Exception:
+                    log.exception("review of job %s failed", job.job_id)
+        for job in candidates:
             try:
                 outcome = self._review(job, now)
             except Exception:
@@ -280,6 +296,18 @@ class Dispatcher:
                 log.info("job %s: %s (this process's dispatcher so far: %d tasks dispatched, %.3f s CPU)",
                          job.job_id, outcome, self.dispatched_total, self.cpu_seconds)
         return finished
+
+    @staticmethod
+    def _may_end(conn, job, now: int) -> bool:
+        """Whether `_review` could end the job now, from reads outside any write transaction:
+        never false where `_review`, reading the same rows, would end it."""
+        if job.schedule_finish_ms is not None and job.schedule_finish_ms <= now:
+            return True
+        if job.status != job_rules.IN_PROGRESS:  # PLANNED: a static job whose tasks were all cancelled
+            return job.selection_type == job_rules.STATIC and job.has_task and not job.has_unfinished
+        if job.abort_failure_percent is not None and _may_abort(conn, job):
+            return True
+        return job.selection_type != job_rules.DYNAMIC and not job.has_unfinished and not job.has_retry
 
     def _review(self, job, now: int) -> str | None:
         with self.db.write_turn(), self.db.begin() as conn:
@@ -325,6 +353,58 @@ class Dispatcher:
         task_flow.stop_retries(conn, ota_tasks.c.job_pk == job_pk)
         store.update_job(conn, job_pk, {"status": status, "ended_ms": now, "modified_ms": now,
                                         "description": description[:256]})
+
+
+def _may_abort(conn, job) -> bool:
+    """Whether the job's failures pass its AbortFailurePercent (`_review`'s rule), counting its
+    FAILED tasks and at most as many SUCCEEDED ones as can matter: beyond
+    `failed * 100 / percent` finished tasks the share is below the threshold whatever the rest,
+    so a large healthy job costs a count of its failures, not of all its tasks."""
+    failed, retrying = conn.execute(_FAILED_COUNTS, {"p_job": job.id}).one()
+    failed = (failed or 0) - (retrying or 0)
+    if failed < (job.abort_minimum_count or 1):
+        return False
+    percent = job.abort_failure_percent
+    if percent <= 0:
+        return True  # any share passes
+    cap = math.ceil(failed * 100 / percent) + 1  # more succeeded than this: the share is below
+    succeeded = conn.execute(_SUCCEEDED_UP_TO, {"p_job": job.id, "p_cap": cap}).scalar_one()
+    # The same formula as _review; a count cut at `cap` can only make the share larger, and then
+    # still leaves it below the threshold.
+    return failed * 100.0 / (succeeded + failed) >= percent
+
+
+def _has_task(*conditions, order_by=(ota_tasks.c.due_ms,)) -> sa.ColumnElement:
+    """Whether the reviewed job has a task meeting the conditions: the first one in the order
+    of ix_ota_tasks_job_status (job_pk, status, due_ms). Not EXISTS: PostgreSQL plans an EXISTS
+    over many matching rows as a sequential scan that stops at the first match, which for tasks
+    stored job after job reads most of the table (50 jobs of 2,000 tasks: 150 ms); the order
+    asked for leaves the index as the only cheap way, a probe, on either database."""
+    return (sa.select(sa.literal_column("1")).where(ota_tasks.c.job_pk == ota_jobs.c.id, *conditions)
+            .order_by(*order_by).limit(1).scalar_subquery().is_not(None))
+
+
+# The reviewed jobs, with what decides whether they may end: index probes, not counts.
+_MAY_END = (
+    sa.select(ota_jobs.c.id, ota_jobs.c.job_id, ota_jobs.c.status, ota_jobs.c.selection_type,
+              ota_jobs.c.schedule_finish_ms, ota_jobs.c.abort_failure_percent, ota_jobs.c.abort_minimum_count,
+              _has_task(order_by=(ota_tasks.c.status, ota_tasks.c.due_ms)).label("has_task"),
+              sa.or_(*(_has_task(ota_tasks.c.status == status) for status in task_flow.UNFINISHED))
+              .label("has_unfinished"),
+              _has_task(WAITING_FOR_RETRY, ota_tasks.c.retries_left > 0).label("has_retry"))
+    .where(ota_jobs.c.status.in_((job_rules.PLANNED, job_rules.IN_PROGRESS)))
+    .order_by(ota_jobs.c.id)
+)
+# A job's FAILED tasks, and those of them waiting for a retry (store.retry_pending's condition).
+_FAILED_COUNTS = sa.select(
+    sa.func.count(),
+    sa.func.sum(sa.case((sa.and_(ota_tasks.c.due_ms.is_not(None), ota_tasks.c.retries_left > 0), 1), else_=0)),
+).where(ota_tasks.c.job_pk == sa.bindparam("p_job"), ota_tasks.c.status == task_flow.FAILED)
+# Up to p_cap of a job's SUCCEEDED tasks, in index order (see _has_task).
+_SUCCEEDED_UP_TO = sa.select(sa.func.count()).select_from(
+    sa.select(sa.literal_column("1").label("one"))
+    .where(ota_tasks.c.job_pk == sa.bindparam("p_job"), ota_tasks.c.status == task_flow.SUCCEEDED)
+    .order_by(ota_tasks.c.due_ms).limit(sa.bindparam("p_cap", type_=sa.Integer)).subquery())
 
 
 def _unfinished(counts: dict[str, int]) -> int:
