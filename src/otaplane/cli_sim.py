@@ -136,6 +136,10 @@ def sim(
     final = _run(fleet, duration, quiet)
     if not quiet:
         typer.echo(json.dumps({k: v for k, v in final.items() if k != "per_device"}))
+    if devices and not final.get("ever_connected"):  # a wrong host, port or TLS flag: not a run that worked
+        err_console.print(f"No device could connect to the MQTT broker at {host}:{port}{' (TLS)' if tls else ''}.",
+                          markup=False, highlight=False)
+        raise typer.Exit(1)
 
 
 def _say(text: str) -> None:

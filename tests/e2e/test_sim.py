@@ -274,3 +274,25 @@ def test_a_device_kicked_off_by_another_connection_reconnects(api, sims, server)
         intruder.close()
     stats, _ = sim.stop()
     assert stats["connect_refused"] == 0 and stats["ever_connected"] == 2
+
+
+def test_a_fleet_that_never_connects_fails_and_an_unwritable_stats_file_is_said_once(api, server, key, tmp_path):
+    """Pointed at a port where no broker listens, `otaplane sim` ran its whole duration showing
+    'connected 0/N' and exited 0; a --stats-file in a missing folder logged a warning every
+    0.2 s (found by a CLI audit)."""
+    import socket
+
+    with socket.socket() as probe:  # a free port: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        nowhere = probe.getsockname()[1]
+    missing = tmp_path / "no-such-folder" / "stats.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "otaplane", "sim", "--devices", "2", "--product", product(api),
+         "--endpoint", server.base_url, "--access-key-id", key[0], "--access-key-secret", key[1],
+         "--mqtt-host", "127.0.0.1", "--mqtt-port", str(nowhere), "--stats-file", str(missing),
+         "--duration", "2", "--quiet"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, **server.env})
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert f"No device could connect to the MQTT broker at 127.0.0.1:{nowhere}" in output
+    assert output.count("cannot write") == 1, output

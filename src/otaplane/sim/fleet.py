@@ -137,6 +137,7 @@ class Fleet:
         self.stats = Stats(devices=len(identities))
         self.devices: list[SimDevice] = []
         self.upgrades: set[asyncio.Task] = set()
+        self._stats_problem: str | None = None  # the last failure to write the stats file, said once
 
     def snapshot(self) -> dict:
         versions = Counter(d.version for d in self.devices)
@@ -148,7 +149,11 @@ class Fleet:
             try:
                 write_json(self.options.stats_file, self.snapshot())
             except OSError as exc:
-                log.warning("cannot write %s: %s", self.options.stats_file, exc)
+                if str(exc) != self._stats_problem:  # rewritten every 0.2 s: said once, not each time
+                    log.warning("cannot write %s: %s", self.options.stats_file, exc)
+                self._stats_problem = str(exc)
+            else:
+                self._stats_problem = None
 
     def _client_for(self, device: SimDevice, gate: asyncio.Semaphore, ssl) -> MqttClient:
         secure_mode = 2 if ssl else 3
