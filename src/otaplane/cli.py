@@ -136,29 +136,33 @@ def _open_services(settings: Settings, prepare):
     return services
 
 
-def _check_mqtt_port_free(host: str, port: int) -> None:
-    """Say so in one line, before anything starts, when the embedded broker cannot listen
-    (typically another MQTT broker on 1883), instead of a traceback from the broker."""
+def _check_port_free(host: str, port: int, what: str, hint: str) -> None:
+    """Say so in one line, before anything starts, when a listener cannot bind (typically another
+    server on the port), instead of a traceback, or uvicorn's exit after the broker had started."""
     import socket
 
     if port == 0:
         return
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        # An empty host is every interface, as the servers read it (AI_PASSIVE: the wildcard address).
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as problem:
-        console.print(f"[red]otaplane: the MQTT address {host}:{port} cannot be used: {escape(str(problem))}[/]")
+        console.print(f"[red]otaplane: the {what} address {host}:{port} cannot be used: {escape(str(problem))}[/]")
         raise typer.Exit(1) from None
     family, _, _, _, address = infos[0]
     with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the broker binds
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
         try:
             probe.bind(address)
         except OSError as problem:
             reason = escape(str(problem.strerror))
-            console.print(f"[red]otaplane: the MQTT port {host}:{port} is not free ({reason}); another MQTT broker? "
-                          "Pass --mqtt-port N (OTAPLANE_MQTT_PORT), or OTAPLANE_MQTT_URL to use "
-                          "that broker instead of the embedded one.[/]")
+            console.print(f"[red]otaplane: the {what} port {host}:{port} is not free ({reason}); {hint}[/]")
             raise typer.Exit(1) from None
+
+
+def _check_mqtt_port_free(host: str, port: int) -> None:
+    _check_port_free(host, port, "MQTT", "another MQTT broker? Pass --mqtt-port N (OTAPLANE_MQTT_PORT), or "
+                     "OTAPLANE_MQTT_URL to use that broker instead of the embedded one.")
 
 
 def _check_mqtt_tls(certfile: str, keyfile: str) -> None:
@@ -216,6 +220,7 @@ def serve(
             "listening on all interfaces (%s) without --public-url: upload and download URLs say %s, which "
             "other machines cannot reach; set --public-url (OTAPLANE_PUBLIC_URL) to the address devices dial",
             settings.host or "*", settings.resolved_public_url())
+    _check_port_free(settings.host, settings.port, "HTTP", "another server? Pass --port N (OTAPLANE_PORT).")
     if not settings.mqtt_url:
         _check_mqtt_port_free(settings.resolved_mqtt_host(), settings.mqtt_port)
         _check_mqtt_tls(settings.mqtt_certfile, settings.mqtt_keyfile)

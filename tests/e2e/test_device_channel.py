@@ -317,6 +317,23 @@ def test_serve_says_in_one_line_when_the_mqtt_port_is_taken(tmp_path):
     assert "Traceback" not in output
 
 
+def test_serve_says_in_one_line_when_the_http_port_is_taken(tmp_path):
+    """Another server on the HTTP port: uvicorn said so only after the MQTT broker had started
+    (found by a CLI audit); now one line before anything starts, and exit 1."""
+    from tests.support.server import free_port, otaplane_cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = otaplane_cli("serve", "--port", str(port), "--mqtt-port", str(free_port()),
+                              env={"OTAPLANE_DATA_DIR": str(tmp_path)}, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert f"the HTTP port 127.0.0.1:{port} is not free" in " ".join(output.split()), output
+    assert "Traceback" not in output
+
+
 # --- upstream: versions, progress, firmware/get -------------------------------------------------
 def test_version_reports_show_in_the_openapi(fleet):
     name = fleet.register()
