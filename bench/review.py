@@ -18,7 +18,9 @@ For each store size, in one process, without a server:
      `Database.write_turn`, which every writer of the process queues on, device reports and API
      writes included; PostgreSQL: write transactions, which hold the job's row lock);
   3. with --reporter, a thread writes like device reports do (write turn, one UPDATE, commit,
-     every 2 ms) while the review runs once a second, as in a server: its wait percentiles.
+     every 2 ms) while the review runs once a second, as in a server: its wait percentiles;
+  4. then, with no task left QUEUED (made SUCCEEDED), the dispatch step's look for work, which
+     runs every 0.1 s tick (`_dispatch_all`): median ms per tick ("idle tick").
 
     python bench/review.py                                   # SQLite, N = 1, 10, 50, 200 jobs of 2,000 tasks
     python bench/review.py --compare /path/to/old/src/otaplane/services/dispatcher.py
@@ -221,6 +223,27 @@ def load_dispatcher_class(path: str | None):
     return module.Dispatcher
 
 
+def idle_ticks(db, dispatchers: dict, rounds: int, ticks: int) -> dict[str, float]:
+    """The dispatch step's look for work (`_dispatch_all`, every 0.1 s tick) once no job has a
+    task to push (the store's QUEUED tasks made SUCCEEDED): median ms per tick per variant."""
+    from otaplane.services.dispatcher import TickResult
+    from otaplane.store.schema import ota_tasks
+    from otaplane.timefmt import now_ms
+
+    with db.begin() as conn:
+        conn.execute(sa.update(ota_tasks).where(ota_tasks.c.status == "QUEUED").values(status="SUCCEEDED", due_ms=None))
+    times: dict[str, list[float]] = {name: [] for name in dispatchers}
+    for name, dispatcher in dispatchers.items():  # warm-up
+        dispatcher._dispatch_all(now_ms(), TickResult())
+    for _ in range(rounds):
+        for name, dispatcher in dispatchers.items():
+            for _ in range(ticks):
+                started = time.perf_counter()
+                dispatcher._dispatch_all(now_ms(), TickResult())
+                times[name].append((time.perf_counter() - started) * 1000)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def percentile(values: list[float], pct: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))] if ordered else 0.0
@@ -251,11 +274,13 @@ def run_store(url: str, args, jobs: int) -> list[list[str]]:
         if args.reporter:
             for name, dispatcher in dispatchers.items():
                 with_reporter(db, dispatcher, meter, samples[name], args.reporter)
+        idle_tick_ms = idle_ticks(db, dispatchers, args.rounds, args.reviews)
         rows = []
         for name, sample in samples.items():
             row = [f"{jobs} x {args.tasks:,}", name, f"{statistics.median(sample.wall_ms):.1f}",
                    f"{statistics.median(sample.cpu_ms):.1f}", f"{statistics.median(sample.turns):.0f}",
-                   f"{statistics.median(sample.held_ms):.1f}", f"{sample.longest_ms:.1f}"]
+                   f"{statistics.median(sample.held_ms):.1f}", f"{sample.longest_ms:.1f}",
+                   f"{idle_tick_ms[name]:.2f}"]
             if args.reporter:
                 waits = sample.report_waits_ms
                 row += [f"{percentile(waits, 50):.2f}", f"{percentile(waits, 99):.2f}", f"{max(waits):.1f}"]
@@ -285,10 +310,12 @@ def main(argv=None) -> int:
             else:
                 with ThrowawayPostgres(admin_url) as url:
                     rows += run_store(url.replace("postgresql://", "postgresql+psycopg://", 1), args, jobs)
-        headers = ["jobs x tasks", "dispatcher", "wall ms", "CPU ms", "turns", "turns held ms", "longest turn ms"]
+        headers = ["jobs x tasks", "dispatcher", "wall ms", "CPU ms", "turns", "turns held ms", "longest turn ms",
+                   "idle tick ms"]
         if args.reporter:
             headers += ["report wait p50 ms", "p99 ms", "max ms"]
-        print("per review (medians; the review runs once a second):")
+        print("per review (medians; the review runs once a second); idle tick: the dispatch step's look for "
+              "work once no task is queued (every 0.1 s):")
         print_table(headers, rows)
         print()
     return 0

@@ -56,11 +56,22 @@ def _is_served(status: str, selection_type: str) -> bool:
 
 _SERVED_PARAMS = {"p_running": job_rules.IN_PROGRESS, "p_cancelled": job_rules.CANCELED,
                   "p_dynamic": job_rules.DYNAMIC}
-_SERVED_JOBS = Prepared(sa.select(ota_jobs.c.id, ota_jobs.c.pace_next_us)
-                         .where(_served(ota_jobs.c.status, ota_jobs.c.selection_type)))
-_HAS_DUE_TASK = Prepared(sa.select(sa.exists().where(
-    ota_tasks.c.job_pk == sa.bindparam("p_job"), ota_tasks.c.status == sa.bindparam("p_status"),
-    ota_tasks.c.due_ms <= sa.bindparam("p_now")).label("due")))
+# The served jobs with a free pace slot and a QUEUED task that is due, in one statement per tick:
+# one probe of ix_ota_tasks_job_status (job_pk, status, due_ms) per such job, not one round trip
+# each (every running job, dynamic ones included, every 0.1 s: on PostgreSQL 50 idle dynamic jobs
+# were 500 round trips a second). The probe is the smallest due_ms of the range, which both
+# databases read from the index's first entry (min/max optimisation), not EXISTS, which
+# PostgreSQL may plan as a scan of the tasks table (see _has_task below).
+_FIRST_DUE_TASK = (
+    sa.select(sa.func.min(ota_tasks.c.due_ms))
+    .where(ota_tasks.c.job_pk == ota_jobs.c.id, ota_tasks.c.status == sa.bindparam("p_status"),
+           ota_tasks.c.due_ms <= sa.bindparam("p_now"))
+    .scalar_subquery()
+)
+_READY_JOBS = Prepared(sa.select(ota_jobs.c.id)
+                       .where(_served(ota_jobs.c.status, ota_jobs.c.selection_type),
+                              ota_jobs.c.pace_next_us <= sa.bindparam("p_now_us"), _FIRST_DUE_TASK.is_not(None))
+                       .order_by(ota_jobs.c.id))
 
 # Claims one task (executemany): only while it is QUEUED and not yet dispatched (due_ms set).
 # The version the device runs as it is pushed (it may have changed since the task was made):
@@ -198,13 +209,9 @@ class Dispatcher:
     def _dispatch_all(self, now: int, result: TickResult) -> None:
         """Jobs with a free pace slot and a due task; only those take a write turn."""
         now_us = now * 1000
-        with self.db.connect() as conn:  # every tick: lean statements (store/prepared.py)
-            running = _SERVED_JOBS.all(conn, **_SERVED_PARAMS)
-            ready = [
-                job["id"] for job in running
-                if job["pace_next_us"] <= now_us
-                and _HAS_DUE_TASK.first(conn, p_job=job["id"], p_status=task_flow.QUEUED, p_now=now)["due"]
-            ]
+        with self.db.connect() as conn:  # every tick: a lean statement (store/prepared.py)
+            ready = [job["id"] for job in _READY_JOBS.all(conn, **_SERVED_PARAMS, p_now_us=now_us,
+                                                          p_status=task_flow.QUEUED, p_now=now)]
         for job_pk in ready:
             try:
                 self._dispatch_job(job_pk, now, result)
