@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from otaplane.store.database import hold_rows
 from otaplane.store.prepared import Prepared
 from otaplane.store.schema import access_keys, accounts, instances
 
@@ -147,10 +148,6 @@ def revoke_key(conn: Connection, key_id: str, now_ms: int) -> bool:
 def hold_instance(conn: Connection, instance_pk: int) -> None:
     """Take turns with every other transaction that counts the instance's packages or modules
     against a limit and then inserts one (run it first): each sees the others' inserts. On
-    PostgreSQL the instance row `FOR NO KEY UPDATE` (inserts that merely refer to the instance
-    take `FOR KEY SHARE` and never wait for it); on SQLite a write, which takes the database's
-    write lock (the instances table has no cached reads to invalidate)."""
-    if conn.dialect.name == "sqlite":
-        conn.execute(sa.update(instances).where(instances.c.id == instance_pk).values(id=instances.c.id))
-        return
-    conn.execute(sa.select(instances.c.id).where(instances.c.id == instance_pk).with_for_update(key_share=True))
+    PostgreSQL `FOR NO KEY UPDATE`, so inserts that merely refer to the instance never wait for
+    it; on SQLite the write lock (the instances table has no cached reads to invalidate)."""
+    hold_rows(conn, instances, instances.c.id == instance_pk, no_key=True)

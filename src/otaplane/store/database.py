@@ -284,3 +284,16 @@ def retry_on_deadlock(function):
         raise AssertionError("unreachable")
 
     return run
+
+
+def hold_rows(conn: Connection, table: sa.Table, *where, no_key: bool = False) -> bool:
+    """Hold the rows matching `where` until the transaction ends, against every writer that
+    would change or refer to them (run it first): on PostgreSQL `SELECT ... FOR UPDATE` (with
+    `no_key`, `FOR NO KEY UPDATE`, which inserts that merely refer to the rows do not wait for);
+    on SQLite a write that changes nothing, which takes the database's write lock. Whether any
+    row matched."""
+    if conn.dialect.name == "sqlite":
+        (key,) = table.primary_key.columns
+        return conn.execute(sa.update(table).where(*where).values({key.name: key})).rowcount > 0
+    held = sa.select(*table.primary_key.columns).where(*where).with_for_update(key_share=no_key)
+    return conn.execute(held).first() is not None

@@ -8,6 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
+from otaplane.store.database import hold_rows
 from otaplane.store.prepared import Prepared
 from otaplane.store.schema import firmware, firmware_files, ota_modules, products
 
@@ -111,10 +112,7 @@ def lock_for_delete(conn: Connection, instance_pk: int, firmware_id: str) -> boo
     job or a push of the package (its foreign key check holds `FOR KEY SHARE`) and makes later
     ones wait; on SQLite a write, which takes the database's write lock. False: no such package
     (deleted meanwhile included)."""
-    where = (firmware.c.instance_pk == instance_pk, firmware.c.firmware_id == firmware_id)
-    if conn.dialect.name == "sqlite":
-        return conn.execute(sa.update(firmware).where(*where).values(id=firmware.c.id)).rowcount > 0
-    return conn.execute(sa.select(firmware.c.id).where(*where).with_for_update()).first() is not None
+    return hold_rows(conn, firmware, firmware.c.instance_pk == instance_pk, firmware.c.firmware_id == firmware_id)
 
 
 def update(conn: Connection, firmware_pk: int, values: dict[str, Any]) -> None:
