@@ -34,7 +34,7 @@ from otaplane.store import Database
 from otaplane.store import device_ota as pending_store
 from otaplane.store import jobs as store
 from otaplane.store.prepared import Prepared
-from otaplane.store.schema import WAITING_FOR_RETRY, device_modules, ota_jobs, ota_tasks
+from otaplane.store.schema import device_modules, ota_jobs, ota_tasks
 from otaplane.timefmt import now_ms as clock_ms
 
 log = logging.getLogger("otaplane.dispatcher")
@@ -398,14 +398,14 @@ _MAY_END = (
               _has_task(order_by=(ota_tasks.c.status, ota_tasks.c.due_ms)).label("has_task"),
               sa.or_(*(_has_task(ota_tasks.c.status == status) for status in task_flow.UNFINISHED))
               .label("has_unfinished"),
-              _has_task(WAITING_FOR_RETRY, ota_tasks.c.retries_left > 0).label("has_retry"))
+              _has_task(store.RETRY_PENDING).label("has_retry"))
     .where(ota_jobs.c.status.in_((job_rules.PLANNED, job_rules.IN_PROGRESS)))
     .order_by(ota_jobs.c.id)
 )
 # A job's FAILED tasks, and those of them waiting for a retry (store.retry_pending's condition).
 _FAILED_COUNTS = sa.select(
     sa.func.count(),
-    sa.func.sum(sa.case((sa.and_(ota_tasks.c.due_ms.is_not(None), ota_tasks.c.retries_left > 0), 1), else_=0)),
+    sa.func.sum(sa.case((store.RETRY_PENDING, 1), else_=0)),
 ).where(ota_tasks.c.job_pk == sa.bindparam("p_job"), ota_tasks.c.status == task_flow.FAILED)
 # Up to p_cap of a job's SUCCEEDED tasks, in index order (see _has_task).
 _SUCCEEDED_UP_TO = sa.select(sa.func.count()).select_from(

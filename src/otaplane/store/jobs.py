@@ -169,9 +169,13 @@ def status_counts(conn: Connection, job_pk: int) -> dict[str, int]:
                              .group_by(ota_tasks.c.status)).all())
 
 
+# A failed task that will run again: its retry is scheduled, and it has retries left.
+RETRY_PENDING = sa.and_(WAITING_FOR_RETRY, ota_tasks.c.retries_left > 0)
+
+
 def retry_pending(conn: Connection, job_pk: int) -> int:
     return conn.execute(sa.select(sa.func.count()).select_from(ota_tasks).where(
-        ota_tasks.c.job_pk == job_pk, WAITING_FOR_RETRY, ota_tasks.c.retries_left > 0)).scalar_one()
+        ota_tasks.c.job_pk == job_pk, RETRY_PENDING)).scalar_one()
 
 
 def job_has_device(conn: Connection, job_pk: int, device_id: int) -> bool:
