@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import httpx
 import typer
@@ -62,9 +62,10 @@ def _client(endpoint: str, key_id: str | None, secret: str | None, data_dir: Pat
     raise typer.Exit(2)
 
 
-def _fail(error: ApiCallError) -> None:
+def _fail(error: ApiCallError | ApiError, exit_code: int = 1) -> NoReturn:
+    """The server's refusal (or the one it would make, found before a call) as Code: message."""
     console.print(f"[red]{error.code}[/]: {error.message}")
-    raise typer.Exit(1)
+    raise typer.Exit(exit_code)
 
 
 def _suffix(path: Path) -> str:
@@ -149,16 +150,13 @@ def _check_before_upload(client: OtaplaneClient, params: dict, file: Path) -> No
     try:
         parse_params(build_table()["CreateOTAFirmware"].params, {**flat, "FirmwareUrl": "https://checked.later/x"})
     except ApiError as refused:
-        console.print(f"[red]{refused.code}[/]: {refused.message}")
-        raise typer.Exit(2) from None
+        _fail(refused, exit_code=2)
     size = file.stat().st_size
     if size == 0:
         console.print(f"[red]{file} is empty[/]: a firmware file has at least one byte.")
         raise typer.Exit(2)
     if size > MAX_FILE_BYTES:
-        refused = errors.FirmwareTooLarge(limit=MAX_FILE_BYTES, actual=size)
-        console.print(f"[red]{refused.code}[/]: {refused.message}")
-        raise typer.Exit(2)
+        _fail(errors.FirmwareTooLarge(limit=MAX_FILE_BYTES, actual=size), exit_code=2)
     try:
         modules = client.call("ListOTAModuleByProduct", {"ProductKey": params["ProductKey"]}, method="GET")["Data"]
     except ApiCallError as error:
@@ -171,14 +169,10 @@ def _check_before_upload(client: OtaplaneClient, params: dict, file: Path) -> No
         names, total = _package_names(client)
     except ApiCallError as error:
         _fail(error)
-    refused = None
     if params["FirmwareName"] in names:
-        refused = errors.FirmwareNameExists()
-    elif total >= MAX_PACKAGES_PER_INSTANCE:
-        refused = errors.FirmwareCountExceeded(limit=MAX_PACKAGES_PER_INSTANCE)
-    if refused is not None:
-        console.print(f"[red]{refused.code}[/]: {refused.message}")
-        raise typer.Exit(1)
+        _fail(errors.FirmwareNameExists())
+    if total >= MAX_PACKAGES_PER_INSTANCE:
+        _fail(errors.FirmwareCountExceeded(limit=MAX_PACKAGES_PER_INSTANCE))
 
 
 def _print_firmware(info: dict) -> None:
